@@ -1,0 +1,83 @@
+"""Numerics guard (DESIGN.md §2): refuse to run where a setting breaks the rounding model.
+
+Checked once per process on the first BallTensor op (and on demand with ``check_numerics()``):
+- flush-to-zero / denormals-are-zero on any intra-op thread (a large subnormal tensor probed in parallel);
+- mkldnn float32 matmul precision other than "ieee" (bf16/tf32 GEMMs on CPU);
+- on CUDA: TF32 or reduced-precision reductions in matmul/conv.
+Each failure names the fix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ballgrad.errors import NumericsGuardError
+
+_checked: set[str] = set()
+
+
+def check_once(device_type: str = "cpu") -> None:
+    """Run the checks for ``device_type`` the first time it is seen (a set lookup afterwards)."""
+    if device_type not in _checked:
+        check_numerics(cuda=device_type == "cuda")
+        _checked.add(device_type)
+
+
+def reset() -> None:
+    """Forget that the checks passed (tests flip settings and re-check)."""
+    _checked.clear()
+
+
+def _probe_subnormals(dtype: torch.dtype) -> None:
+    tiny = torch.finfo(dtype).smallest_normal
+    # 2^18 elements per thread-chunk-sized piece so that every intra-op thread gets work.
+    n = max(1 << 18, 65536 * torch.get_num_threads())
+    x = torch.full((n,), tiny, dtype=dtype)
+    halves = x * 0.5  # exact subnormal results: flushed to 0 under FTZ
+    if not bool((halves > 0).all()):
+        raise NumericsGuardError(
+            f"flush-to-zero is on ({dtype} subnormal results become 0), which breaks ballgrad's rounding model. "
+            "Fix: torch.set_flush_denormal(False) (and unset FTZ/DAZ flags such as -ffast-math builds)."
+        )
+    back = halves * 2.0  # subnormal inputs read as 0 under DAZ
+    if not bool((back == x).all()):
+        raise NumericsGuardError(
+            f"denormals-are-zero is on ({dtype} subnormal inputs read as 0). Fix: torch.set_flush_denormal(False)."
+        )
+
+
+def check_numerics(cuda: bool = False) -> None:
+    """Run the checks now (the CUDA ones with ``cuda=True``); raise NumericsGuardError naming the fix."""
+    for dtype in (torch.float32, torch.float64):
+        _probe_subnormals(dtype)
+    precision = _mkldnn_matmul_precision()
+    if precision not in (None, "ieee", "none"):
+        raise NumericsGuardError(
+            f"torch.backends.mkldnn.matmul.fp32_precision is {precision!r}: float32 GEMMs may run in reduced precision. "
+            "Fix: torch.backends.mkldnn.matmul.fp32_precision = 'ieee'."
+        )
+    if torch.get_float32_matmul_precision() != "highest":
+        raise NumericsGuardError(
+            f"torch.get_float32_matmul_precision() is {torch.get_float32_matmul_precision()!r}: float32 matmuls may "
+            "use TF32/bf16. Fix: torch.set_float32_matmul_precision('highest')."
+        )
+    if cuda:
+        if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32:
+            raise NumericsGuardError(
+                "TF32 is enabled for CUDA matmul/cuDNN. Fix: torch.backends.cuda.matmul.allow_tf32 = False and "
+                "torch.backends.cudnn.allow_tf32 = False."
+            )
+        if torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction or (
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+        ):
+            raise NumericsGuardError(
+                "reduced-precision reductions are enabled for CUDA half/bfloat16 matmul. Fix: set "
+                "torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False (and the bf16 flag)."
+            )
+
+
+def _mkldnn_matmul_precision():
+    try:
+        return torch.backends.mkldnn.matmul.fp32_precision
+    except AttributeError:
+        return None

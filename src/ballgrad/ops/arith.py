@@ -1,0 +1,205 @@
+"""Arithmetic rules: + - * / neg abs reciprocal addcmul addcdiv (DESIGN.md §4, rounding model F1/F2).
+
+Notation in the derivations: balls A = (ma, ra), B = (mb, rb) as the kernel uses them (``common.operand``), m the
+computed midpoint, u/eta the F1 constants of the result dtype (``rounding.op_roundoff``/``op_underflow``).
+Every radius expression is a sum of pairwise products of non-negative inputs, turned into an upper bound by
+``rounding.inflate(c, n)`` with n the number of operations in c (its docstring has the proof).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ballgrad import diagnostics, rounding
+from ballgrad.errors import UnsupportedOpError
+from ballgrad.ops.common import mid_of as _mid
+from ballgrad.ops.common import operand, result
+from ballgrad.ops.registry import current_op, rule
+
+aten = torch.ops.aten
+
+
+def _constants(dtype):
+    return rounding.op_roundoff(dtype), rounding.op_underflow(dtype)
+
+
+def _add_rad(m, a, b, alpha):
+    """|x + alpha*y - m| for x in A, y in B, alpha a Python number.
+
+    alpha == 1: ra + rb + u|m| (F1 for the one rounded addition; no eta for +).
+    otherwise, alpha' = the kernel's cast of alpha with |alpha - alpha'| <= ralpha (``operand``), m = RN(ma + RN(alpha' mb))
+    or one FMA: |x + alpha y - m| <= ra + |alpha| rb + ralpha |mb| + u|m| + u(1+u)|alpha'||mb| + eta/2,
+    bounded by ra + Aup rb + ralpha |mb| + u|m| + (2u Aup)|mb| + eta with Aup >= |alpha'| + ralpha rounded up.
+    """
+    ma, ra = operand(a, m.dtype)
+    mb, rb = operand(b, m.dtype)
+    u, eta = _constants(m.dtype)
+    abs_m = torch.abs(m).to(ra.dtype)
+    if alpha == 1:
+        return rounding.inflate(ra + rb + abs_m * u, 3)
+    mal, ral = operand(alpha, m.dtype)
+    a_up = rounding.round_up_float(abs(float(mal)) + float(ral), ra.dtype)
+    coef = rounding.round_up_float(2 * u * a_up, ra.dtype)
+    abs_mb = torch.abs(mb)
+    c = ra + rb * a_up + abs_mb * float(ral) + abs_m * u + abs_mb * coef + eta
+    return rounding.inflate(c, 9)
+
+
+@rule(aten.add.Tensor, aten.add.Scalar)
+def add(func, a, b, *, alpha=1):
+    """x + alpha*y: see ``_add_rad``."""
+    m = func(_mid(a), _mid(b), alpha=alpha)
+    return result(m, _add_rad(m, a, b, alpha))
+
+
+@rule(aten.sub.Tensor, aten.sub.Scalar)
+def sub(func, a, b, *, alpha=1):
+    """x - alpha*y = x + (-alpha)*y: the add bound with |alpha| (negation is exact)."""
+    m = func(_mid(a), _mid(b), alpha=alpha)
+    return result(m, _add_rad(m, a, b, alpha if alpha != 1 else 1))
+
+
+@rule(aten.rsub.Tensor, aten.rsub.Scalar)
+def rsub(func, a, b, *, alpha=1):
+    """y - alpha*x: the add bound with the operands swapped."""
+    m = func(_mid(a), _mid(b), alpha=alpha)
+    return result(m, _add_rad(m, b, a, alpha))
+
+
+@rule(aten.mul.Tensor, aten.mul.Scalar)
+def mul(func, a, b):
+    """|xy - m| <= |xy - ma mb| + |ma mb - m| <= |ma| rb + |mb| ra + ra rb + u|m| + eta/2 (F1); 8 operations."""
+    m = func(_mid(a), _mid(b))
+    ma, ra = operand(a, m.dtype)
+    mb, rb = operand(b, m.dtype)
+    u, eta = _constants(m.dtype)
+    c = torch.abs(ma) * rb + torch.abs(mb) * ra + ra * rb + torch.abs(m).to(ra.dtype) * u + eta
+    return result(m, rounding.inflate(c, 8))
+
+
+def _quotient_rad(m, ma, ra, mb, rb, dtype):
+    """|x/y - m| for x in A, y in B with 0 not in B.
+
+    x/y - m = (x - m y)/y and |x - m y| <= ra + |m| rb + |ma - m mb'|, where mb' is the divisor the kernel used
+    (|mb' - mb| <= 2 rb, see ``operand``) and |ma - m mb'| = |mb'| |ma/mb' - m| <= (|mb| + 2 rb)(u|m| + eta/2) (F1);
+    |y| >= |mb| - rb. Numerator and denominator are rounded outward (F2) and the quotient up.
+    Where |mb| <= rb the ball contains 0: radius +inf and a ``domain`` event.
+    """
+    u, eta = _constants(dtype)
+    abs_m = torch.abs(m).to(rb.dtype)
+    abs_mb = torch.abs(mb)
+    divisor_up = rounding.up(abs_mb + 2 * rb)
+    residual = rounding.inflate(abs_m * u + eta, 2)
+    numerator = rounding.inflate(ra + abs_m * rb + divisor_up * residual, 4)
+    denominator = rounding.sub_down(abs_mb, rb)
+    safe = denominator > 0
+    rad = torch.where(safe, rounding.div_up(numerator, denominator), torch.full_like(numerator, math.inf))
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("domain", current_op(), ~safe & torch.isfinite(abs_mb), "divisor ball contains 0")
+    return rad
+
+
+@rule(aten.div.Tensor, aten.div.Scalar)
+def div(func, a, b):
+    """x / y: see ``_quotient_rad``."""
+    m = func(_mid(a), _mid(b))
+    ma, ra = operand(a, m.dtype)
+    mb, rb = operand(b, m.dtype)
+    return result(m, _quotient_rad(m, ma, ra, mb, rb, m.dtype))
+
+
+@rule(aten.div.Tensor_mode, aten.div.Scalar_mode)
+def div_mode(func, a, b, *, rounding_mode=None):
+    """rounding_mode=None is true division; 'trunc'/'floor' are step functions whose PyTorch kernels are not exact
+    (they round the quotient first), so they are rejected."""
+    if rounding_mode is None:
+        m = func(_mid(a), _mid(b), rounding_mode=None)
+        ma, ra = operand(a, m.dtype)
+        mb, rb = operand(b, m.dtype)
+        return result(m, _quotient_rad(m, ma, ra, mb, rb, m.dtype))
+    raise UnsupportedOpError(
+        func, f"rounding_mode={rounding_mode!r} is a discontinuous step of a rounded quotient; ballgrad only "
+        "supports true division (take .mid explicitly if you need integer division of the midpoints)"
+    )
+
+
+@rule(aten.reciprocal.default)
+def reciprocal(func, a):
+    """1/y: ``_quotient_rad`` with the exact numerator 1 (ra = 0)."""
+    m = func(_mid(a))
+    mb, rb = operand(a, m.dtype)
+    one = torch.ones((), dtype=rb.dtype)
+    return result(m, _quotient_rad(m, one, torch.zeros_like(one), mb, rb, m.dtype))
+
+
+@rule(aten.neg.default)
+def neg(func, a):
+    """-x is exact: the radius is unchanged."""
+    return result(func(_mid(a)), a.rad.clone())
+
+
+@rule(aten.abs.default)
+def abs_(func, a):
+    """abs is exact and 1-Lipschitz (| |x| - |m| | <= |x - m|): the radius is unchanged."""
+    return result(func(_mid(a)), a.rad.clone())
+
+
+@rule(aten.addcmul.default)
+def addcmul(func, s, t1, t2, *, value=1):
+    """s + v t1 t2, computed by the kernel as s' + (v' m1) m2 (v' the cast of v, |v - v'| <= rv, V >= |v'| + rv).
+
+    Propagation: |v t1 t2 - v' m1 m2| <= V(|m1| r2 + |m2| r1 + r1 r2) + rv |m1||m2|, plus rs.
+    Rounding, at most three roundings in any grouping or with FMA: u|m| + 3u P + (1 + V + |m1| + |m2|) eta with
+    P = V|m1||m2| (an underflowed partial product can be scaled by the third factor).
+    Three-factor products are formed as up(.) bounds first (F2) so that ``inflate``'s pairwise form holds.
+    """
+    m = func(_mid(s), _mid(t1), _mid(t2), value=value)
+    ms, rs = operand(s, m.dtype)
+    m1, r1 = operand(t1, m.dtype)
+    m2, r2 = operand(t2, m.dtype)
+    mv, rv = operand(value, m.dtype)
+    v_up = rounding.round_up_float(abs(float(mv)) + float(rv), rs.dtype)
+    u, eta = _constants(m.dtype)
+    a1, a2 = torch.abs(m1), torch.abs(m2)
+    r1v, r2v = rounding.mul_up(r1, v_up), rounding.mul_up(r2, v_up)
+    prod = rounding.mul_up(a1, a2)
+    k = rounding.round_up_float(float(rv) + 3 * u * v_up, rs.dtype)
+    eta_k = rounding.round_up_float((1 + v_up) * eta, rs.dtype)
+    c = rs + a1 * r2v + a2 * r1v + r1 * r2v + prod * k + torch.abs(m).to(rs.dtype) * u + (a1 + a2) * eta + eta_k
+    return result(m, rounding.inflate(c, 16))
+
+
+@rule(aten.addcdiv.default)
+def addcdiv(func, s, t1, t2, *, value=1):
+    """s + v t1/t2, computed by the kernel as s' + (v' m1)/m2 (or v'(m1/m2), or with FMA).
+
+    Propagation: rs + V D + rv Q with D >= |t1/t2 - m1/m2| = (r1|m2| + |m1| r2)/(|m2|(|m2| - r2)) and Q >= |m1|/|m2|.
+    Rounding in any of those groupings: u|m| + 3u V Q + eta (1 + V + 1/|m2|) (an underflowed v' m1 is divided by
+    m2). Where |m2| <= r2 the divisor ball contains 0: +inf and a ``domain`` event.
+    """
+    m = func(_mid(s), _mid(t1), _mid(t2), value=value)
+    ms, rs = operand(s, m.dtype)
+    m1, r1 = operand(t1, m.dtype)
+    m2, r2 = operand(t2, m.dtype)
+    mv, rv = operand(value, m.dtype)
+    v_up = rounding.round_up_float(abs(float(mv)) + float(rv), rs.dtype)
+    u, eta = _constants(m.dtype)
+    a1, a2 = torch.abs(m1), torch.abs(m2)
+    gap = rounding.sub_down(a2, r2)
+    safe = gap > 0
+    d_num = rounding.inflate(r1 * a2 + a1 * r2, 3)
+    d_den = rounding.mul_down(a2, gap)
+    d = rounding.div_up(d_num, d_den)
+    q = rounding.div_up(a1, a2)
+    inv = rounding.div_up(torch.ones_like(a2), a2)
+    k = rounding.round_up_float(float(rv) + 3 * u * v_up, rs.dtype)
+    eta_k = rounding.round_up_float((1 + v_up) * eta, rs.dtype)
+    c = rs + d * v_up + q * k + torch.abs(m).to(rs.dtype) * u + inv * eta + eta_k
+    rad = torch.where(safe, rounding.inflate(c, 10), torch.full_like(c, math.inf))
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("domain", current_op(), ~safe, "divisor ball contains 0")
+    return result(m, rad)
+
+

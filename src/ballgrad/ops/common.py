@@ -1,0 +1,85 @@
+"""Small helpers every rule family uses: reading arguments as balls, building results."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ballgrad import rounding
+from ballgrad.tensor import BallTensor
+
+
+def is_ball(x) -> bool:
+    return isinstance(x, BallTensor)
+
+
+def mid_of(x):
+    """The midpoint of a ball, the tensor itself for plain tensors, the value for anything else (pytree leaves)."""
+    return x.mid if isinstance(x, BallTensor) else x
+
+
+def mids(args):
+    """``args`` (a tuple/list/dict, possibly nested one level in lists) with every ball replaced by its midpoint."""
+    if isinstance(args, dict):
+        return {k: mids(v) for k, v in args.items()}
+    if isinstance(args, (list, tuple)):
+        return type(args)(mids(a) for a in args)
+    return mid_of(args)
+
+
+def operand(x, out_dtype: torch.dtype):
+    """(m, r) of an argument *as the op uses it*, both in the radius dtype of ``out_dtype``.
+
+    PyTorch casts every operand to the result dtype (or, for float16/bfloat16, possibly to float32 "opmath") before
+    computing. m is the operand cast to ``out_dtype`` (what the kernel sees, up to a further exact widening), and
+    r >= the operand's own radius + |x - cast(x)|, which also covers the float32-opmath cast of reduced dtypes: the
+    nearest float32 is at least as close to x as the nearest float16/bfloat16 (a superset's nearest point).
+    Python numbers are exact points (their double value); integer and bool tensors are exact.
+    """
+    rd = rounding.rad_dtype(out_dtype)
+    if isinstance(x, BallTensor):
+        m, r = x.mid, x.rad
+    elif isinstance(x, torch.Tensor):
+        m, r = x, None
+    elif isinstance(x, (bool, numbers.Integral, numbers.Real)):
+        m, r = torch.tensor(float(x), dtype=torch.float64), None
+    else:
+        raise TypeError(f"unsupported operand {type(x).__name__}")
+    if m.dtype != out_dtype:
+        used = m.to(out_dtype)
+        if (m.dtype, out_dtype) not in rounding._EXACT_WIDENINGS and m.dtype != torch.bool:
+            wide = torch.float64
+            cast_err = rounding.up(torch.abs(m.to(wide) - used.to(wide)))  # F2 on the one rounded subtraction
+            cast_err = rounding.clean_rad(cast_err)
+            r = cast_err if r is None else rounding.add_up(r.to(wide), cast_err)
+            r = rounding.to_dtype_up(r, rd)
+        m = used
+    m = m.to(rd)
+    if r is None:
+        r = torch.zeros((), dtype=rd, device=m.device)
+    else:
+        r = r.to(rd)
+    return m, r
+
+
+def result(mid: torch.Tensor, rad: torch.Tensor) -> BallTensor:
+    """Wrap a rule's output: radius in the radius dtype, broadcast to mid's shape, NaN -> +inf."""
+    rd = rounding.rad_dtype(mid.dtype)
+    rad = rounding.clean_rad(rounding.to_dtype_up(rad, rd))
+    if rad.shape != mid.shape:
+        rad = rad.expand(mid.shape).contiguous() if mid.numel() else rad.expand(mid.shape)
+    return BallTensor(mid, rad)
+
+
+def infinite_where(rad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``rad`` with +inf where ``mask`` holds."""
+    return torch.where(mask, torch.full_like(rad, math.inf), rad)
+
+
+def float_scalar(x) -> float:
+    """A Python number argument (alpha, value, exponent) as a float; tensors are rejected here."""
+    if isinstance(x, torch.Tensor):
+        raise TypeError("expected a Python number")
+    return float(x)

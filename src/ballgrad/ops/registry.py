@@ -1,0 +1,76 @@
+"""The single op registry: aten overload -> rule (DESIGN.md §4).
+
+A rule is a small pure function ``rule(func, *args, **kwargs)`` that computes the midpoint with ``func`` itself on the
+midpoints (bit-identical to plain PyTorch) and the radius with ``ballgrad.rounding``; it returns BallTensors.
+``dispatch`` is the only caller. An op without a rule raises ``UnsupportedOpError`` naming the overload: nothing
+ever runs on midpoints alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+
+from ballgrad import diagnostics, guard
+from ballgrad.errors import UnsupportedOpError
+
+RULES: dict[torch._ops.OpOverload, Callable] = {}
+
+_state = threading.local()
+
+
+def rule(*ops):
+    """Register the decorated function as the rule for each aten overload in ``ops``."""
+
+    def register(fn):
+        for op in ops:
+            if op in RULES:
+                raise RuntimeError(f"two rules for {op}: {RULES[op].__module__}.{RULES[op].__name__} and {fn.__name__}")
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+def current_op() -> str:
+    """The aten overload being evaluated (for event messages)."""
+    return getattr(_state, "op", "?")
+
+
+def dispatch(func, args, kwargs):
+    fn = RULES.get(func)
+    if fn is None:
+        from ballgrad.ops import decompositions
+
+        fn = decompositions.rule_for(func)
+        if fn is None:
+            raise UnsupportedOpError(func)
+    guard.check_once(_device_type(args))
+    recording = diagnostics.is_recording()
+    if recording:
+        diagnostics.begin_op()
+    previous = getattr(_state, "op", "?")
+    _state.op = str(func)
+    try:
+        out = fn(func, *args, **kwargs)
+    finally:
+        _state.op = previous
+    if recording:
+        diagnostics.scan_outputs(str(func), args, out)
+    return out
+
+
+def _device_type(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device.type
+    return "cpu"
+
+
+def supported_ops() -> list[str]:
+    """Names of every aten overload with a rule."""
+    return sorted(str(op) for op in RULES)

@@ -1,0 +1,239 @@
+"""Shape, view, indexing and copy rules (DESIGN.md §4): exact, so the same op is applied to ``mid`` and ``rad`` alike.
+
+An op that only moves, repeats or selects elements has the exact result f(x) = (elements of x) for every x in the
+ball, so its ball is (f(mid), f(rad)) with no rounding. View ops return views of both inner tensors, so in-place
+updates through a view reach the base's midpoint and radius alike (aliasing kept).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ballgrad import rounding
+from ballgrad.errors import UndecidedComparisonError, UnsupportedOpError
+from ballgrad.ops.common import mid_of, operand, result
+from ballgrad.ops.registry import rule
+from ballgrad.tensor import BallTensor
+
+aten = torch.ops.aten
+
+
+def _exact_index(x):
+    """Index/mask arguments must be exact: a bool/int ball is used by its midpoint only if every element is decided."""
+    if isinstance(x, BallTensor) and not x.is_floating_point():
+        if bool(x.rad.any()):
+            raise UndecidedComparisonError(
+                "an undecided comparison result is used as an index or mask; the selection differs between points "
+                "of the balls. Decide it first (e.g. use .mid deliberately, or torch.where on the ball)."
+            )
+        return x.mid
+    return x
+
+
+def _rad_arg(x):
+    """The radius counterpart of one argument: a ball's radius, zeros for a plain floating tensor, others as is."""
+    if isinstance(x, BallTensor):
+        return _exact_index(x) if not x.is_floating_point() else x.rad
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return torch.zeros_like(x, dtype=rounding.rad_dtype(x.dtype))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_rad_arg(a) for a in x)
+    return x
+
+
+def _mid_arg(x):
+    if isinstance(x, BallTensor):
+        return _exact_index(x) if not x.is_floating_point() else x.mid
+    if isinstance(x, (list, tuple)):
+        return type(x)(_mid_arg(a) for a in x)
+    return x
+
+
+def _pair(m, r):
+    if isinstance(m, torch.Tensor):
+        if r.dtype != rounding.rad_dtype(m.dtype):
+            r = r.to(rounding.rad_dtype(m.dtype))  # widening only: rads of mixed inputs promote like mids
+        return BallTensor(m, r)
+    if isinstance(m, (list, tuple)):
+        return type(m)(_pair(a, b) for a, b in zip(m, r))
+    return m
+
+
+@rule(
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.t.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.expand.default,
+    aten.squeeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.unsqueeze.default,
+    aten.select.int,
+    aten.slice.Tensor,
+    aten.narrow.default,
+    aten.cat.default,
+    aten.stack.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.unbind.int,
+    aten.clone.default,
+    aten.detach.default,
+    aten.alias.default,
+    aten.lift_fresh.default,
+    aten.flip.default,
+    aten.roll.default,
+    aten.repeat.default,
+    aten.index_select.default,
+    aten.gather.default,
+    aten.index.Tensor,
+    aten.diagonal.default,
+    aten.unfold.default,
+    aten.slice_backward.default,
+    aten.select_backward.default,
+    aten.slice_scatter.default,
+    aten.select_scatter.default,
+    aten.diagonal_scatter.default,
+    aten.constant_pad_nd.default,
+    aten.masked_select.default,
+    aten.take_along_dim.default,
+    aten._reshape_alias.default,
+    aten.movedim.int,
+    aten.unflatten.int,
+    aten.flatten.using_ints,
+    aten.contiguous.default,
+)
+def structural(func, *args, **kwargs):
+    """Exact element movement: (f(mid), f(rad)). Padding and backward-of-slicing fill with exact zeros (radius 0).
+    ``constant_pad_nd``'s fill value must be exact in the dtype (it is checked)."""
+    if func is aten.constant_pad_nd.default and len(args) > 2:
+        value = args[2]
+        _, r_fill = operand(value, args[0].dtype)
+        if float(r_fill) != 0:
+            raise UnsupportedOpError(func, f"pad value {value!r} is not exact in {args[0].dtype}")
+    m = func(*_mid_arg(args), **_mid_arg(kwargs) if kwargs else {})
+    r = func(*_rad_arg(args), **_rad_arg(kwargs) if kwargs else {})
+    return _pair(m, r)
+
+
+@rule(aten.as_strided.default)
+def as_strided(func, x, size, stride, storage_offset=None):
+    """Exact; the radius view uses the radius tensor's own storage offset shifted like the midpoint's."""
+    m = func(x.mid, size, stride, storage_offset)
+    offset = x.mid.storage_offset() if storage_offset is None else storage_offset
+    r = func(x.rad, size, stride, offset - x.mid.storage_offset() + x.rad.storage_offset())
+    return BallTensor(m, r)
+
+
+@rule(aten.zeros_like.default, aten.ones_like.default)
+def exact_like(func, x, **kwargs):
+    """Constant tensors 0 or 1 are exact in every float dtype: radius 0."""
+    m = func(mid_of(x), **kwargs)
+    if not m.is_floating_point():
+        return m
+    return BallTensor(m, torch.zeros_like(m, dtype=rounding.rad_dtype(m.dtype)))
+
+
+@rule(aten.full_like.default)
+def full_like(func, x, fill_value, **kwargs):
+    """full_like(x, v): the radius bounds |v - cast(v)| (``operand``)."""
+    m = func(mid_of(x), fill_value, **kwargs)
+    if not m.is_floating_point():
+        return m
+    _, r = operand(fill_value, m.dtype)
+    return result(m, r.expand(m.shape))
+
+
+@rule(aten.empty_like.default, aten.new_empty.default, aten.new_empty_strided.default)
+def empty_like(func, x, *args, **kwargs):
+    """Uninitialised memory has no meaning: radius +inf until it is written (copy_, fill_ set exact radii)."""
+    m = func(mid_of(x), *args, **kwargs)
+    if not m.is_floating_point():
+        return m
+    return BallTensor(m, torch.full_like(m, math.inf, dtype=rounding.rad_dtype(m.dtype)))
+
+
+@rule(aten.new_zeros.default, aten.new_ones.default)
+def new_exact(func, x, size, **kwargs):
+    """New tensors of 0 or 1 are exact: radius 0."""
+    m = func(mid_of(x), size, **kwargs)
+    if not m.is_floating_point():
+        return m
+    return BallTensor(m, torch.zeros_like(m, dtype=rounding.rad_dtype(m.dtype)))
+
+
+@rule(aten.new_full.default)
+def new_full(func, x, size, fill_value, **kwargs):
+    """new_full(size, v): radius |v - cast(v)|."""
+    m = func(mid_of(x), size, fill_value, **kwargs)
+    if not m.is_floating_point():
+        return m
+    _, r = operand(fill_value, m.dtype)
+    return result(m, r.expand(m.shape))
+
+
+def _conversion_rad(new_mid: torch.Tensor, old_mid: torch.Tensor, old_rad: torch.Tensor) -> torch.Tensor:
+    """Radius after converting a ball's midpoint: |x - new| <= old_rad + |old - new|, computed in float64 (exact
+    widening of every supported dtype; one rounded subtraction and one rounded addition, each bumped up by F2)."""
+    if (old_mid.dtype, new_mid.dtype) in rounding._EXACT_WIDENINGS or old_mid.dtype == new_mid.dtype:
+        return old_rad.to(rounding.rad_dtype(new_mid.dtype))
+    wide = torch.float64
+    diff = rounding.up(torch.abs(old_mid.to(wide) - new_mid.to(wide)))
+    return rounding.clean_rad(rounding.add_up(old_rad.to(wide), diff))
+
+
+@rule(aten._to_copy.default)
+def to_copy(func, x, **kwargs):
+    """.to(dtype/device): moving devices is exact; narrowing a dtype widens the radius by the conversion error."""
+    m = func(x.mid, **kwargs)
+    if not m.is_floating_point() or m.is_complex():
+        raise UnsupportedOpError(
+            func, f"converting a ball to {m.dtype} would drop its radius; use x.mid.to({m.dtype}) deliberately"
+        )
+    r = _conversion_rad(m, x.mid.to(m.device), x.rad.to(m.device))
+    return result(m, r.to(m.device))
+
+
+@rule(aten.copy_.default)
+def copy_(func, dst, src, non_blocking=False):
+    """dst.copy_(src): the midpoint is PyTorch's copy (with its dtype conversion); the radius is src's plus the
+    conversion error. Copying a ball into a plain tensor would drop its radius and is refused."""
+    if not isinstance(dst, BallTensor):
+        raise TypeError(
+            "copying a BallTensor into a plain tensor would drop its radius; copy src.mid explicitly if you mean it"
+        )
+    if isinstance(src, BallTensor):
+        src_mid, src_rad = src.mid, src.rad
+    else:
+        src_mid, src_rad = src, None
+    old_dtype_mid = src_mid
+    func(dst.mid, src_mid, non_blocking)
+    if src_rad is None:
+        if src_mid.is_floating_point() and src_mid.dtype == dst.dtype:
+            dst.rad.zero_()
+            return dst
+        src_rad = torch.zeros_like(src_mid, dtype=torch.float64)
+    expanded_mid = old_dtype_mid.expand(dst.shape) if old_dtype_mid.shape != dst.shape else old_dtype_mid
+    expanded_rad = src_rad.expand(dst.shape) if src_rad.shape != dst.shape else src_rad
+    if expanded_mid.dtype == dst.dtype:
+        dst.rad.copy_(expanded_rad.to(dst.rad.dtype))
+    else:
+        new_rad = _conversion_rad(dst.mid, expanded_mid.to(dst.device), expanded_rad.to(dst.device))
+        dst.rad.copy_(rounding.to_dtype_up(new_rad, dst.rad.dtype))
+    return dst
+
+
+@rule(aten.fill_.Scalar, aten.zero_.default)
+def fill_(func, x, *args):
+    """In-place constant: the radius bounds |v - cast(v)| (0 for zero_)."""
+    func(x.mid, *args)
+    if args:
+        _, r = operand(args[0], x.dtype)
+        x.rad.fill_(float(r))
+    else:
+        x.rad.zero_()
+    return x

@@ -1,0 +1,203 @@
+"""The rounding model: the one place where floating-point error is bounded (DESIGN.md §2).
+
+Every radius in ballgrad is computed from the helpers here. Notation, per dtype:
+``u`` = eps/2 (unit roundoff), ``eta`` = smallest positive subnormal, ``realmin`` = smallest normal.
+
+Facts used throughout (all for IEEE round-to-nearest with gradual underflow, which the numerics guard checks):
+
+F1  one operation c = fl(x o y), o in {+ - * /}:   |c - x o y| <= u|c| + eta/2   (no eta for + and -).
+F2  for any real e and c = RN(e):                  e <= succ(c) = nextafter(c, +inf)  (and e >= pred(c)).
+    So an upper bound survives one rounded operation if the result is bumped by one ulp (``up``).
+F3  a dot product of length k in any order, FMA or not:  |fl(a.b) - a.b| <= gamma_k |a|.|b| + k*eta,
+    gamma_k = k u / (1 - k u), valid for k u < 1.
+
+Radii are never NaN and never negative: ``clean_rad`` maps NaN (0*inf, inf-inf in radius formulas, which only occur
+when an input is infinite or NaN, so "nothing is known") to +inf.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCED_DTYPES = (torch.float16, torch.bfloat16)
+
+# Significand precision p (including the hidden bit) and exponent range, per dtype.
+_PRECISION = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}
+
+
+def check_float_dtype(dtype: torch.dtype) -> None:
+    """Raise TypeError for dtypes ballgrad does not model (integers, complex, float8...)."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"ballgrad balls need a real floating midpoint dtype (float16, bfloat16, float32, float64), got {dtype}"
+        )
+
+
+def rad_dtype(mid_dtype: torch.dtype) -> torch.dtype:
+    """Radius dtype: the midpoint's for float32/float64, float32 for float16/bfloat16 (DESIGN.md §1)."""
+    check_float_dtype(mid_dtype)
+    return torch.float32 if mid_dtype in REDUCED_DTYPES else mid_dtype
+
+
+def unit_roundoff_exact(dtype: torch.dtype) -> Fraction:
+    """u = 2^-p as an exact rational."""
+    return Fraction(1, 2 ** _PRECISION[dtype])
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps/2: f64 2^-53, f32 2^-24, f16 2^-11, bf16 2^-8 (exact as a Python float)."""
+    return float(unit_roundoff_exact(dtype))
+
+
+def eta(dtype: torch.dtype) -> float:
+    """Smallest positive subnormal of ``dtype`` (exact as a Python float)."""
+    return float(torch.finfo(dtype).smallest_normal) * float(torch.finfo(dtype).eps)
+
+
+def op_roundoff(mid_dtype: torch.dtype) -> float:
+    """u to use in F1 for one PyTorch op whose result has ``mid_dtype``.
+
+    float16/bfloat16 kernels compute in float32 ("opmath") and round once more to the storage dtype:
+    |m - e| <= |m - t| + |t - e| <= u_16 |m| + u_32 |t| with |t| <= (1 + u_16)|m| + eta, so u_16 + 2 u_32 covers both
+    roundings (the u_16 u_32 term is far below u_32). float32/float64 kernels round once: u.
+    """
+    u = unit_roundoff(mid_dtype)
+    if mid_dtype in REDUCED_DTYPES:
+        return u + 2 * unit_roundoff(torch.float32)
+    return u
+
+
+def op_underflow(mid_dtype: torch.dtype) -> float:
+    """Absolute term of F1 for one op producing ``mid_dtype``: eta/2, or eta_16 + eta_32 for reduced dtypes
+    (the same two roundings as ``op_roundoff``); we use a full eta of the storage dtype, which covers both."""
+    return eta(mid_dtype)
+
+
+def round_up_float(value: Fraction | int | float, dtype: torch.dtype = torch.float64) -> float:
+    """Smallest float of ``dtype`` that is >= ``value`` (exact rational arithmetic), returned as a Python float.
+
+    Used offline for constants (gamma_k, inflation factors, 1/sqrt(2) bounds): constants are balls too.
+    """
+    value = Fraction(value)
+    candidate = torch.tensor(float(value), dtype=torch.float64).to(dtype)
+    if not math.isfinite(float(candidate)):
+        return float(candidate)
+    while Fraction(float(candidate)) < value:
+        candidate = torch.nextafter(candidate, torch.tensor(math.inf, dtype=dtype))
+    return float(candidate)
+
+
+def round_down_float(value: Fraction | int | float, dtype: torch.dtype = torch.float64) -> float:
+    """Largest float of ``dtype`` that is <= ``value``."""
+    return -round_up_float(-Fraction(value), dtype)
+
+
+def gamma(k: int, dtype: torch.dtype) -> float:
+    """gamma_k = k u / (1 - k u) rounded up (F3). Requires k u < 1/4 (DESIGN.md §2); raises otherwise."""
+    u = unit_roundoff_exact(dtype)
+    if k * u >= Fraction(1, 4):
+        raise ValueError(f"gamma_{k} for {dtype}: k*u >= 1/4, compute these radius terms in a wider dtype")
+    return round_up_float(k * u / (1 - k * u), dtype)
+
+
+def inflation_factor(n_ops: int, dtype: torch.dtype) -> float:
+    """(1 + u)^n_ops rounded up: the factor that turns a round-to-nearest result into an upper bound (``inflate``)."""
+    return round_up_float((1 + unit_roundoff_exact(dtype)) ** n_ops, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Directed results from round-to-nearest operations (F2).
+
+
+def up(x: torch.Tensor) -> torch.Tensor:
+    """succ(x): an upper bound for the exact value of the single RN operation that produced ``x`` (F2)."""
+    return torch.nextafter(x, x.new_full((), math.inf))
+
+
+def down(x: torch.Tensor) -> torch.Tensor:
+    """pred(x): a lower bound for the exact value of the single RN operation that produced ``x`` (F2)."""
+    return torch.nextafter(x, x.new_full((), -math.inf))
+
+
+def add_up(a, b):
+    """Upper bound of a + b (F2)."""
+    return up(torch.add(a, b))
+
+
+def add_down(a, b):
+    """Lower bound of a + b (F2)."""
+    return down(torch.add(a, b))
+
+
+def sub_up(a, b):
+    """Upper bound of a - b (F2)."""
+    return up(torch.sub(a, b))
+
+
+def sub_down(a, b):
+    """Lower bound of a - b (F2)."""
+    return down(torch.sub(a, b))
+
+
+def mul_up(a, b):
+    """Upper bound of a * b for a, b >= 0 (F2)."""
+    return up(torch.mul(a, b))
+
+
+def mul_down(a, b):
+    """Lower bound of a * b for a, b >= 0 (F2; clamped at 0, which the exact product cannot go below)."""
+    return torch.clamp_min(down(torch.mul(a, b)), 0)
+
+
+def div_up(a, b):
+    """Upper bound of a / b for a >= 0, b > 0 (F2)."""
+    return up(torch.div(a, b))
+
+
+def div_down(a, b):
+    """Lower bound of a / b for a >= 0, b > 0 (F2; clamped at 0)."""
+    return torch.clamp_min(down(torch.div(a, b)), 0)
+
+
+def inflate(c: torch.Tensor, n_ops: int) -> torch.Tensor:
+    """Upper bound for the exact value of a radius expression ``c`` computed in round-to-nearest.
+
+    Valid when ``c`` is a sum of terms computed from non-negative floats with at most ``n_ops`` operations, each term
+    a product of at most two factors, each factor an input (a float known exactly, including up()-bounds) or a sum of
+    inputs; no product feeds another product. Derivation: a computed sum of k additions satisfies
+    exact <= (1+u)^k fl (F1 with no eta); a product of two such factors satisfies
+    exact <= (1+u)^(k1+k2) ((1+u) fl(f1 f2) + eta/2) (F1); the outer additions add (1+u) factors only. Hence
+    exact <= (1+u)^n (c + n eta/2) <= phi c + n eta with phi >= (1+u)^n rounded up offline (n eta (1+u)^n / 2 <=
+    n eta). We return succ(fl(succ(fl(phi c)) + n eta)): by F2 each succ bounds its exact operation.
+    NaN (which only arises from an infinite or NaN input) becomes +inf.
+    """
+    dtype = c.dtype
+    phi = inflation_factor(n_ops, dtype)
+    bound = up(torch.add(up(torch.mul(c, phi)), n_ops * eta(dtype)))
+    return clean_rad(bound)
+
+
+def clean_rad(r: torch.Tensor) -> torch.Tensor:
+    """Radii are never NaN (nothing known -> +inf) and never negative (F2 results of non-negative terms)."""
+    return torch.nan_to_num(r, nan=math.inf, posinf=math.inf)
+
+
+_EXACT_WIDENINGS = {
+    (torch.float16, torch.float32), (torch.float16, torch.float64), (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.float64), (torch.float32, torch.float64),
+}
+
+
+def to_dtype_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Convert non-negative bounds to ``dtype`` rounding upward (RN conversion, then one succ where it went down)."""
+    if x.dtype == dtype:
+        return x
+    y = x.to(dtype)
+    if (x.dtype, dtype) in _EXACT_WIDENINGS:
+        return y
+    went_down = y.to(x.dtype) < x
+    return torch.where(went_down, up(y), y)
