@@ -1,6 +1,6 @@
 """Rules by op family; importing this package registers every rule in ``registry.RULES``."""
 
 from ballgrad.ops import registry  # noqa: F401  (the registry first)
-from ballgrad.ops import arith, shape  # noqa: F401
+from ballgrad.ops import arith, elementwise, linalg, nonsmooth, reductions, shape  # noqa: F401
 
 __all__ = ["registry"]
