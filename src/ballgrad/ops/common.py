@@ -83,3 +83,17 @@ def float_scalar(x) -> float:
     if isinstance(x, torch.Tensor):
         raise TypeError("expected a Python number")
     return float(x)
+
+
+def recentre(mid: torch.Tensor, enclosure: BallTensor) -> BallTensor:
+    """Re-centre a ball on PyTorch's own midpoint (DESIGN.md §4, fused kernels and audited decompositions).
+
+    ``enclosure`` contains the exact result (e.g. it was computed by composing ball rules of the primitives);
+    ``mid`` is what the fused PyTorch kernel returned. Then |exact - mid| <= |exact - c| + |c - mid| <= r + |c - mid|,
+    computed in float64 (exact widening) with one rounded subtraction and one rounded addition, each bumped up (F2).
+    """
+    c = enclosure.mid.detach().to(torch.float64)
+    r = enclosure.rad.to(torch.float64)
+    shift = rounding.up(torch.abs(mid.detach().to(torch.float64) - c))
+    rad = rounding.add_up(r, shift)
+    return result(mid, rad)
