@@ -94,7 +94,7 @@ class BallTensor(torch.Tensor):
         bits = torch.floor(torch.log2(m) - torch.log2(r))
         bits = torch.where(r == 0, torch.full_like(bits, math.inf), bits)
         bits = torch.where((r > 0) & (m <= r), torch.full_like(bits, -math.inf), bits)
-        return torch.nan_to_num(bits, nan=-math.inf)
+        return torch.nan_to_num(bits, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
     def is_decided(self) -> torch.Tensor:
         """For a bool ball (a comparison result): True where every point of the balls gives the same answer."""
@@ -123,7 +123,12 @@ class BallTensor(torch.Tensor):
         raise UndecidedComparisonError(f"bool() of the ball {m} ± {r}: it contains 0 and non-zero values")
 
     def __reduce_ex__(self, proto):
-        # Plain pickling (copy.deepcopy, pickle, torch.save) keeps both inner tensors and requires_grad.
+        # Pickling (pickle, torch.save) keeps both inner tensors, requires_grad and nn.Parameter-ness.
+        if getattr(self, "_is_param", False):
+            import collections
+
+            inner = BallTensor(self.mid, self.rad)
+            return (torch._utils._rebuild_parameter, (inner, self.requires_grad, collections.OrderedDict()))
         return (_rebuild_ball, (self.mid, self.rad, self.requires_grad))
 
 
@@ -393,5 +398,5 @@ def _format_element(m, r) -> str:
         return f"{m:.5g} ± inf"
     if m != 0 and math.isfinite(m):
         digits = max(1, min(17, int(math.floor(math.log10(abs(m) / r))) + 1)) if r < abs(m) else 1
-        return f"{m:#.{digits + 1}g} ± {r:.1e}"
+        return f"{m:#.{digits}g} ± {r:.1e}"
     return f"{m:.5g} ± {r:.1e}"

@@ -2,5 +2,6 @@
 
 from ballgrad.ops import registry  # noqa: F401  (the registry first)
 from ballgrad.ops import arith, elementwise, linalg, nonsmooth, reductions, shape  # noqa: F401
+from ballgrad.ops import inplace  # noqa: F401  (in-place forms of the rules above)
 
 __all__ = ["registry"]

@@ -237,3 +237,12 @@ def fill_(func, x, *args):
     else:
         x.rad.zero_()
     return x
+
+
+@rule(aten._local_scalar_dense.default)
+def local_scalar(func, x):
+    """``.item()``: the midpoint's value, as ``x.mid.item()`` (training loops log ``loss.item()``); the radius stays
+    available as ``x.rad``. For a bool ball, an undecided element raises UndecidedComparisonError."""
+    if x.dtype == torch.bool:
+        _exact_index(x)
+    return func(x.mid)

@@ -1,0 +1,87 @@
+"""In-place rules (DESIGN.md §4 ``inplace.py``): every in-place overload listed here is evaluated through its
+functional rule and written back.
+
+For ``x.op_(*args)``: the functional rule gives a ball (c, r) containing the exact result for every point of the
+inputs (computed from the old values, so aliasing such as ``x.mul_(x)`` is handled); PyTorch's own in-place kernel
+then updates ``x.mid`` (so the midpoint is bit-identical to plain PyTorch, including its cast to x's dtype); and
+the radius becomes r + |x.mid - c| (exact when they agree, else one rounded subtraction and addition bumped up by F2).
+Views keep aliasing: ``x.mid`` and ``x.rad`` are updated in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ballgrad import rounding
+from ballgrad.ops.common import mids
+from ballgrad.ops.registry import RULES, rule
+from ballgrad.tensor import BallTensor
+
+aten = torch.ops.aten
+
+# in-place overload -> functional overload with the same arguments
+_PAIRS = [
+    ("add_.Tensor", "add.Tensor"), ("add_.Scalar", "add.Scalar"),
+    ("sub_.Tensor", "sub.Tensor"), ("sub_.Scalar", "sub.Scalar"),
+    ("mul_.Tensor", "mul.Tensor"), ("mul_.Scalar", "mul.Scalar"),
+    ("div_.Tensor", "div.Tensor"), ("div_.Scalar", "div.Scalar"),
+    ("div_.Tensor_mode", "div.Tensor_mode"), ("div_.Scalar_mode", "div.Scalar_mode"),
+    ("neg_.default", "neg.default"), ("abs_.default", "abs.default"),
+    ("reciprocal_.default", "reciprocal.default"),
+    ("addcmul_.default", "addcmul.default"), ("addcdiv_.default", "addcdiv.default"),
+    ("exp_.default", "exp.default"), ("expm1_.default", "expm1.default"), ("log_.default", "log.default"),
+    ("log1p_.default", "log1p.default"), ("log2_.default", "log2.default"), ("log10_.default", "log10.default"),
+    ("tanh_.default", "tanh.default"), ("sigmoid_.default", "sigmoid.default"), ("sin_.default", "sin.default"),
+    ("cos_.default", "cos.default"), ("atan_.default", "atan.default"), ("erf_.default", "erf.default"),
+    ("erfc_.default", "erfc.default"), ("sqrt_.default", "sqrt.default"), ("rsqrt_.default", "rsqrt.default"),
+    ("pow_.Scalar", "pow.Tensor_Scalar"), ("pow_.Tensor", "pow.Tensor_Tensor"),
+    ("clamp_.default", "clamp.default"), ("clamp_.Tensor", "clamp.Tensor"),
+    ("clamp_min_.default", "clamp_min.default"), ("clamp_min_.Tensor", "clamp_min.Tensor"),
+    ("clamp_max_.default", "clamp_max.default"), ("clamp_max_.Tensor", "clamp_max.Tensor"),
+    ("masked_fill_.Scalar", "masked_fill.Scalar"), ("masked_fill_.Tensor", "masked_fill.Tensor"),
+    ("relu_.default", "relu.default"), ("lerp_.Scalar", "lerp.Scalar"), ("lerp_.Tensor", "lerp.Tensor"),
+    ("maximum_.default", "maximum.default"), ("square_.default", "square.default"),
+]
+
+
+def _overload(name: str):
+    packet, overload = name.split(".")
+    return getattr(getattr(aten, packet), overload, None) if hasattr(aten, packet) else None
+
+
+INPLACE_TO_FUNCTIONAL = {}
+for _inplace, _functional in _PAIRS:
+    _i, _f = _overload(_inplace), _overload(_functional)
+    if _i is not None and _f is not None:
+        INPLACE_TO_FUNCTIONAL[_i] = _f
+
+
+def _functional_rule(func):
+    functional = INPLACE_TO_FUNCTIONAL[func]
+    fn = RULES.get(functional)
+    if fn is None:
+        from ballgrad.errors import UnsupportedOpError
+
+        raise UnsupportedOpError(func, f"its functional form {functional} has no rule")
+    return functional, fn
+
+
+@rule(*INPLACE_TO_FUNCTIONAL)
+def inplace(func, self, *args, **kwargs):
+    """See the module docstring: functional ball, PyTorch's in-place midpoint, radius r + |mid - c|."""
+    if not isinstance(self, BallTensor):
+        raise TypeError(
+            f"{func}: a plain tensor is updated in place with a BallTensor operand; the result would drop the "
+            "radius. Make the target a ball (ballgrad.ball(t)) or use the operand's .mid deliberately."
+        )
+    functional, fn = _functional_rule(func)
+    enclosure = fn(functional, self, *args, **kwargs)
+    func(self.mid, *mids(args), **mids(kwargs))
+    if enclosure.dtype == self.dtype and torch.equal(enclosure.mid, self.mid):
+        new_rad = enclosure.rad
+    else:
+        wide = torch.float64
+        shift = rounding.up(torch.abs(self.mid.to(wide) - enclosure.mid.to(wide)))
+        new_rad = rounding.clean_rad(rounding.add_up(enclosure.rad.to(wide), shift))
+    self.rad.copy_(rounding.to_dtype_up(new_rad, self.rad.dtype).expand(self.shape))
+    return self
