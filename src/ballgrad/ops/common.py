@@ -44,17 +44,19 @@ def operand(x, out_dtype: torch.dtype):
     elif isinstance(x, torch.Tensor):
         m, r = x, None
     elif isinstance(x, (bool, numbers.Integral, numbers.Real)):
+        if isinstance(x, numbers.Integral) and abs(int(x)) > 2**53:
+            raise ValueError(f"integer scalar {x} is not exactly representable as a double; pass a float tensor")
         m, r = torch.tensor(float(x), dtype=torch.float64), None
     else:
         raise TypeError(f"unsupported operand {type(x).__name__}")
     if m.dtype != out_dtype:
         used = m.to(out_dtype)
         if (m.dtype, out_dtype) not in rounding._EXACT_WIDENINGS and m.dtype != torch.bool:
-            wide = torch.float64
-            cast_err = rounding.up(torch.abs(m.to(wide) - used.to(wide)))  # F2 on the one rounded subtraction
-            cast_err = rounding.clean_rad(cast_err)
-            r = cast_err if r is None else rounding.add_up(r.to(wide), cast_err)
-            r = rounding.to_dtype_up(r, rd)
+            cast_err = rounding.clean_rad(cast_error(m, used))
+            if r is not None:
+                r64 = r.to(torch.float64)
+                cast_err = torch.where(cast_err == 0, r64, rounding.add_up(r64, cast_err))
+            r = rounding.to_dtype_up(cast_err, rd)
         m = used
     m = m.to(rd)
     if r is None:
@@ -62,6 +64,17 @@ def operand(x, out_dtype: torch.dtype):
     else:
         r = r.to(rd)
     return m, r
+
+
+def cast_error(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """|before - after| for after = RN(before) in a narrower (or integer->float) format, exactly, in float64.
+
+    Exact: both are float64 numbers (every supported dtype, and integers up to 2^53, widen exactly), and a rounded
+    value has the sign of the original and lies within a factor 2 of it unless it is 0 or inf, so Sterbenz's lemma
+    makes the float64 subtraction exact (with 0: the difference is the original; with inf: inf).
+    """
+    wide = torch.float64
+    return torch.abs(before.to(wide) - after.to(wide))
 
 
 def result(mid: torch.Tensor, rad: torch.Tensor) -> BallTensor:

@@ -13,7 +13,7 @@ import torch
 
 from ballgrad import rounding
 from ballgrad.errors import UndecidedComparisonError, UnsupportedOpError
-from ballgrad.ops.common import mid_of, operand, result
+from ballgrad.ops.common import cast_error, mid_of, operand, result
 from ballgrad.ops.registry import rule
 from ballgrad.tensor import BallTensor
 
@@ -177,13 +177,13 @@ def new_full(func, x, size, fill_value, **kwargs):
 
 
 def _conversion_rad(new_mid: torch.Tensor, old_mid: torch.Tensor, old_rad: torch.Tensor) -> torch.Tensor:
-    """Radius after converting a ball's midpoint: |x - new| <= old_rad + |old - new|, computed in float64 (exact
-    widening of every supported dtype; one rounded subtraction and one rounded addition, each bumped up by F2)."""
+    """Radius after converting a ball's midpoint: |x - new| <= old_rad + |old - new|, in float64: the difference is
+    exact (``common.cast_error``), the addition is bumped up (F2) unless the difference is 0."""
     if (old_mid.dtype, new_mid.dtype) in rounding._EXACT_WIDENINGS or old_mid.dtype == new_mid.dtype:
         return old_rad.to(rounding.rad_dtype(new_mid.dtype))
-    wide = torch.float64
-    diff = rounding.up(torch.abs(old_mid.to(wide) - new_mid.to(wide)))
-    return rounding.clean_rad(rounding.add_up(old_rad.to(wide), diff))
+    diff = cast_error(old_mid, new_mid)
+    wide_rad = old_rad.to(torch.float64)
+    return rounding.clean_rad(torch.where(diff == 0, wide_rad, rounding.add_up(wide_rad, diff)))
 
 
 @rule(aten._to_copy.default)
