@@ -37,7 +37,9 @@ def _probe_subnormals(dtype: torch.dtype) -> None:
     if not bool((halves > 0).all()):
         raise NumericsGuardError(
             f"flush-to-zero is on ({dtype} subnormal results become 0), which breaks ballgrad's rounding model. "
-            "Fix: torch.set_flush_denormal(False) (and unset FTZ/DAZ flags such as -ffast-math builds)."
+            "Fix: torch.set_flush_denormal(False) before any parallel work (intra-op threads inherit the flag from "
+            "the thread that created them, so a process that ran parallel ops with it on must be restarted), and "
+            "avoid libraries built with -ffast-math that set FTZ/DAZ."
         )
     back = halves * 2.0  # subnormal inputs read as 0 under DAZ
     if not bool((back == x).all()):
@@ -50,16 +52,17 @@ def check_numerics(cuda: bool = False) -> None:
     """Run the checks now (the CUDA ones with ``cuda=True``); raise NumericsGuardError naming the fix."""
     for dtype in (torch.float32, torch.float64):
         _probe_subnormals(dtype)
+    matmul_precision = _float32_matmul_precision()
+    if matmul_precision not in (None, "highest"):
+        raise NumericsGuardError(
+            f"torch.get_float32_matmul_precision() is {matmul_precision!r}: float32 matmuls may "
+            "use TF32/bf16. Fix: torch.set_float32_matmul_precision('highest')."
+        )
     precision = _mkldnn_matmul_precision()
     if precision not in (None, "ieee", "none"):
         raise NumericsGuardError(
             f"torch.backends.mkldnn.matmul.fp32_precision is {precision!r}: float32 GEMMs may run in reduced precision. "
             "Fix: torch.backends.mkldnn.matmul.fp32_precision = 'ieee'."
-        )
-    if torch.get_float32_matmul_precision() != "highest":
-        raise NumericsGuardError(
-            f"torch.get_float32_matmul_precision() is {torch.get_float32_matmul_precision()!r}: float32 matmuls may "
-            "use TF32/bf16. Fix: torch.set_float32_matmul_precision('highest')."
         )
     if cuda:
         if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32:
@@ -74,6 +77,13 @@ def check_numerics(cuda: bool = False) -> None:
                 "reduced-precision reductions are enabled for CUDA half/bfloat16 matmul. Fix: set "
                 "torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False (and the bf16 flag)."
             )
+
+
+def _float32_matmul_precision():
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:  # legacy and new precision APIs mixed: the backend-specific checks below decide
+        return None
 
 
 def _mkldnn_matmul_precision():
