@@ -8,6 +8,7 @@ from ballgrad import ops  # noqa: F401  (registers the rules)
 from ballgrad.diagnostics import record
 from ballgrad.errors import NumericsGuardError, UndecidedComparisonError, UnsupportedOpError
 from ballgrad.guard import check_numerics
+from ballgrad.nn import PlainGradientError, ballify, is_ballified, unballify
 from ballgrad.tensor import BallTensor, ball, from_interval
 
 __version__ = "0.1.0"
@@ -17,6 +18,10 @@ __all__ = [
     "ball",
     "from_interval",
     "record",
+    "ballify",
+    "unballify",
+    "is_ballified",
+    "PlainGradientError",
     "check_numerics",
     "UnsupportedOpError",
     "UndecidedComparisonError",
