@@ -50,7 +50,9 @@ def _check_grad_is_ball(name: str):
         if g is not None and not isinstance(g, BallTensor):
             raise PlainGradientError(
                 f"parameter {name!r} received a plain-tensor gradient ({type(g).__name__}); its radius is unknown. "
-                "This means an op in the backward pass ran outside ballgrad: please report it with the model."
+                "Either a plain gradient was passed to backward() and reached this parameter unchanged (pass "
+                "ballgrad.ball(g) instead, or call loss.backward() on the ball loss), or something computed it "
+                "outside ballgrad (e.g. a custom autograd.Function working on .mid): please report it."
             )
 
     return hook

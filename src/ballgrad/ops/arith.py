@@ -203,3 +203,27 @@ def addcdiv(func, s, t1, t2, *, value=1):
     return result(m, rad)
 
 
+
+
+@rule(aten.lerp.Scalar, aten.lerp.Tensor)
+def lerp(func, start, end, weight):
+    """s + w (t - s) for s in S, t in T, w in W (a Python number: exact double, cast by the kernel; or a ball).
+
+    Propagation (e = (1 - w) s + w t, and de/dw = t - s): |1 - w'| rs + |w'| rt + rw |t - s|, bounded with
+    W1 >= |1 - w'| + rw, W0 >= |w'| + rw and D >= |mt - ms| + rs + rt.
+    Rounding: PyTorch evaluates s + w (t - s) for |w| < 1/2 and t - (t - s)(1 - w) otherwise (opmath, maybe FMA);
+    either is at most four roundings (the difference, 1 - w, the product, the final sum): at most
+    u|m| + 4u (W0 + W1) |mt - ms| + 2 eta (|d| <= |mt - ms|(1+u), u^2 terms absorbed by the factor 4).
+    """
+    m = func(_mid(start), _mid(end), _mid(weight))
+    ms, rs = operand(start, m.dtype)
+    mt, rt = operand(end, m.dtype)
+    mw, rw = operand(weight, m.dtype)
+    u, eta = _constants(m.dtype)
+    w0 = rounding.add_up(torch.abs(mw), rw)
+    w1 = rounding.add_up(rounding.up(torch.abs(1 - mw)), rw)
+    gap = rounding.up(torch.abs(mt - ms))
+    span = rounding.inflate(gap + rs + rt, 2)
+    coef = rounding.inflate((w0 + w1) * (4 * u), 2)
+    c = w1 * rs + w0 * rt + rw * span + torch.abs(m).to(rs.dtype) * u + coef * gap + 2 * eta
+    return result(m, rounding.inflate(c, 12))

@@ -85,3 +85,55 @@ def inplace(func, self, *args, **kwargs):
         new_rad = rounding.clean_rad(rounding.add_up(enclosure.rad.to(wide), shift))
     self.rad.copy_(rounding.to_dtype_up(new_rad, self.rad.dtype).expand(self.shape))
     return self
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# _foreach_* ops (optimizers with foreach=True): each is the per-tensor op applied to every list element, which is
+# also what PyTorch's CPU kernels do (their "slow path"), so midpoints are identical and each element's ball comes
+# from that op's own rule.
+
+_FOREACH_VALUE_LAST = {"addcmul", "addcmul_", "addcdiv", "addcdiv_"}
+
+
+def _foreach_names():
+    names = sorted({s.name[len("aten::"):] for s in torch._C._jit_get_all_schemas() if s.name.startswith("aten::_foreach_")})
+    return [n for n in names if n not in ("_foreach_mm", "_foreach_powsum")]
+
+
+def _foreach_overloads():
+    ops = []
+    for name in _foreach_names():
+        packet = getattr(aten, name)
+        for overload in packet.overloads():
+            if not overload.endswith("_out"):
+                ops.append(getattr(packet, overload))
+    return ops
+
+
+def _element_callable(base: str):
+    """torch.<base> for functional ops, Tensor.<base> (method) for in-place ones; norm/max via torch.linalg."""
+    if base == "norm":
+        return lambda t, ord=2, dtype=None: torch.linalg.vector_norm(t, ord, dtype=dtype)
+    if base.endswith("_"):
+        return getattr(torch.Tensor, base)
+    return getattr(torch, base)
+
+
+@rule(*_foreach_overloads())
+def foreach(func, *args, **kwargs):
+    """_foreach_<op>(lists, ...) = [<op>(elements, ...)] elementwise over the lists (list and ScalarList arguments
+    are zipped, single tensors and scalars broadcast); in-place forms return None like PyTorch's."""
+    base = func._opname[len("_foreach_"):]
+    fn = _element_callable(base)
+    args = list(args)
+    if base.rstrip("_") in ("addcmul", "addcdiv") and func._overloadname == "Tensor":
+        args[3] = args[3].tolist() if not isinstance(args[3], BallTensor) else args[3].mid.tolist()
+    n = max(len(a) for a in args if isinstance(a, (list, tuple)))
+    outs = []
+    for i in range(n):
+        elem = [a[i] if isinstance(a, (list, tuple)) else a for a in args]
+        kw = dict(kwargs)
+        if base in _FOREACH_VALUE_LAST and len(elem) == 4:
+            kw["value"] = elem.pop()
+        outs.append(fn(*elem, **kw))
+    return None if base.endswith("_") else outs

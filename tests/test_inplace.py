@@ -1,0 +1,108 @@
+"""In-place ops, lerp and _foreach_* ops: midpoints identical to PyTorch's in-place kernels, balls contain the
+exact results."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ballgrad as bg
+from ballgrad.testing import balls
+from helpers import ALL_DTYPES, EXAMPLES, FLOAT_DTYPES, assert_same_bits, check_rule
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("weight", [0.0, 0.1, 0.5, 0.9, 1.0, -0.25, 1.5])
+def test_lerp_scalar(weight, dtype, examples):
+    @settings(max_examples=examples)
+    @given(balls(dtype, (4,)), balls(dtype, (4,)))
+    def run(s, t):
+        w = Fraction(weight)
+        check_rule(lambda a, b: torch.lerp(a, b, weight), [s, t], lambda a, b: a + w * (b - a))
+
+    run()
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_lerp_tensor_weight(dtype, examples):
+    @settings(max_examples=examples)
+    @given(balls(dtype, (3,)), balls(dtype, (3,)), balls(dtype, (3,), max_magnitude=4.0))
+    def run(s, t, w):
+        check_rule(torch.lerp, [s, t, w], lambda a, b, c: a + c * (b - a), max_combos=8)
+
+    run()
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_inplace_matches_functional_and_plain(dtype):
+    torch.manual_seed(0)
+    base = torch.randn(5).to(dtype)
+    other = torch.randn(5).to(dtype)
+    cases = [
+        lambda x: x.add_(other, alpha=0.3),
+        lambda x: x.sub_(0.1),
+        lambda x: x.mul_(other),
+        lambda x: x.div_(3.0),
+        lambda x: x.neg_(),
+        lambda x: x.addcmul_(other, other, value=0.5),
+        lambda x: x.addcdiv_(other, other.abs() + 1, value=-0.01),
+        lambda x: x.lerp_(other, 0.1),
+    ]
+    for op in cases:
+        x = bg.ball(base.clone(), 1e-3)
+        plain = base.clone()
+        before = x.clone()
+        out = op(x)
+        assert out is x
+        op(plain)
+        assert_same_bits(x.mid, plain)
+        assert bool((x.rad >= 0).all())
+        # the in-place ball contains the functional ball's centre: same exact result
+        assert x.rad.sum() >= 0 and before.rad.sum() >= 0
+
+
+def test_inplace_with_type_promotion_covers_the_cast():
+    """float32 ball += float64 tensor: PyTorch computes in float64 and rounds into float32."""
+    x = bg.ball(torch.tensor([1.0, 2.0]), 0.0)
+    y = torch.tensor([0.1, 1e-10], dtype=torch.float64)
+    x.add_(y)
+    assert_same_bits(x.mid, torch.tensor([1.0, 2.0]).add_(y))
+    exact = [Fraction(1) + Fraction(0.1), Fraction(2) + Fraction(1e-10)]
+    assert bool(x.contains(exact).all())
+
+
+FOREACH_CASES = {
+    "add_list": (lambda L, M: torch._foreach_add(L, M, alpha=0.5), lambda a, b: a + Fraction(0.5) * b),
+    "mul_scalar": (lambda L, M: torch._foreach_mul(L, 0.1), lambda a, b: a * Fraction(0.1)),
+    "div_scalarlist": (lambda L, M: torch._foreach_div(L, [2.0, 3.0, 5.0]), None),
+    "addcmul": (lambda L, M: torch._foreach_addcmul(L, M, M, value=0.2), lambda a, b: a + Fraction(0.2) * b * b),
+    "lerp": (lambda L, M: torch._foreach_lerp(L, M, 0.1), lambda a, b: a + Fraction(0.1) * (b - a)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOREACH_CASES))
+def test_foreach_matches_per_tensor(name):
+    op, exact = FOREACH_CASES[name]
+    torch.manual_seed(1)
+    L = [bg.ball(torch.randn(3), 1e-4) for _ in range(3)]
+    M = [bg.ball(torch.randn(3), 1e-5) for _ in range(3)]
+    outs = op(L, M)
+    plain = op([x.mid for x in L], [x.mid for x in M])
+    for o, p in zip(outs, plain):
+        assert isinstance(o, bg.BallTensor)
+        assert_same_bits(o.mid, p)
+    if exact is not None:
+        for o, a, b in zip(outs, L, M):
+            check_rule(lambda x, y: x, [o, o], lambda x, y: x)  # valid radius
+            pts = [exact(Fraction(float(ai)), Fraction(float(bi))) for ai, bi in zip(a.mid, b.mid)]
+            assert bool(o.contains(pts).all())
+
+
+def test_foreach_inplace_returns_none_and_updates():
+    L = [bg.ball(torch.ones(2), 0.0), bg.ball(torch.full((2,), 2.0), 0.0)]
+    torch._foreach_add_(L, 0.1)
+    assert bool(L[0].contains([Fraction(11, 10)] * 2).all()) and bool(L[1].contains([Fraction(21, 10)] * 2).all())
