@@ -38,31 +38,32 @@ def test_lerp_tensor_weight(dtype, examples):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_inplace_matches_functional_and_plain(dtype):
+def test_inplace_matches_plain_and_contains_exact(dtype):
+    """x.op_(...) on a ball: midpoint bit-identical to the plain in-place op, ball contains the exact result at the
+    corners and centre of x's ball (exact rationals)."""
     torch.manual_seed(0)
     base = torch.randn(5).to(dtype)
     other = torch.randn(5).to(dtype)
+    o = [Fraction(float(v)) for v in other]
+    F = Fraction
     cases = [
-        lambda x: x.add_(other, alpha=0.3),
-        lambda x: x.sub_(0.1),
-        lambda x: x.mul_(other),
-        lambda x: x.div_(3.0),
-        lambda x: x.neg_(),
-        lambda x: x.addcmul_(other, other, value=0.5),
-        lambda x: x.addcdiv_(other, other.abs() + 1, value=-0.01),
-        lambda x: x.lerp_(other, 0.1),
+        (lambda x: x.add_(other, alpha=0.3), lambda a, i: a + F(0.3) * o[i]),
+        (lambda x: x.sub_(0.1), lambda a, i: a - F(0.1)),
+        (lambda x: x.mul_(other), lambda a, i: a * o[i]),
+        (lambda x: x.div_(3.0), lambda a, i: a / 3),
+        (lambda x: x.neg_(), lambda a, i: -a),
+        (lambda x: x.addcmul_(other, other, value=0.5), lambda a, i: a + F(0.5) * o[i] * o[i]),
+        (lambda x: x.lerp_(other, 0.1), lambda a, i: a + F(0.1) * (o[i] - a)),
     ]
-    for op in cases:
+    for op, exact in cases:
         x = bg.ball(base.clone(), 1e-3)
+        corners = [(F(float(m)) - F(float(r)), F(float(m)), F(float(m)) + F(float(r))) for m, r in zip(x.mid, x.rad)]
         plain = base.clone()
-        before = x.clone()
-        out = op(x)
-        assert out is x
+        assert op(x) is x
         op(plain)
         assert_same_bits(x.mid, plain)
-        assert bool((x.rad >= 0).all())
-        # the in-place ball contains the functional ball's centre: same exact result
-        assert x.rad.sum() >= 0 and before.rad.sum() >= 0
+        for k in range(3):
+            assert bool(x.contains([exact(c[k], i) for i, c in enumerate(corners)]).all())
 
 
 def test_inplace_with_type_promotion_covers_the_cast():
