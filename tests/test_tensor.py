@@ -30,6 +30,9 @@ def test_radius_rounded_up_when_narrowed():
     r = torch.tensor([0.1], dtype=torch.float64)
     x = bg.ball(torch.tensor([1.0]), r)
     assert Fraction(float(x.rad)) >= Fraction(0.1)
+    # a Python float radius is an exact double: it must not round down through float32 on the way in
+    for value in (1e-6, 0.1, 1 / 3):
+        assert Fraction(float(bg.ball(torch.tensor([1.0]), value).rad)) >= Fraction(value)
 
 
 @pytest.mark.parametrize(

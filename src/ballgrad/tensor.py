@@ -175,7 +175,10 @@ def ball(mid, rad=None, *, dtype=None, device=None) -> BallTensor:
     else:
         if isinstance(rad, BallTensor):
             raise TypeError("the radius must be a plain tensor or number, not a BallTensor")
-        r = torch.as_tensor(rad, device=mid.device if not isinstance(rad, torch.Tensor) else None)
+        if isinstance(rad, torch.Tensor):
+            r = rad
+        else:  # Python numbers / sequences are exact doubles: never let them round to float32 on the way in
+            r = torch.as_tensor(rad, dtype=torch.float64, device=mid.device)
         if r.is_complex() or not (r.is_floating_point() or r.dtype in (torch.int8, torch.int16, torch.int32,
                                                                       torch.int64, torch.uint8)):
             raise TypeError(f"the radius must be real, got {r.dtype}")
