@@ -196,3 +196,13 @@ def test_parameter_and_module_state_dict():
     lin2.weight = torch.nn.Parameter(bg.ball(torch.zeros(2, 2)))
     lin2.load_state_dict(sd)
     assert torch.equal(lin2.weight.mid, lin.weight.mid) and torch.equal(lin2.weight.rad, lin.weight.rad)
+
+
+def test_python_numbers_are_exact_doubles():
+    """ball(0.1) means the real number 0.1's double; a float32 ball's radius covers the rounding to float32."""
+    x = bg.ball([0.1, 1.0])
+    assert x.dtype == torch.float32
+    assert bool(x.contains([Fraction(0.1), Fraction(1)]).all())
+    assert x.rad[1] == 0
+    y = bg.from_interval(0.1, 0.2)
+    assert bool(y.contains([Fraction(0.1)])) and bool(y.contains([Fraction(0.2)]))

@@ -160,6 +160,12 @@ def ball(mid, rad=None, *, dtype=None, device=None) -> BallTensor:
     """
     if isinstance(mid, BallTensor):
         raise TypeError("ball() got a BallTensor as midpoint; use it directly or pass .mid")
+    conversion = None
+    if not isinstance(mid, torch.Tensor) and not _is_complex_like(mid):
+        # Python numbers are exact doubles: if the ball's dtype cannot hold them, the radius covers the rounding.
+        exact64 = torch.as_tensor(mid, dtype=torch.float64, device=device)
+        mid = exact64.to(dtype or torch.get_default_dtype())
+        conversion = torch.abs(exact64 - mid.to(torch.float64))  # exact (Sterbenz), see ops.common.cast_error
     mid = torch.as_tensor(mid, dtype=dtype, device=device)
     if mid.is_complex():
         raise TypeError(f"complex midpoints are not supported yet (got {mid.dtype})")
@@ -201,6 +207,9 @@ def ball(mid, rad=None, *, dtype=None, device=None) -> BallTensor:
             r = r.to(torch.float64)
         r = rounding.to_dtype_up(r, rd) if r.dtype != rd else r
         r = torch.empty_like(mid, dtype=rd).copy_(r.expand(mid.shape)) if mid.numel() else r.expand(mid.shape)
+    if conversion is not None and bool((conversion > 0).any()):
+        r = torch.where(conversion > 0, rounding.add_up(r.to(torch.float64), conversion), r.to(torch.float64))
+        r = rounding.to_dtype_up(r, rd)
     r = torch.where(torch.isfinite(mid), r, torch.full_like(r, math.inf))
     if not _non_overlapping(mid):
         mid = mid.contiguous()
@@ -208,12 +217,26 @@ def ball(mid, rad=None, *, dtype=None, device=None) -> BallTensor:
     return BallTensor(mid, r)
 
 
+def _is_complex_like(x) -> bool:
+    try:
+        import numpy as np
+
+        return bool(np.iscomplexobj(np.asarray(x)))
+    except Exception:
+        return False
+
+
 def from_interval(lo, hi, *, dtype=None) -> BallTensor:
     """The ball containing every real in [lo, hi], with a float midpoint near (lo + hi)/2 and an outward-rounded
     radius. ``lo``/``hi`` are tensors or numbers; the result has their (promoted) floating dtype, or ``dtype``."""
-    lo_t = torch.as_tensor(lo)
-    hi_t = torch.as_tensor(hi)
-    out_dtype = dtype or torch.promote_types(lo_t.dtype, hi_t.dtype)
+    # Python numbers are exact doubles (never rounded through the default float32 on the way in)
+    lo_t = lo if isinstance(lo, torch.Tensor) else torch.as_tensor(lo, dtype=torch.float64)
+    hi_t = hi if isinstance(hi, torch.Tensor) else torch.as_tensor(hi, dtype=torch.float64)
+    out_dtype = dtype or (
+        torch.promote_types(lo_t.dtype, hi_t.dtype)
+        if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor)
+        else torch.get_default_dtype()
+    )
     if not out_dtype.is_floating_point:
         out_dtype = torch.get_default_dtype()
     rounding.check_float_dtype(out_dtype)
