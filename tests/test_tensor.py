@@ -206,3 +206,13 @@ def test_python_numbers_are_exact_doubles():
     assert x.rad[1] == 0
     y = bg.from_interval(0.1, 0.2)
     assert bool(y.contains([Fraction(0.1)])) and bool(y.contains([Fraction(0.2)]))
+
+
+def test_exact_conversion_keeps_the_sign_of_mpmath_values():
+    """Regression: mpf.man_exp drops the sign; -0.75 must not be read as 0.75."""
+    from ballgrad.testing import exact
+
+    assert exact(mpmath.mpf(-0.75)) == Fraction(-3, 4)
+    assert exact(mpmath.mpf("-1e-30")) < 0
+    assert not bool(bg.ball(torch.tensor([0.75])).contains([mpmath.mpf(-0.75)]))
+    assert bool(bg.ball(torch.tensor([-0.75])).contains([mpmath.mpf(-0.75)]))

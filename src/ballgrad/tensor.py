@@ -309,8 +309,9 @@ def _to_fraction(v) -> Fraction | None:
             return None
         if mpmath.isinf(v):
             return math.inf if v > 0 else -math.inf
-        man, exp = mpmath.mpf(v).man_exp
-        return Fraction(int(man)) * (Fraction(2) ** int(exp))
+        sign, man, exp, _ = mpmath.mpf(v)._mpf_  # (not .man_exp: it drops the sign)
+        value = Fraction(int(man)) * (Fraction(2) ** int(exp))
+        return -value if sign else value
     f = float(v)
     if math.isnan(f):
         return None
