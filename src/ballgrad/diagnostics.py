@@ -98,7 +98,7 @@ def emit(kind: str, op: str, count: int, detail: str = "") -> None:
         raise ValueError(f"unknown event kind {kind!r}")
     if not _recorders or count == 0:
         return
-    if kind in ("domain", "overflow", "kink", "undecided"):
+    if kind in ("domain", "overflow"):  # the kinds that explain an infinite radius (see scan_outputs)
         _call.explained = getattr(_call, "explained", 0) + int(count)
     event = Event(kind=kind, op=op, count=int(count), detail=detail, module=current_module())
     with _lock:
