@@ -241,12 +241,12 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x:.2f}%" if x not in (0.0, 100.0) else f"{x:.0f}%"
 
 
-def _table(rows) -> str:
+def _table(rows, left=(0,)) -> str:
+    """Columns in ``left`` left-justified, the others right-justified."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     out = []
     for j, r in enumerate(rows):
-        last = len(r) - 1
-        out.append("  " + "  ".join(str(c).ljust(w) if i in (0, last) else str(c).rjust(w) for i, (c, w) in
+        out.append("  " + "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in
                                     enumerate(zip(r, widths))).rstrip())
         if j == 0:
             out.append("  " + "  ".join("-" * w for w in widths))
@@ -261,7 +261,7 @@ def format_table(reports: list[Report]) -> str:
         rows.append([r.model, f"{r.parameters:,}", f"{r.checked:,}", _pct(r.containment), _pct(r.midpoint_identity),
                      _fmt(r.observed), _fmt(r.predicted), _fmt_ratio(r.median_ratio),
                      _fmt_ratio(r.median_elementwise_ratio), f"{r.seconds.get('total', 0):.1f}", r._status_text()])
-    return _table(rows)
+    return _table(rows, left=(0, len(rows[0]) - 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
