@@ -1,7 +1,312 @@
-"""Linear algebra rules: mm, addmm, bmm, baddbmm, mv, dot (DESIGN.md §2 F3/F4)."""
+"""Linear algebra rules: mm, bmm, mv, dot, addmm, baddbmm, addmv (DESIGN.md §2 F3/F4).
+
+``torch.matmul`` and ``F.linear`` reach these on CPU for 1-D..4-D inputs: dot (1-D @ 1-D), mv (N-D @ 1-D, after a
+view), mm (2-D, and N-D @ 2-D after a view), bmm (batched, after expand/view), addmm (``linear`` with a bias); the
+views, ``t``, ``expand``, ``_unsafe_view`` are exact shape rules (shape.py).
+
+Notation: C = A B with inner dimension k; balls A = (mA, rA), B = (mB, rB) as the kernel uses them
+(``common.operand``); u, eta the unit roundoff and smallest subnormal; |.| and products elementwise / as matrices.
+
+**Midpoint error model** (``_mid_error``). Every output element is a dot product of length k computed in some order,
+with or without FMA, possibly blocked: each term passes through at most ``steps`` rounded operations on its way to the
+result (k for a dot product: one product and k - 1 additions; k + 2 for addmm: the alpha and beta scalings and the
+bias addition). Hence, with every rounding relative (additions are, with gradual underflow, which the numerics guard
+checks) except an absolute eta/2 per multiplication:
+
+    |fl(AB) - AB| <= g |A||B| + a,   1 + g >= (1 + u)^steps,   a = steps (eta/2) (1 + g).
+
+(1 + u)^n - 1 <= gamma_n = nu/(1 - nu), so g = gamma_steps when steps u < 1/4 (DESIGN's F3, whose k eta is >= a) and
+an upward-rounded power otherwise: this bound needs no condition on k u.
+
+float16/bfloat16 midpoints: PyTorch's CPU GEMMs for these (oneDNN, AMX on recent CPUs) accumulate in float32 and round
+at the end, or work in the storage dtype, or store blocked partial sums; we only assume that each rounded arithmetic
+operation goes to float32 or to the storage dtype, and that a conversion to the storage dtype follows a float32
+operation (or ends the computation). A path with at most ``steps`` operations then has at most steps + 1 storage
+roundings and steps float32 roundings: 1 + g >= (1 + u_s)^(steps+1) (1 + u_32)^steps. Absolute terms: AMX flushes
+float32 results below realmin_32 to zero (no MXCSR), so each of the <= 2 steps + 1 operations contributes
+max(realmin_32, eta_s/2): a = (2 steps + 1) max(realmin_32, eta_s/2) (1 + g). AMX also reads *subnormal inputs as
+zero* (measured: bf16 mm with k >= 64 drops 2^-128 * 2^20 terms), so for these dtypes a subnormal entry x of an
+operand is treated as the ball (0 or x) ± |x|: its |x| is added to the operand's radius (``_daz_radius``), which
+covers the flushed and the unflushed kernel alike (|0| <= |x| in the terms that use |mA|).
+
+**Ball GEMM (F4)**, for x in A, y in B:
+|xy - mC| <= |x y - mA mB| + |mA mB - mC| <= |mA| rB + rA |mB| + rA rB + g |mA||mB| + a
+           = |mA| (rB + g|mB|) + rA (|mB| + rB) + a.
+``_bracket`` bounds the first two terms with one non-negative GEMM of inner dimension n = 2k:
+V = up(rB + up(g |mB|)) >= rB + g|mB|, U = up(|mB| + rB), S = fl([|mA|, rA] @ [V; U]).
+By F3 on that GEMM (non-negative terms), fl(S) >= (1 - gamma_n) S_exact - n eta, so
+S_exact <= theta (fl(S) + n eta) with theta = 1/(1 - gamma_n) = (1 - n u)/(1 - 2 n u) = 1 + 2ku/(1 - 4ku) (n = 2k)
+and we return up(up(theta' fl(S)) + beta'), theta' >= theta and beta' >= theta n eta rounded up offline, which with
+the midpoint term a gives DESIGN's beta >= k eta (1 + 2 theta). Point operands (a plain tensor or a radius that is
+identically zero) drop their terms: A point: S = fl(|mA| @ V), n = k; B point: S = fl(W @ |mB|) with
+W = up(rA + up(g|mA|)); both: bracket = g |mA||mB| <= g theta (fl(|mA| @ |mB|) + k eta).
+The radius terms are computed in the radius dtype while n u < 1/4 there, otherwise in float64 (float32 radii with
+k >= 2^21: the float64 GEMM keeps theta defined), and converted upward.
+
+Non-finite midpoints (inf, NaN, or an overflowed sum) get an infinite radius; so do rows/columns meeting an infinite
+radius or midpoint in S (inf * 0 = NaN -> inf).
+"""
 
 from __future__ import annotations
 
+import functools
+import math
+from fractions import Fraction
+
 import torch
 
+from ballgrad import guard, rounding
+from ballgrad.ops.common import mid_of as _mid
+from ballgrad.ops.common import operand, result
+from ballgrad.ops.registry import rule
+
 aten = torch.ops.aten
+
+_REALMIN_32 = Fraction(float(torch.finfo(torch.float32).smallest_normal))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Constants (exact rationals, rounded up once where they meet a tensor). These are rounding-model facts and would sit
+# naturally in rounding.py; they are here because the GEMM and sum rules are their only users so far.
+
+
+@functools.lru_cache(maxsize=4096)
+def growth(n: int, u: Fraction) -> Fraction:
+    """An upper bound of (1 + u)^n - 1 (the relative error of n roundings in a product of (1 + delta) factors).
+
+    gamma_n = nu/(1 - nu) when nu < 1/4 (it is >= (1 + u)^n - 1); otherwise binary powering of g with
+    1 + g_(a+b) = (1 + g_a)(1 + g_b), every intermediate rounded up to float64 (all terms positive, so monotone).
+    """
+    if n <= 0:
+        return Fraction(0)
+    if n * u < Fraction(1, 4):
+        return n * u / (1 - n * u)
+    result_g, power_g = Fraction(0), Fraction(u)
+    while n:
+        if n & 1:
+            result_g = Fraction(rounding.round_up_float(result_g + power_g + result_g * power_g))
+        power_g = Fraction(rounding.round_up_float(2 * power_g + power_g * power_g))
+        n >>= 1
+    return result_g
+
+
+def theta(n: int, u: Fraction) -> Fraction:
+    """1/(1 - gamma_n) = (1 - nu)/(1 - 2nu): exact <= theta * computed for a sum of n non-negative terms (n u < 1/4)."""
+    if n * u >= Fraction(1, 4):
+        raise ValueError(f"theta_{n}: n*u >= 1/4; compute these radius terms in a wider dtype")
+    return (1 - n * u) / (1 - 2 * n * u)
+
+
+def work_dtype(rad_dtype: torch.dtype, n: int) -> torch.dtype:
+    """The dtype for a radius sum/GEMM of inner length n: the radius dtype while n u < 1/4, else float64."""
+    if n * rounding.unit_roundoff_exact(rad_dtype) < Fraction(1, 4):
+        return rad_dtype
+    if n * rounding.unit_roundoff_exact(torch.float64) >= Fraction(1, 4):
+        raise ValueError(f"a reduction of length {n} is beyond what float64 radius arithmetic can bound")
+    return torch.float64
+
+
+@functools.lru_cache(maxsize=4096)
+def _mid_error(steps: int, mid_dtype: torch.dtype) -> tuple[Fraction, Fraction]:
+    """(g, a) of the midpoint error model in the module docstring: |computed - exact| <= g sum|terms| + a."""
+    if mid_dtype in rounding.REDUCED_DTYPES:
+        g_s = growth(steps + 1, rounding.unit_roundoff_exact(mid_dtype))
+        g_32 = growth(steps, rounding.unit_roundoff_exact(torch.float32))
+        g = g_s + g_32 + g_s * g_32
+        per_op = max(_REALMIN_32, Fraction(rounding.eta(mid_dtype)) / 2)
+        return g, (2 * steps + 1) * per_op * (1 + g)
+    g = growth(steps, rounding.unit_roundoff_exact(mid_dtype))
+    return g, steps * Fraction(rounding.eta(mid_dtype)) / 2 * (1 + g)
+
+
+def _up_const(value: Fraction, dtype: torch.dtype) -> float:
+    return rounding.round_up_float(value, dtype)
+
+
+def _abs_const(value: Fraction, dtype: torch.dtype) -> float:
+    """An absolute term added to every element: ``value`` rounded up, and at least the smallest *normal* number.
+    A subnormal operand costs a microcode assist on x86 (measured 13x slower elementwise adds on this CPU); rounding
+    k*eta up to realmin loosens only radii near realmin (1e-38 in float32)."""
+    if value <= 0:
+        return 0.0
+    return max(_up_const(value, dtype), float(torch.finfo(dtype).smallest_normal))
+
+
+def inflate(c: torch.Tensor, n_ops: int) -> torch.Tensor:
+    """``rounding.inflate`` (same lemma: exact <= phi c + n eta) with the absolute term n eta raised to realmin
+    (see ``_abs_const``)."""
+    phi = rounding.inflation_factor(n_ops, c.dtype)
+    bound = rounding.up(torch.add(rounding.up(torch.mul(c, phi)), _abs_const(n_ops * Fraction(rounding.eta(c.dtype)),
+                                                                              c.dtype)))
+    return rounding.clean_rad(bound)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The ball GEMM
+
+
+def _is_point(r: torch.Tensor) -> bool:
+    return not bool(r.any())
+
+
+def _daz_radius(m: torch.Tensor, r: torch.Tensor, mid_dtype: torch.dtype) -> torch.Tensor:
+    """For float16/bfloat16: add |x| to the radius of every subnormal entry x (kernels may read them as zero)."""
+    if mid_dtype not in rounding.REDUCED_DTYPES:
+        return r
+    sub = (m != 0) & (torch.abs(m) < torch.finfo(mid_dtype).smallest_normal)
+    if not bool(sub.any()):
+        return r
+    r = r.expand(m.shape)
+    return torch.where(sub, rounding.add_up(r, torch.abs(m)), r)
+
+
+def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: torch.dtype) -> torch.Tensor:
+    """An upper bound, elementwise, of |mA| rB + rA |mB| + rA rB + g |mA||mB| (exact real GEMMs); see the module
+    docstring. ``gemm`` is the plain op (mm, bmm, mv, dot); ``b_dim`` is B's contraction dimension."""
+    a_point, b_point = _is_point(ra), _is_point(rb)
+    n = k if (a_point or b_point) else 2 * k
+    wd = work_dtype(rad_dtype, n)
+    u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
+    th = theta(n, u)
+    abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
+    g_w = _up_const(g, wd)
+    if a_point and b_point:
+        s = gemm(abs_ma, abs_mb)
+        scaled = rounding.up(torch.mul(s, _up_const(g * th, wd)))
+        return rounding.up(torch.add(scaled, _abs_const(g * th * n * eta, wd)))
+    ra, rb = ra.to(wd), rb.to(wd)
+    if a_point:
+        v = rounding.up(torch.add(rb, rounding.up(torch.mul(abs_mb, g_w))))
+        s = gemm(abs_ma, v)
+    elif b_point:
+        w = rounding.up(torch.add(ra, rounding.up(torch.mul(abs_ma, g_w))))
+        s = gemm(w, abs_mb)
+    else:
+        v = rounding.up(torch.add(rb, rounding.up(torch.mul(abs_mb, g_w))))
+        w_u = rounding.up(torch.add(abs_mb, rb))
+        left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
+        right = torch.cat([v.expand(abs_mb.shape), w_u.expand(abs_mb.shape)], dim=b_dim)
+        s = gemm(left, right)
+    return rounding.up(torch.add(rounding.up(torch.mul(s, _up_const(th, wd))), _abs_const(th * n * eta, wd)))
+
+
+def _finite_only(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
+    """+inf where the midpoint is not finite (an overflowed or NaN result carries no information)."""
+    return torch.where(torch.isfinite(m), rad, torch.full_like(rad, math.inf))
+
+
+def _check_fp32_gemm_precision() -> None:
+    """The numerics guard runs once per process, but the float32 GEMM precision can be lowered afterwards
+    (``torch.set_float32_matmul_precision('medium')``, oneDNN bf16): every GEMM rule re-reads it (about 2 us) and lets
+    the guard refuse with its message. Float32 GEMMs run in every rule here (the radius GEMMs of reduced dtypes too)."""
+    precision = guard._mkldnn_matmul_precision()
+    if precision in (None, "ieee", "none"):
+        try:
+            if torch.get_float32_matmul_precision() == "highest":
+                return
+        except RuntimeError:  # legacy and new precision APIs mixed: the backend setting above is the effective one
+            if precision is not None:
+                return
+    guard.check_numerics()
+
+
+_PLAIN_GEMM = {
+    aten.mm.default: aten.mm.default,
+    aten.bmm.default: aten.bmm.default,
+    aten.mv.default: aten.mv.default,
+    aten.dot.default: aten.dot.default,
+    aten.addmm.default: aten.mm.default,
+    aten.baddbmm.default: aten.bmm.default,
+    aten.addmv.default: aten.mv.default,
+}
+
+
+def _operands(m, a, b):
+    """(mA, rA, mB, rB, k, b_dim) as the kernel uses them, with the subnormal-input radius for reduced dtypes."""
+    ma, ra = operand(a, m.dtype)
+    mb, rb = operand(b, m.dtype)
+    ra = _daz_radius(ma, ra, m.dtype)
+    rb = _daz_radius(mb, rb, m.dtype)
+    k = ma.shape[-1]
+    b_dim = -2 if mb.dim() >= 2 else -1
+    return ma, ra, mb, rb, k, b_dim
+
+
+@rule(aten.mm.default, aten.bmm.default, aten.mv.default, aten.dot.default)
+def gemm(func, a, b):
+    """C = A B (mm, bmm, mv, dot): rC = bracket(g) + a with (g, a) = ``_mid_error(k)``; see the module docstring."""
+    _check_fp32_gemm_precision()
+    m = func(_mid(a), _mid(b))
+    ma, ra, mb, rb, k, b_dim = _operands(m, a, b)
+    rd = rounding.rad_dtype(m.dtype)
+    g, abs_err = _mid_error(k, m.dtype)
+    bound = _bracket(_PLAIN_GEMM[func], ma, ra, mb, rb, k, g, b_dim, rd)
+    rad = rounding.up(torch.add(bound, _abs_const(abs_err, bound.dtype)))
+    return result(m, _finite_only(m, rounding.clean_rad(rad)))
+
+
+@rule(aten.addmm.default, aten.baddbmm.default, aten.addmv.default)
+def addmm(func, bias, a, b, *, beta=1, alpha=1):
+    """beta * bias + alpha * (A B) (addmm, baddbmm, addmv); alpha, beta Python numbers (exact doubles) that the kernel
+    casts to alpha', beta' with |alpha - alpha'| <= r_alpha (``operand``).
+
+    For x in A, y in B, z in the bias ball (mc, rc), with P = mA mB and m the computed result:
+    |beta z + alpha xy - m| <= |beta| rc + r_beta |mc|                       (bias ball and beta's cast)
+                               + |alpha| |xy - P| + r_alpha |P|             (GEMM ball and alpha's cast)
+                               + g (|beta'||mc| + |alpha'||mA||mB|) + a     (rounding, steps = k + 2)
+    with |alpha'| <= |alpha| + r_alpha. The GEMM part is |alpha| * bracket(g') with
+    g' = (r_alpha + g (|alpha| + r_alpha)) / |alpha|, so ``_bracket`` serves here too.
+    A kernel may also pre-scale one operand by alpha' (PyTorch's own fallback GEMM does b * alpha, MKL may pack
+    alpha A): that product can underflow with an absolute error a_op = eta/2 (max(realmin_32, eta_s/2) for reduced
+    dtypes) which the other factor then multiplies: a_op (1 + g) (sum_j |mA_ij| + sum_j |mB_jl|), bounded by the
+    largest row and column sums (computed in round-to-nearest, times theta_k) so that it stays one scalar (an
+    elementwise product with a subnormal constant is slow). Not needed when alpha is 0 or ±1 (exact scaling).
+    beta == 0 ignores the bias and alpha == 0 (or k == 0) the product, as PyTorch does (0 times any real is 0).
+    """
+    _check_fp32_gemm_precision()
+    m = func(_mid(bias), _mid(a), _mid(b), beta=beta, alpha=alpha)
+    ma, ra, mb, rb, k, b_dim = _operands(m, a, b)
+    rd = rounding.rad_dtype(m.dtype)
+    steps = k + 2
+    g, abs_err = _mid_error(steps, m.dtype)
+    alpha_f, beta_f = Fraction(float(alpha)), Fraction(float(beta))
+    wd = work_dtype(rd, 2 * k)
+    terms = []  # pairs (tensor, coefficient) of non-negative factors, summed and inflated below
+    unbounded = None
+
+    if beta_f != 0:
+        mc, rc = operand(bias, m.dtype)
+        rc = _daz_radius(mc, rc, m.dtype)
+        _, r_beta = operand(beta, m.dtype)
+        r_beta = Fraction(float(r_beta))
+        terms.append((rc.to(wd), _up_const(abs(beta_f), wd)))
+        terms.append((torch.abs(mc).to(wd), _up_const(r_beta + g * (abs(beta_f) + r_beta), wd)))
+
+    if alpha_f != 0 and k > 0:  # k == 0: A B is exactly 0 (and PyTorch's addmv may then keep the bias's shape)
+        _, r_alpha = operand(alpha, m.dtype)
+        r_alpha = Fraction(float(r_alpha))
+        g_alpha = (r_alpha + g * (abs(alpha_f) + r_alpha)) / abs(alpha_f)
+        bound = _bracket(_PLAIN_GEMM[func], ma, ra, mb, rb, k, g_alpha, b_dim, rd).to(wd)
+        terms.append((bound, _up_const(abs(alpha_f), wd)))
+        if abs(alpha_f) != 1:  # pre-scaling underflow, bounded by the largest row and column sums (a scalar)
+            wk = work_dtype(rd, k)
+            per_op = (max(_REALMIN_32, Fraction(rounding.eta(m.dtype)) / 2) if m.dtype in rounding.REDUCED_DTYPES
+                      else Fraction(rounding.eta(m.dtype)) / 2)
+            row = torch.sum(torch.abs(ma).to(wk), dim=-1)
+            col = torch.sum(torch.abs(mb).to(wk), dim=b_dim)
+            sums = [float(t[torch.isfinite(t)].max()) if bool(torch.isfinite(t).any()) else 0.0 for t in (row, col)]
+            th_k = theta(k, rounding.unit_roundoff_exact(wk))
+            abs_err += per_op * (1 + g) * th_k * (Fraction(sums[0]) + Fraction(sums[1]))
+            # rows / columns whose sum is not finite get no finite bound at all
+            row_bad, col_bad = ~torch.isfinite(row), ~torch.isfinite(col)
+            unbounded = (row_bad.unsqueeze(-1) | col_bad.unsqueeze(-2)) if (m.dim() >= 2 and mb.dim() >= 2) else (
+                row_bad | col_bad)
+
+    c = torch.zeros((), dtype=wd)
+    for t, coef in terms:
+        c = c + (t if coef == 1 else t * coef)
+    c = c + _abs_const(abs_err, wd)
+    rad = inflate(c.expand(m.shape) if c.shape != m.shape else c, 2 * len(terms) + 1)
+    if unbounded is not None:
+        rad = torch.where(unbounded, torch.full_like(rad, math.inf), rad)
+    return result(m, _finite_only(m, rad))

@@ -1,7 +1,436 @@
-"""Reduction rules: sum, mean, prod, amax/amin/max/min, logsumexp, var/std, norm (DESIGN.md §2 "Sums")."""
+"""Reduction rules: sum, mean, prod, amax/amin/max/min, var/std (and var_mean/std_mean), vector norms
+(DESIGN.md §2 "Sums"). logsumexp lives with the softmax family (nn.py).
+
+Notation: the input ball (m_i, r_i) as the kernel uses it (``common.operand``: cast to the result dtype, the cast error
+in r_i), n the number of reduced elements, m the computed result, u/eta of the dtype named.
+
+**Sums.** fl(sum x) in any order (PyTorch's cascade/vectorised order, or a wider accumulator rounded at the end):
+|fl(sum x) - sum x| <= gamma_(n-1) sum|x| (each term passes through at most n - 1 additions; additions are exact
+relative roundings with gradual underflow). float16/bfloat16 sums accumulate in float32 (measured, and ATen's opmath
+accumulation) and are rounded once more to the storage dtype: + u_s|m| + eta_s/2. A float64 -> float32 ``dtype=``
+sum is covered whether PyTorch casts first (the cast errors are in r_i) or accumulates in float64 and rounds once
+(u_32|m| + gamma64 sum|x| is below gamma32_(n-1) sum|x| for n >= 2; n = 1 is the cast itself).
+The radius sums sum r_i and sum |m_i| are themselves computed in round-to-nearest, in any order, from non-negative
+terms: fl >= (1 - gamma_(n-1)) exact, so exact <= theta_(n-1) fl with theta_n = 1/(1 - gamma_n) = (1 - nu)/(1 - 2nu)
+(u of the dtype they are computed in: the radius dtype while (n-1)u < 1/4, float64 beyond). Hence
+    rad >= theta (fl(sum r) + g fl(sum |m|)) [+ u_s |m| + eta_s/2],
+with the constants theta, g theta rounded up offline and the combination bounded by ``linalg.inflate`` (the lemma
+of ``rounding.inflate``, with its absolute term kept a normal number).
+
+The composed rules (prod, var, std, norms) evaluate an enclosure with ball primitives in float64 and re-centre it on
+PyTorch's midpoint (``common.recentre``); their docstrings give the identities used.
+"""
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 
+from ballgrad import diagnostics, rounding
+from ballgrad.errors import UnsupportedOpError
+from ballgrad.ops import arith
+from ballgrad.ops.common import operand, recentre, result
+from ballgrad.ops.linalg import growth, inflate, theta, work_dtype
+from ballgrad.ops.registry import current_op, rule
+from ballgrad.tensor import BallTensor
+
 aten = torch.ops.aten
+
+_F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _dims(ndim: int, dim) -> list[int]:
+    """The reduced dimensions: ``dim`` None, [] or () means all (sum, mean, amax, var, norm all read it so)."""
+    if dim is None:
+        return list(range(ndim))
+    if isinstance(dim, int):
+        dim = [dim]
+    dim = list(dim)
+    if not dim:
+        return list(range(ndim))
+    return sorted({d % ndim if ndim else 0 for d in dim})
+
+
+def _count(shape, dims) -> int:
+    n = 1
+    for d in dims:
+        n *= shape[d] if len(shape) else 1
+    return n
+
+
+def _finite_only(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
+    """+inf where the midpoint is not finite."""
+    return torch.where(torch.isfinite(m), rad, torch.full_like(rad, math.inf))
+
+
+def _up(value: Fraction, dtype: torch.dtype) -> float:
+    return rounding.round_up_float(value, dtype)
+
+
+def _reduce_sum(t: torch.Tensor, dims, keepdim: bool) -> torch.Tensor:
+    return torch.sum(t, dim=dims, keepdim=keepdim) if t.dim() else t.clone()
+
+
+def _sum_bound(t: torch.Tensor, dims, keepdim: bool, n: int) -> tuple[torch.Tensor, Fraction]:
+    """(fl(sum t), theta) for non-negative t: exact sum <= theta * fl(sum t). Computed in ``work_dtype``."""
+    wd = work_dtype(t.dtype if t.dtype in (torch.float32, _F64) else torch.float32, max(n - 1, 0))
+    return _reduce_sum(t.to(wd), dims, keepdim), theta(max(n - 1, 0), rounding.unit_roundoff_exact(wd))
+
+
+def _sum_up(t: torch.Tensor, dims, keepdim: bool, n: int) -> torch.Tensor:
+    """An upper bound of the exact sum of the non-negative tensor ``t`` over ``dims`` (float64 or ``t``'s dtype)."""
+    s, th = _sum_bound(t, dims, keepdim, n)
+    return rounding.clean_rad(rounding.up(torch.mul(s, _up(th, s.dtype))))
+
+
+def _ball64(x, out_dtype: torch.dtype) -> BallTensor:
+    """The input ball as the kernel uses it (cast to ``out_dtype``), widened exactly to float64."""
+    m, r = operand(x, out_dtype)
+    m = m.to(_F64)
+    return BallTensor(m, r.to(_F64).expand(m.shape).contiguous() if r.shape != m.shape else r.to(_F64))
+
+
+def _point64(m: torch.Tensor) -> BallTensor:
+    m = m.to(_F64)
+    return BallTensor(m, torch.zeros_like(m))
+
+
+def _check_float_ball(func, x):
+    if isinstance(x, BallTensor) and not x.is_floating_point():
+        raise UnsupportedOpError(func, "reductions of bool (comparison) balls are not supported; reduce .mid")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sum and mean
+
+
+def _sum_parts(x, out_dtype, dims, n):
+    """(fl(sum r), fl(sum |m|), theta, g) over ``dims`` (keepdim), the sums in a common work dtype."""
+    mt, rt = operand(x, out_dtype)
+    acc = torch.float32 if out_dtype in rounding.REDUCED_DTYPES else out_dtype
+    g = growth(n - 1, rounding.unit_roundoff_exact(acc))
+    rt = rt.expand(mt.shape) if rt.shape != mt.shape else rt
+    s_r, th = _sum_bound(rt, dims, True, n)
+    s_m, _ = _sum_bound(torch.abs(mt), dims, True, n)
+    return s_r, s_m, th, g
+
+
+@rule(aten.sum.default, aten.sum.dim_IntList)
+def sum_(func, x, *args, **kwargs):
+    """sum: rad >= theta (fl(sum r) + g fl(sum|m|)) [+ u_s|m| + eta_s/2 for float16/bfloat16], g = gamma_(n-1) of the
+    accumulation dtype (float32 for reduced dtypes); see the module docstring."""
+    _check_float_ball(func, x)
+    m = func(x.mid, *args, **kwargs)
+    dim = args[0] if args else kwargs.get("dim")
+    keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
+    if func is aten.sum.default:
+        dim, keepdim = None, False
+    dims = _dims(x.dim(), dim)
+    n = _count(x.shape, dims)
+    s_r, s_m, th, g = _sum_parts(x, m.dtype, dims, n)
+    wd = s_r.dtype
+    c = s_r * _up(th, wd) + s_m * _up(g * th, wd)
+    ops = 3
+    if m.dtype in rounding.REDUCED_DTYPES:
+        c = c + torch.abs(m).reshape(c.shape).to(wd) * rounding.unit_roundoff(m.dtype) + max(
+            rounding.eta(m.dtype), float(torch.finfo(wd).smallest_normal))
+        ops = 6
+    rad = inflate(c, ops)
+    if not keepdim:
+        rad = rad.reshape(m.shape)
+    return result(m, _finite_only(m, rad))
+
+
+def _mean_constants(n: int, out_dtype: torch.dtype) -> tuple[Fraction, Fraction]:
+    """(C, A): |m - s/n| <= C|m| + A for the division of the computed sum s by n (see ``mean``)."""
+    acc = torch.float32 if out_dtype in rounding.REDUCED_DTYPES else out_dtype
+    u = rounding.unit_roundoff_exact(acc)
+    eta = Fraction(rounding.eta(acc))
+    # The kernel's divisor fl(n) is n itself below 2^p, otherwise within a relative 2u of it (any faithful cast).
+    rho = u if n <= 2 ** rounding._PRECISION[acc] else 2 * u + u * (1 + 2 * u)
+    if rho >= Fraction(1, 2):
+        raise ValueError(f"mean over {n} elements: the divisor cannot be bounded in {acc}")
+    c_q = u + rho * (1 + u) / (1 - rho)
+    a_q = eta / 2 / (1 - rho)
+    if out_dtype not in rounding.REDUCED_DTYPES:
+        return c_q, a_q
+    u_s, eta_s = rounding.unit_roundoff_exact(out_dtype), Fraction(rounding.eta(out_dtype))
+    return c_q * (1 + u_s) + u_s, a_q + eta_s / 2 + c_q * eta_s / 2
+
+
+@rule(aten.mean.default, aten.mean.dim)
+def mean(func, x, *args, **kwargs):
+    """mean = sum / n. PyTorch's CPU mean is ``sum_out(...).div_(n)`` (ReduceOps.cpp; float16/bfloat16: sum and divide
+    in float32, then round), measured bit-identical to sum / n. We bound any of s/fl(n), s * fl(1/fl(n)) or
+    s * fl(1/n): the divisor's reciprocal c~ satisfies |c~ - 1/n| <= rho/n with rho = |n - fl(n)|/fl(n) + u n/fl(n)
+    (rho = u for n <= 2^24 in float32; 2u + u(1+2u) beyond, for any faithful cast of n), and m = RN(s c~) gives
+    |m - s/n| <= u|m| + eta/2 + |s| rho/n <= (u + rho(1+u)/(1-rho)) |m| + (eta/2)/(1-rho)
+    (|s|/n <= |s c~|/(1-rho) and |s c~| <= (1+u)|m| + eta/2). Reduced dtypes add the final rounding
+    u_s|m| + eta_s/2 and |q| <= (1+u_s)|m| + eta_s/2 for the float32 quotient q. The sum's own error is the sum bound
+    divided by n: rad >= (theta/n) fl(sum r) + (g theta/n) fl(sum|m|) + C|m| + A.
+    """
+    _check_float_ball(func, x)
+    m = func(x.mid, *args, **kwargs)
+    dim = args[0] if args else kwargs.get("dim")
+    keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
+    if func is aten.mean.default:
+        dim, keepdim = None, False
+    dims = _dims(x.dim(), dim)
+    n = _count(x.shape, dims)
+    if n == 0:  # 0/0: PyTorch returns NaN, nothing is known
+        return result(m, torch.full(m.shape, math.inf, dtype=rounding.rad_dtype(m.dtype)))
+    s_r, s_m, th, g = _sum_parts(x, m.dtype, dims, n)
+    wd = s_r.dtype
+    c_m, a_m = _mean_constants(n, m.dtype)
+    abs_m = torch.abs(m).reshape(s_r.shape).to(wd)
+    c = s_r * _up(th / n, wd) + s_m * _up(g * th / n, wd) + abs_m * _up(c_m, wd) + max(
+        _up(a_m, wd), float(torch.finfo(wd).smallest_normal))
+    rad = inflate(c, 7)
+    if not keepdim:
+        rad = rad.reshape(m.shape)
+    return result(m, _finite_only(m, rad))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# prod
+
+
+@rule(aten.prod.default, aten.prod.dim_int)
+def prod(func, x, *args, **kwargs):
+    """prod: the product of the balls by a balanced tree of ball multiplications (the ``mul`` rule, in float64:
+    every step encloses the exact product of its factors, underflow included), re-centred on PyTorch's midpoint."""
+    _check_float_ball(func, x)
+    m = func(x.mid, *args, **kwargs)
+    if func is aten.prod.default:
+        dim, keepdim = None, False
+    else:
+        dim = args[0] if args else kwargs["dim"]
+        keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
+    b = _ball64(x, m.dtype)
+    if dim is None:
+        mid, rad = b.mid.reshape(-1), b.rad.reshape(-1)
+    else:
+        d = dim % max(x.dim(), 1)
+        mid = b.mid.movedim(d, -1) if x.dim() else b.mid.reshape(1)
+        rad = b.rad.movedim(d, -1) if x.dim() else b.rad.reshape(1)
+    if mid.shape[-1] == 0:
+        enclosure = BallTensor(torch.ones(mid.shape[:-1], dtype=_F64), torch.zeros(mid.shape[:-1], dtype=_F64))
+    else:
+        while mid.shape[-1] > 1:
+            half = mid.shape[-1] // 2
+            left = BallTensor(mid[..., :half], rad[..., :half])
+            right = BallTensor(mid[..., half:2 * half], rad[..., half:2 * half])
+            pair = arith.mul(aten.mul.Tensor, left, right)
+            mid = torch.cat([pair.mid, mid[..., 2 * half:]], dim=-1)
+            rad = torch.cat([pair.rad, rad[..., 2 * half:]], dim=-1)
+        enclosure = BallTensor(mid[..., 0], rad[..., 0])
+    if keepdim and dim is not None and x.dim():
+        enclosure = BallTensor(enclosure.mid.unsqueeze(dim % x.dim()), enclosure.rad.unsqueeze(dim % x.dim()))
+    out = recentre(m, BallTensor(enclosure.mid.reshape(m.shape), enclosure.rad.reshape(m.shape)))
+    return result(m, _finite_only(m, out.rad))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# max / min
+
+
+def _extreme_rad(func, x, values, args, kwargs):
+    """|F(x) - F(m)| for F = max or min over the same dims: F is monotone in every element, so for x in the balls
+    F(lo) <= F(x) <= F(hi) with lo/hi the end points rounded outward, and F(m) = values exactly (no rounding):
+    rad = max(F(hi) - values, values - F(lo)), both differences rounded up (float64)."""
+    m64 = x.mid.to(_F64)
+    r64 = x.rad.to(_F64)
+    hi = rounding.add_up(m64, r64)
+    lo = rounding.sub_down(m64, r64)
+    f_hi, f_lo = func(hi, *args, **kwargs), func(lo, *args, **kwargs)
+    if isinstance(f_hi, tuple):
+        f_hi, f_lo = f_hi[0], f_lo[0]
+    v64 = values.to(_F64)
+    rad = torch.maximum(rounding.sub_up(f_hi, v64), rounding.sub_up(v64, f_lo))
+    return rounding.clean_rad(rad), lo, hi
+
+
+@rule(aten.amax.default, aten.amin.default, aten.max.default, aten.min.default)
+def extreme(func, x, *args, **kwargs):
+    """max/min (all elements or over dims): exact on the midpoints; the radius from the end points
+    (``_extreme_rad``), at most max r (max is 1-Lipschitz in the max-norm) and smaller when the winner is clear."""
+    _check_float_ball(func, x)
+    m = func(x.mid, *args, **kwargs)
+    rad, _, _ = _extreme_rad(func, x, m, args, kwargs)
+    return result(m, _finite_only(m, rad))
+
+
+@rule(aten.max.dim, aten.min.dim)
+def extreme_dim(func, x, dim, keepdim=False):
+    """(values, indices) over one dim: values as ``extreme``; indices are PyTorch's (a plain integer tensor). Where
+    another element's ball reaches the winner's (the arg-max is not the same for every point of the balls) a
+    ``kink`` event is recorded: gradients routed through these indices are one of several one-sided values."""
+    _check_float_ball(func, x)
+    values, indices = func(x.mid, dim, keepdim)
+    rad, lo, hi = _extreme_rad(func, x, values, (dim, keepdim), {})
+    if diagnostics.is_recording() and x.numel() and x.dim():
+        idx = indices if keepdim else indices.unsqueeze(dim)
+        if func is aten.max.dim:
+            rivals = hi >= torch.gather(lo, dim, idx)
+        else:
+            rivals = lo <= torch.gather(hi, dim, idx)
+        undecided = rivals.sum(dim) > 1
+        diagnostics.emit_mask("kink", current_op(), undecided, "arg-max/arg-min not decided (overlapping balls)")
+    return result(values, _finite_only(values, rad)), indices
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# var / std
+
+
+def _var_enclosure(x, out_dtype, dims, correction) -> BallTensor:
+    """An enclosure (float64, keepdim shape) of var(x) = sum (x_i - mean x)^2 / (n - c) over the balls.
+
+    Write x = m + e, |e_i| <= r_i, d_i = m_i - mean m, f_i = e_i - mean e. Then sum d_i = 0, so
+    var(x) - var(m) = (2 sum d_i e_i + sum f_i^2)/(n - c), with sum f_i^2 = sum e_i^2 - n (mean e)^2 <= sum r_i^2:
+    |var(x) - var(m)| <= P = (2 sum |d_i| r_i + sum r_i^2)/(n - c)  (no loss from x appearing twice).
+    var(m) is enclosed by composing ball rules on the point midpoints (mean, sub, mul, sum, div), which also gives
+    |d_i| <= |D_i.mid| + D_i.rad; P is bounded above with ``inflate`` and ``_sum_up``.
+    """
+    n = _count(x.shape, dims)
+    dof = Fraction(n) - Fraction(float(correction))
+    b = _ball64(x, out_dtype)
+    shape = [1 if i in dims else s for i, s in enumerate(x.shape)]
+    if dof <= 0 or n == 0:
+        return BallTensor(torch.full(shape, math.nan, dtype=_F64), torch.full(shape, math.inf, dtype=_F64))
+    point = _point64(b.mid)
+    mu = torch.mean(point, dim=dims, keepdim=True)
+    d = point - mu
+    q = torch.sum(d * d, dim=dims, keepdim=True)
+    dof_down = rounding.round_down_float(dof)
+    var_m = q / dof_down if Fraction(dof_down) == dof else None
+    if var_m is None:  # n - c not a float64 (n > 2^53): enclose 1/(n - c) too
+        inv = BallTensor(torch.tensor(float(1 / dof), dtype=_F64), torch.tensor(
+            rounding.round_up_float(abs(1 / dof - Fraction(float(1 / dof)))), dtype=_F64))
+        var_m = q * inv
+    d_up = rounding.add_up(torch.abs(d.mid), d.rad)
+    r = b.rad
+    per_elem = inflate(d_up * 2.0 * r + r * r, 4)
+    p = rounding.div_up(_sum_up(per_elem, dims, True, n), dof_down)
+    return BallTensor(var_m.mid, rounding.add_up(var_m.rad, p))
+
+
+def _var_args(x, args, kwargs):
+    dim = args[0] if args else kwargs.get("dim")
+    correction = kwargs.get("correction")
+    keepdim = kwargs.get("keepdim", False)
+    if correction is None:
+        correction = 1
+    return _dims(x.dim(), dim), correction, keepdim
+
+
+def _sqrt_enclosure(v: BallTensor) -> BallTensor:
+    """sqrt of a ball known to contain only values >= 0 (a variance): sqrt is increasing, so the result lies in
+    [sqrt(max(0, lo)), sqrt(hi)]; each end point is enclosed by the ``sqrt`` rule on a point ball."""
+    lo = torch.clamp_min(v.lower(), 0)
+    hi = v.upper()
+    lo_ball = torch.sqrt(_point64(lo))
+    hi_ball = torch.sqrt(_point64(hi))
+    return _from_bounds(torch.clamp_min(lo_ball.lower(), 0), hi_ball.upper())
+
+
+def _from_bounds(lo: torch.Tensor, hi: torch.Tensor) -> BallTensor:
+    """A float64 ball containing [lo, hi] (NaN end points, from NaN inputs, give an infinite radius)."""
+    mid = lo * 0.5 + hi * 0.5
+    rad = torch.maximum(rounding.sub_up(mid, lo), rounding.sub_up(hi, mid))
+    return BallTensor(mid, rounding.clean_rad(rad))
+
+
+def _finish(m: torch.Tensor, enclosure: BallTensor, keepdim: bool) -> BallTensor:
+    if not keepdim:
+        enclosure = BallTensor(enclosure.mid.reshape(m.shape), enclosure.rad.reshape(m.shape))
+    out = recentre(m, enclosure)
+    return result(m, _finite_only(m, out.rad))
+
+
+@rule(aten.var.correction)
+def var(func, x, *args, **kwargs):
+    """var: ``_var_enclosure``, re-centred on PyTorch's midpoint."""
+    _check_float_ball(func, x)
+    m = func(x.mid, *args, **kwargs)
+    dims, correction, keepdim = _var_args(x, args, kwargs)
+    return _finish(m, _var_enclosure(x, m.dtype, dims, correction), keepdim)
+
+
+@rule(aten.std.correction)
+def std(func, x, *args, **kwargs):
+    """std = sqrt(var): the variance enclosure clipped at 0 (var >= 0) through ``_sqrt_enclosure``, re-centred."""
+    _check_float_ball(func, x)
+    m = func(x.mid, *args, **kwargs)
+    dims, correction, keepdim = _var_args(x, args, kwargs)
+    return _finish(m, _sqrt_enclosure(_var_enclosure(x, m.dtype, dims, correction)), keepdim)
+
+
+def _mean_enclosure(x, out_dtype, dims) -> BallTensor:
+    b = _ball64(x, out_dtype)
+    return torch.mean(b, dim=dims, keepdim=True)
+
+
+@rule(aten.var_mean.correction, aten.std_mean.correction)
+def var_mean(func, x, *args, **kwargs):
+    """(var or std, mean): each enclosure as in ``var``/``std``/``mean``, re-centred on the fused kernel's outputs."""
+    _check_float_ball(func, x)
+    m_v, m_mean = func(x.mid, *args, **kwargs)
+    dims, correction, keepdim = _var_args(x, args, kwargs)
+    enclosure = _var_enclosure(x, m_v.dtype, dims, correction)
+    if func is aten.std_mean.correction:
+        enclosure = _sqrt_enclosure(enclosure)
+    return _finish(m_v, enclosure, keepdim), _finish(m_mean, _mean_enclosure(x, m_mean.dtype, dims), keepdim)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# norms
+
+
+@rule(aten.linalg_vector_norm.default)
+def vector_norm(func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """||x||_p for p in {1, 2, inf, -inf}: the norm is 1-Lipschitz in its own norm, | ||x|| - ||m|| | <= ||x - m||
+    <= ||r|| (p = 1, 2; -inf is min|x_i|, 1-Lipschitz in the max-norm), so the enclosure is an enclosure of ||m||
+    (ball rules on the point midpoints: abs + sum, mul + sum + sqrt, or the exact max/min of |m|) widened by an upper
+    bound of ||r||_p, re-centred on PyTorch's midpoint. For p = +-inf the end-point form of ``_extreme_rad`` applied
+    to |x_i| in [max(0, |m_i| - r_i), |m_i| + r_i] is used instead (tighter). Other orders raise."""
+    _check_float_ball(func, x)
+    m = func(x.mid, ord, dim, keepdim, dtype=dtype)
+    p = float(ord)
+    if p not in (1.0, 2.0, math.inf, -math.inf):
+        raise UnsupportedOpError(func, f"ord={ord!r}: only 1, 2, inf and -inf vector norms have rules")
+    dims = _dims(x.dim(), dim)
+    n = _count(x.shape, dims)
+    b = _ball64(x, m.dtype)
+    if x.dim() == 0:
+        dims = []
+    if math.isinf(p):
+        abs_m = torch.abs(b.mid)
+        hi = rounding.add_up(abs_m, b.rad)
+        lo = torch.clamp_min(rounding.sub_down(abs_m, b.rad), 0)
+        reduce = torch.amax if p > 0 else torch.amin
+        return _finish(m, _from_bounds(reduce(lo, dim=dims, keepdim=True), reduce(hi, dim=dims, keepdim=True)), keepdim)
+    point = _point64(b.mid)
+    if p == 1.0:
+        core = _reduce_ball_sum(torch.abs(point), dims)
+        widen = _sum_up(b.rad, dims, True, n)
+    else:
+        core = _sqrt_enclosure(_reduce_ball_sum(point * point, dims))
+        r2 = inflate(b.rad * b.rad, 1)
+        widen = _sqrt_enclosure(BallTensor(_sum_up(r2, dims, True, n), torch.zeros(core.shape, dtype=_F64))).upper()
+    enclosure = BallTensor(core.mid, rounding.add_up(core.rad, widen))
+    return _finish(m, enclosure, keepdim)
+
+
+def _reduce_ball_sum(b: BallTensor, dims) -> BallTensor:
+    """sum over ``dims`` with keepdim (the ``sum`` rule); a 0-d ball is its own sum."""
+    if b.dim() == 0:
+        return b
+    return torch.sum(b, dim=dims, keepdim=True)
+
