@@ -108,3 +108,23 @@ def test_zeros_ones_full_empty_like():
     z = torch.empty_like(x)
     z.copy_(torch.ones(3))
     assert torch.equal(z.rad, torch.zeros(3))
+
+
+def test_inplace_view_ops_update_wrapper_mid_and_rad():
+    x = bg.ball(torch.randn(3, 1, 2), torch.rand(3, 1, 2))
+    m, r = x.mid.clone(), x.rad.clone()
+    x.squeeze_(1)
+    assert x.shape == (3, 2) and torch.equal(x.mid, m.squeeze(1)) and torch.equal(x.rad, r.squeeze(1))
+    x.t_()
+    assert x.shape == (2, 3) and x.stride() == x.mid.stride() and torch.equal(x.rad, r.squeeze(1).t())
+    x.unsqueeze_(0)
+    assert x.shape == (1, 2, 3) and torch.equal((x * 1.0).mid, m.squeeze(1).t().unsqueeze(0))
+
+
+def test_linear_with_1d_input_uses_squeeze_():
+    w = bg.ball(torch.randn(3, 4), 0.01).requires_grad_()
+    x = torch.randn(4)
+    y = torch.nn.functional.linear(x, w)
+    assert_same_bits(y.mid, torch.nn.functional.linear(x, w.mid))
+    y.sum().backward()
+    assert isinstance(w.grad, bg.BallTensor) and w.grad.shape == (3, 4)

@@ -246,3 +246,26 @@ def local_scalar(func, x):
     if x.dtype == torch.bool:
         _exact_index(x)
     return func(x.mid)
+
+
+@rule(
+    aten.squeeze_.default,
+    aten.squeeze_.dim,
+    aten.squeeze_.dims,
+    aten.unsqueeze_.default,
+    aten.t_.default,
+    aten.transpose_.default,
+)
+def inplace_view(func, x, *args):
+    """In-place view ops change only metadata: applied to mid and rad alike (exact), then to the wrapper's own
+    sizes/strides without dispatching (the same trick as torch.utils._python_dispatch.return_and_correct_aliasing)."""
+    func(x.mid, *args)
+    func(x.rad, *args)
+    with torch.utils._mode_utils.no_dispatch():
+        meta_in_tls = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            func(x, *args)
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
+    return x
