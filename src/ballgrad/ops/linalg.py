@@ -65,80 +65,17 @@ aten = torch.ops.aten
 _REALMIN_32 = Fraction(float(torch.finfo(torch.float32).smallest_normal))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Constants (exact rationals, rounded up once where they meet a tensor). These are rounding-model facts and would sit
-# naturally in rounding.py; they are here because the GEMM and sum rules are their only users so far.
-
-
-@functools.lru_cache(maxsize=4096)
-def growth(n: int, u: Fraction) -> Fraction:
-    """An upper bound of (1 + u)^n - 1 (the relative error of n roundings in a product of (1 + delta) factors).
-
-    gamma_n = nu/(1 - nu) when nu < 1/4 (it is >= (1 + u)^n - 1); otherwise binary powering of g with
-    1 + g_(a+b) = (1 + g_a)(1 + g_b), every intermediate rounded up to float64 (all terms positive, so monotone).
-    """
-    if n <= 0:
-        return Fraction(0)
-    if n * u < Fraction(1, 4):
-        return n * u / (1 - n * u)
-    result_g, power_g = Fraction(0), Fraction(u)
-    while n:
-        if n & 1:
-            result_g = Fraction(rounding.round_up_float(result_g + power_g + result_g * power_g))
-        power_g = Fraction(rounding.round_up_float(2 * power_g + power_g * power_g))
-        n >>= 1
-    return result_g
-
-
-def theta(n: int, u: Fraction) -> Fraction:
-    """1/(1 - gamma_n) = (1 - nu)/(1 - 2nu): exact <= theta * computed for a sum of n non-negative terms (n u < 1/4)."""
-    if n * u >= Fraction(1, 4):
-        raise ValueError(f"theta_{n}: n*u >= 1/4; compute these radius terms in a wider dtype")
-    return (1 - n * u) / (1 - 2 * n * u)
-
-
-def work_dtype(rad_dtype: torch.dtype, n: int) -> torch.dtype:
-    """The dtype for a radius sum/GEMM of inner length n: the radius dtype while n u < 1/4, else float64."""
-    if n * rounding.unit_roundoff_exact(rad_dtype) < Fraction(1, 4):
-        return rad_dtype
-    if n * rounding.unit_roundoff_exact(torch.float64) >= Fraction(1, 4):
-        raise ValueError(f"a reduction of length {n} is beyond what float64 radius arithmetic can bound")
-    return torch.float64
-
-
 @functools.lru_cache(maxsize=4096)
 def _mid_error(steps: int, mid_dtype: torch.dtype) -> tuple[Fraction, Fraction]:
     """(g, a) of the midpoint error model in the module docstring: |computed - exact| <= g sum|terms| + a."""
     if mid_dtype in rounding.REDUCED_DTYPES:
-        g_s = growth(steps + 1, rounding.unit_roundoff_exact(mid_dtype))
-        g_32 = growth(steps, rounding.unit_roundoff_exact(torch.float32))
+        g_s = rounding.growth(steps + 1, rounding.unit_roundoff_exact(mid_dtype))
+        g_32 = rounding.growth(steps, rounding.unit_roundoff_exact(torch.float32))
         g = g_s + g_32 + g_s * g_32
         per_op = max(_REALMIN_32, Fraction(rounding.eta(mid_dtype)) / 2)
         return g, (2 * steps + 1) * per_op * (1 + g)
-    g = growth(steps, rounding.unit_roundoff_exact(mid_dtype))
+    g = rounding.growth(steps, rounding.unit_roundoff_exact(mid_dtype))
     return g, steps * Fraction(rounding.eta(mid_dtype)) / 2 * (1 + g)
-
-
-def _up_const(value: Fraction, dtype: torch.dtype) -> float:
-    return rounding.round_up_float(value, dtype)
-
-
-def _abs_const(value: Fraction, dtype: torch.dtype) -> float:
-    """An absolute term added to every element: ``value`` rounded up, and at least the smallest *normal* number.
-    A subnormal operand costs a microcode assist on x86 (measured 13x slower elementwise adds on this CPU); rounding
-    k*eta up to realmin loosens only radii near realmin (1e-38 in float32)."""
-    if value <= 0:
-        return 0.0
-    return max(_up_const(value, dtype), float(torch.finfo(dtype).smallest_normal))
-
-
-def inflate(c: torch.Tensor, n_ops: int) -> torch.Tensor:
-    """``rounding.inflate`` (same lemma: exact <= phi c + n eta) with the absolute term n eta raised to realmin
-    (see ``_abs_const``)."""
-    phi = rounding.inflation_factor(n_ops, c.dtype)
-    bound = rounding.up(torch.add(rounding.up(torch.mul(c, phi)), _abs_const(n_ops * Fraction(rounding.eta(c.dtype)),
-                                                                              c.dtype)))
-    return rounding.clean_rad(bound)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -165,15 +102,15 @@ def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: t
     docstring. ``gemm`` is the plain op (mm, bmm, mv, dot); ``b_dim`` is B's contraction dimension."""
     a_point, b_point = _is_point(ra), _is_point(rb)
     n = k if (a_point or b_point) else 2 * k
-    wd = work_dtype(rad_dtype, n)
+    wd = rounding.work_dtype(rad_dtype, n)
     u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
-    th = theta(n, u)
+    th = rounding.theta(n, u)
     abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
-    g_w = _up_const(g, wd)
+    g_w = rounding.round_up_float(g, wd)
     if a_point and b_point:
         s = gemm(abs_ma, abs_mb)
-        scaled = rounding.up(torch.mul(s, _up_const(g * th, wd)))
-        return rounding.up(torch.add(scaled, _abs_const(g * th * n * eta, wd)))
+        scaled = rounding.up(torch.mul(s, rounding.round_up_float(g * th, wd)))
+        return rounding.up(torch.add(scaled, rounding.absolute_term(g * th * n * eta, wd)))
     ra, rb = ra.to(wd), rb.to(wd)
     if a_point:
         v = rounding.up(torch.add(rb, rounding.up(torch.mul(abs_mb, g_w))))
@@ -187,7 +124,7 @@ def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: t
         left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
         right = torch.cat([v.expand(abs_mb.shape), w_u.expand(abs_mb.shape)], dim=b_dim)
         s = gemm(left, right)
-    return rounding.up(torch.add(rounding.up(torch.mul(s, _up_const(th, wd))), _abs_const(th * n * eta, wd)))
+    return rounding.up(torch.add(rounding.up(torch.mul(s, rounding.round_up_float(th, wd))), rounding.absolute_term(th * n * eta, wd)))
 
 
 def _finite_only(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
@@ -241,7 +178,7 @@ def gemm(func, a, b):
     rd = rounding.rad_dtype(m.dtype)
     g, abs_err = _mid_error(k, m.dtype)
     bound = _bracket(_PLAIN_GEMM[func], ma, ra, mb, rb, k, g, b_dim, rd)
-    rad = rounding.up(torch.add(bound, _abs_const(abs_err, bound.dtype)))
+    rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
     return result(m, _finite_only(m, rounding.clean_rad(rad)))
 
 
@@ -270,7 +207,7 @@ def addmm(func, bias, a, b, *, beta=1, alpha=1):
     steps = k + 2
     g, abs_err = _mid_error(steps, m.dtype)
     alpha_f, beta_f = Fraction(float(alpha)), Fraction(float(beta))
-    wd = work_dtype(rd, 2 * k)
+    wd = rounding.work_dtype(rd, 2 * k)
     terms = []  # pairs (tensor, coefficient) of non-negative factors, summed and inflated below
     unbounded = None
 
@@ -279,23 +216,23 @@ def addmm(func, bias, a, b, *, beta=1, alpha=1):
         rc = _daz_radius(mc, rc, m.dtype)
         _, r_beta = operand(beta, m.dtype)
         r_beta = Fraction(float(r_beta))
-        terms.append((rc.to(wd), _up_const(abs(beta_f), wd)))
-        terms.append((torch.abs(mc).to(wd), _up_const(r_beta + g * (abs(beta_f) + r_beta), wd)))
+        terms.append((rc.to(wd), rounding.round_up_float(abs(beta_f), wd)))
+        terms.append((torch.abs(mc).to(wd), rounding.round_up_float(r_beta + g * (abs(beta_f) + r_beta), wd)))
 
     if alpha_f != 0 and k > 0:  # k == 0: A B is exactly 0 (and PyTorch's addmv may then keep the bias's shape)
         _, r_alpha = operand(alpha, m.dtype)
         r_alpha = Fraction(float(r_alpha))
         g_alpha = (r_alpha + g * (abs(alpha_f) + r_alpha)) / abs(alpha_f)
         bound = _bracket(_PLAIN_GEMM[func], ma, ra, mb, rb, k, g_alpha, b_dim, rd).to(wd)
-        terms.append((bound, _up_const(abs(alpha_f), wd)))
+        terms.append((bound, rounding.round_up_float(abs(alpha_f), wd)))
         if abs(alpha_f) != 1:  # pre-scaling underflow, bounded by the largest row and column sums (a scalar)
-            wk = work_dtype(rd, k)
+            wk = rounding.work_dtype(rd, k)
             per_op = (max(_REALMIN_32, Fraction(rounding.eta(m.dtype)) / 2) if m.dtype in rounding.REDUCED_DTYPES
                       else Fraction(rounding.eta(m.dtype)) / 2)
             row = torch.sum(torch.abs(ma).to(wk), dim=-1)
             col = torch.sum(torch.abs(mb).to(wk), dim=b_dim)
             sums = [float(t[torch.isfinite(t)].max()) if bool(torch.isfinite(t).any()) else 0.0 for t in (row, col)]
-            th_k = theta(k, rounding.unit_roundoff_exact(wk))
+            th_k = rounding.theta(k, rounding.unit_roundoff_exact(wk))
             abs_err += per_op * (1 + g) * th_k * (Fraction(sums[0]) + Fraction(sums[1]))
             # rows / columns whose sum is not finite get no finite bound at all
             row_bad, col_bad = ~torch.isfinite(row), ~torch.isfinite(col)
@@ -305,8 +242,8 @@ def addmm(func, bias, a, b, *, beta=1, alpha=1):
     c = torch.zeros((), dtype=wd)
     for t, coef in terms:
         c = c + (t if coef == 1 else t * coef)
-    c = c + _abs_const(abs_err, wd)
-    rad = inflate(c.expand(m.shape) if c.shape != m.shape else c, 2 * len(terms) + 1)
+    c = c + rounding.absolute_term(abs_err, wd)
+    rad = rounding.inflate(c.expand(m.shape) if c.shape != m.shape else c, 2 * len(terms) + 1)
     if unbounded is not None:
         rad = torch.where(unbounded, torch.full_like(rad, math.inf), rad)
     return result(m, _finite_only(m, rad))

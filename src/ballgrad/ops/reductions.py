@@ -32,7 +32,7 @@ from ballgrad import diagnostics, rounding
 from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops import arith
 from ballgrad.ops.common import operand, recentre, result
-from ballgrad.ops.linalg import growth, inflate, theta, work_dtype
+from ballgrad.rounding import growth, inflate, theta, work_dtype
 from ballgrad.ops.registry import current_op, rule
 from ballgrad.tensor import BallTensor
 
