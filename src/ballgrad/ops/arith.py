@@ -47,10 +47,22 @@ def _add_rad(m, a, b, alpha):
     return rounding.inflate(c, 9)
 
 
+def _non_float(func, m, a, b, logical):
+    """A bool result (bool balls combined, e.g. ``isfinite`` = (x == x) * (|x| != inf)): bool * bool is logical and,
+    bool + bool logical or (``nonsmooth``'s three-valued rules). Any other non-floating result is refused."""
+    if m.dtype == torch.bool and logical is not None:
+        from ballgrad.ops import nonsmooth
+
+        return getattr(nonsmooth, logical)(func, a, b)
+    raise UnsupportedOpError(func, f"a {m.dtype} result of balls has no radius to carry")
+
+
 @rule(aten.add.Tensor, aten.add.Scalar)
 def add(func, a, b, *, alpha=1):
     """x + alpha*y: see ``_add_rad``."""
     m = func(_mid(a), _mid(b), alpha=alpha)
+    if not m.is_floating_point():
+        return _non_float(func, m, a, b, "logical_or" if alpha == 1 else None)
     return result(m, _add_rad(m, a, b, alpha))
 
 
@@ -72,6 +84,8 @@ def rsub(func, a, b, *, alpha=1):
 def mul(func, a, b):
     """|xy - m| <= |xy - ma mb| + |ma mb - m| <= |ma| rb + |mb| ra + ra rb + u|m| + eta/2 (F1); 8 operations."""
     m = func(_mid(a), _mid(b))
+    if not m.is_floating_point():
+        return _non_float(func, m, a, b, "logical_and")
     ma, ra = operand(a, m.dtype)
     mb, rb = operand(b, m.dtype)
     u, eta = _constants(m.dtype)
