@@ -151,8 +151,49 @@ def _mp_xlogy(x, y):
     return x * mpmath.log(y) if y > 0 else None
 
 
-def _mp_logit(x):
+def _mp_logit(x, eps=None):
+    if eps is not None:
+        x = min(max(x, eps), 1 - eps)
     return mpmath.log(x / (1 - x)) if 0 < x < 1 else None
+
+
+def _mp_degree(n):
+    return int(mpmath.floor(n)) if n >= 0 else int(mpmath.ceil(n))
+
+
+def _mp_recurrence(x, n, p1):
+    if n == 0:
+        return mpmath.mpf(1)
+    prev, cur = mpmath.mpf(1), p1
+    for _ in range(n - 1):
+        prev, cur = cur, 2 * x * cur - prev
+    return cur
+
+
+def _mp_orth(kind, shifted=False):
+    def fn(x, n):
+        k = _mp_degree(n)
+        if shifted:
+            x = 2 * x - 1
+        if k < 0:
+            return mpmath.mpf(0)
+        if kind == "t":
+            return mpmath.chebyt(k, x)
+        if kind == "u":
+            return mpmath.chebyu(k, x)
+        if kind == "v":
+            return _mp_recurrence(x, k, 2 * x - 1)
+        if kind == "w":
+            return _mp_recurrence(x, k, 2 * x + 1)
+        if kind == "h":
+            return mpmath.hermite(k, x)
+        if kind == "he":
+            return mpmath.hermite(k, x / mpmath.sqrt(2)) / mpmath.sqrt(2) ** k
+        if kind == "l":
+            return mpmath.laguerre(k, 0, x)
+        return mpmath.legendre(k, x)
+
+    return fn
 
 
 ELEMENTWISE = {
@@ -212,6 +253,30 @@ ELEMENTWISE = {
     "special.bessel_j1": lambda a: mpmath.besselj(1, a),
     "special.modified_bessel_i0": lambda a: mpmath.besseli(0, a),
     "special.modified_bessel_i1": lambda a: mpmath.besseli(1, a),
+    "special.airy_ai": lambda a: mpmath.airyai(a),
+    "special.polygamma.special_polygamma_n_0": lambda x, n: mpmath.psi(int(n), x),
+    "special.bessel_y0": lambda a: mpmath.bessely(0, a) if a > 0 else None,
+    "special.bessel_y1": lambda a: mpmath.bessely(1, a) if a > 0 else None,
+    "special.modified_bessel_k0": lambda a: mpmath.besselk(0, a) if a > 0 else None,
+    "special.modified_bessel_k1": lambda a: mpmath.besselk(1, a) if a > 0 else None,
+    "special.scaled_modified_bessel_k0": lambda a: mpmath.exp(a) * mpmath.besselk(0, a) if a > 0 else None,
+    "special.scaled_modified_bessel_k1": lambda a: mpmath.exp(a) * mpmath.besselk(1, a) if a > 0 else None,
+    "special.spherical_bessel_j0": lambda a: mpmath.sin(a) / a if a != 0 else mpmath.mpf(1),
+    "polygamma.polygamma_n_0": lambda x, n: mpmath.psi(int(n), x),
+    "polygamma.polygamma_n_1": lambda x, n: mpmath.psi(int(n), x),
+    "polygamma.polygamma_n_2": lambda x, n: mpmath.psi(int(n), x),
+    "polygamma.polygamma_n_3": lambda x, n: mpmath.psi(int(n), x),
+    "polygamma.polygamma_n_4": lambda x, n: mpmath.psi(int(n), x),
+    "special.zeta": lambda s, q: mpmath.zeta(s, q) if (s > 1 and q > 0) else None,
+    "igamma": lambda a, x: mpmath.gammainc(a, 0, x, regularized=True) if (a > 0 and x >= 0) else None,
+    "igammac": lambda a, x: mpmath.gammainc(a, x, mpmath.inf, regularized=True) if (a > 0 and x >= 0) else None,
+    **{f"special.{pre}{name}": _mp_orth(kind, pre == "shifted_")
+       for pre in ("", "shifted_") for name, kind in (("chebyshev_polynomial_t", "t"), ("chebyshev_polynomial_u", "u"),
+                                                     ("chebyshev_polynomial_v", "v"), ("chebyshev_polynomial_w", "w"))},
+    "special.hermite_polynomial_h": _mp_orth("h"),
+    "special.hermite_polynomial_he": _mp_orth("he"),
+    "special.laguerre_polynomial_l": _mp_orth("l"),
+    "special.legendre_polynomial_p": _mp_orth("p"),
     "nn.functional.tanhshrink": lambda a: a - mpmath.tanh(a),
     "nn.functional.softsign": lambda a: a / (1 + abs(a)),
     "nn.functional.logsigmoid": lambda a: -mpmath.log1p(mpmath.exp(-a)),
@@ -238,6 +303,16 @@ ELEMENTWISE = {
     "logaddexp2": lambda a, b: mpmath.log(mpmath.power(2, a) + mpmath.power(2, b), 2),
 }
 
+def _arity(fn) -> int:
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return 1 if fn not in (max, min) else 2
+
+
+ARITY = {k: (2 if v in (max, min) else _arity(v)) for k, v in ELEMENTWISE.items()}
 ELEMENTWISE = {k: _mp_real(v) for k, v in ELEMENTWISE.items()}
 
 
@@ -411,7 +486,7 @@ def mpmath_reference(name, sample_args, balls_in, out_ball, n_points: int, seed:
     """For an elementwise op: a function i -> exact value (or None: undefined) for output element i, at a point of
     the input balls (the midpoint for i's first evaluation, else a seeded point). Returns None when not applicable."""
     fn = ELEMENTWISE.get(name)
-    if fn is None:
+    if fn is None or not (ARITY[name] == len(sample_args) or (name == "logit" and len(sample_args) <= 2)):
         return None
     shape = out_ball.shape
     per_arg = []
@@ -437,21 +512,21 @@ def mpmath_reference(name, sample_args, balls_in, out_ball, n_points: int, seed:
     rng = random.Random(seed)
 
     def ref(i):
-        vals = []
-        for m, r in per_arg:
-            if m is None:
-                vals.append(mpmath.mpf(r))
-                continue
-            mi, ri = m[i], r[i]
-            if not (math.isfinite(mi) and math.isfinite(ri)):
-                return _SKIP  # the ball denotes nothing finite / everything: the radius is checked to be inf below
-            if ri == 0:
-                vals.append(mpmath.mpf(mi))
-            else:
-                s = rng.choice([-1, 1, 0, Fraction(rng.randint(-2**20, 2**20), 2**20)])
-                p = Fraction(mi) + Fraction(ri) * s
-                vals.append(mpmath.mpf(p.numerator) / p.denominator)
-        with mpmath.workprec(MPMATH_PREC):
+        with mpmath.workprec(MPMATH_PREC):  # every conversion and operation at 256 bits
+            vals = []
+            for m, r in per_arg:
+                if m is None:
+                    vals.append(mpmath.mpf(r))
+                    continue
+                mi, ri = m[i], r[i]
+                if not (math.isfinite(mi) and math.isfinite(ri)):
+                    return _SKIP  # the ball denotes nothing finite / everything
+                if ri == 0:
+                    vals.append(mpmath.mpf(mi))
+                else:
+                    s = rng.choice([-1, 1, 0, Fraction(rng.randint(-2**20, 2**20), 2**20)])
+                    p = Fraction(mi) + Fraction(ri) * s
+                    vals.append(mpmath.mpf(p.numerator) / p.denominator)
             return fn(*vals)
 
     return ref

@@ -309,7 +309,8 @@ def _to_fraction(v) -> Fraction | None:
             return None
         if mpmath.isinf(v):
             return math.inf if v > 0 else -math.inf
-        sign, man, exp, _ = mpmath.mpf(v)._mpf_  # (not .man_exp: it drops the sign)
+        sign, man, exp, _ = v._mpf_  # exact (mpmath.mpf(v) would re-round to the context precision; not
+        # .man_exp: it drops the sign)
         value = Fraction(int(man)) * (Fraction(2) ** int(exp))
         return -value if sign else value
     f = float(v)

@@ -493,3 +493,411 @@ def pow_tensor_tensor(func, x, y):
     ok = zero | corner_ok | int_ok
     return _finish(mid, lower, upper, ok, unknown,
                    "x ** y needs x > 0 (or x >= 0 with y > 0) or an exact integer y (not containing 0 for y < 0)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arb enclosures (lemma A): special functions without a trust assumption
+#
+# A (Arb): python-flint's ``arb`` is Arb's ball arithmetic (Johansson, "Arb: efficient arbitrary-precision
+#   midpoint-radius interval arithmetic", IEEE TC 2017): for an input ball X every ``arb`` function returns a ball
+#   containing f(x) for *every* x in X (NaN when it cannot, e.g. outside the domain or across a pole), at any working
+#   precision. So for each output element, with X_i = arb(m_i, r_i) built from the exact float64 end data (``arb``
+#   converts doubles exactly and rounds radii up), Y = f(X_1, ..., X_k) and m = PyTorch's midpoint (exact as an
+#   ``arb``), sup |f(x) - m| <= |Y - m|_upper, which ``arb.abs_upper`` gives as a float rounded upward; it is turned
+#   into a double upward (``_arb_upper_double``). No library accuracy is trusted: these rules cover the special
+#   functions no trust-table entry declares (Bessel, Airy, gamma family, zeta, orthogonal polynomials, ...), at the cost
+#   of a Python loop over elements (microseconds each), acceptable for these rarely hot functions.
+#   Non-finite Y (NaN: domain left or pole touched) gives +inf and a ``domain`` event.
+
+_ARB_PREC = 128  # working precision of the enclosures (bits); the radius is rounded up to a double at the end
+
+
+def _arb_upper_double(u) -> float:
+    """An ``arb`` holding an exact non-negative number (``abs_upper`` at 53 bits) as a double >= it."""
+    man, exp = u.mid().man_exp()
+    man, exp = int(man), int(exp)
+    if man == 0:
+        return 0.0
+    if man.bit_length() + exp > 1024:
+        return _INF
+    if man.bit_length() + exp <= -1021:  # below the normal range: realmin is an upper bound
+        return float(torch.finfo(_F64).smallest_normal)
+    value = math.ldexp(man, exp)  # exact: at most 53 significant bits, normal range
+    return value
+
+
+def _arb_columns(args, shape):
+    """Per argument: a list of (m, r) float64 pairs over the output's elements (Python numbers: exact doubles, r = 0;
+    integer tensors: exact). Also the combined ``unknown`` mask (non-finite midpoint or infinite radius)."""
+    cols, unknown = [], torch.zeros(shape, dtype=torch.bool)
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            m, r, unk = _ball64(a)
+            m, r = m.expand(shape).reshape(-1).tolist(), r.expand(shape).reshape(-1).tolist()
+            unknown = unknown | unk.expand(shape).cpu()
+            cols.append(list(zip(m, r)))
+        else:
+            cols.append(None if a is None else _exact_scalar(a, "argument"))
+    return cols, unknown
+
+
+def _arb_ball(func, mid: torch.Tensor, args, fn, detail: str) -> BallTensor:
+    """Lemma A: the ball of ``mid`` (PyTorch's output) for the exact function ``fn`` of ``arb`` arguments (one per
+    entry of ``args``; Python numbers stay exact doubles as ``arb``)."""
+    from flint import arb, ctx
+
+    shape = mid.shape
+    cols, unknown = _arb_columns(args, shape)
+    mids = mid.detach().to(_F64).reshape(-1).tolist()
+    unknown = unknown.reshape(-1).tolist()
+    rads, domain = [], []
+    old = ctx.prec
+    try:
+        for i, mo in enumerate(mids):
+            if unknown[i] or not math.isfinite(mo):
+                rads.append(_INF)
+                domain.append(False)
+                continue
+            ctx.prec = _ARB_PREC
+            xs = []
+            for c in cols:
+                if isinstance(c, list):
+                    m, r = c[i]
+                    xs.append(arb(m) if r == 0 else arb(m, r))
+                else:
+                    xs.append(c if c is None else arb(c))
+            y = fn(*xs)
+            if y is None or not y.is_finite():
+                rads.append(_INF)
+                domain.append(True)
+                continue
+            d = y - arb(mo)
+            ctx.prec = 53
+            rads.append(_arb_upper_double(d.abs_upper()))
+            domain.append(False)
+    finally:
+        ctx.prec = old
+    rad = torch.tensor(rads, dtype=_F64).reshape(shape).to(mid.device)
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("domain", current_op(), torch.tensor(domain, dtype=torch.bool).reshape(shape), detail)
+    return result(mid, rad)
+
+
+def _arb_pi():
+    from flint import arb
+
+    return arb.pi()
+
+
+def _lgamma_arb(x):
+    """log |Gamma(x)| (PyTorch's lgamma for negative x too): Arb's lgamma for x > 0, log|gamma| otherwise."""
+    if x > 0:
+        return x.lgamma()
+    return abs(x.gamma()).log()
+
+
+def _polygamma_arb(n: int):
+    from flint import acb
+
+    def fn(x):
+        if n == 0:
+            return x.digamma()
+        z = acb(x).polygamma(n)
+        return z.real if z.imag.contains(0) else None
+
+    return fn
+
+
+def _entr_arb(x):
+    """-x log x for x > 0; 0 at the exact point 0 (PyTorch's value); undefined below 0."""
+    if x.is_zero():
+        return x
+    if x > 0:
+        return -x * x.log()
+    return None
+
+
+def _xlogy_arb(log_fn):
+    """x log(y) (or x log1p(y)), with PyTorch's value 0 where x is exactly 0."""
+
+    def fn(x, y):
+        if x.is_zero():
+            return x
+        return x * log_fn(y)
+
+    return fn
+
+
+def _sqrt2():
+    from flint import arb
+
+    return arb(2).sqrt()
+
+
+_ARB_UNARY = {
+    aten.asin.default: lambda x: x.asin(),
+    aten.acos.default: lambda x: x.acos(),
+    aten.sinh.default: lambda x: x.sinh(),
+    aten.cosh.default: lambda x: x.cosh(),
+    aten.tan.default: lambda x: x.tan(),
+    aten.asinh.default: lambda x: x.asinh(),
+    aten.acosh.default: lambda x: x.acosh(),
+    aten.atanh.default: lambda x: x.atanh(),
+    aten.exp2.default: lambda x: (x * _arb_const_log2()).exp(),
+    aten.sinc.default: lambda x: x.sinc_pi(),
+    aten.deg2rad.default: lambda x: x * _arb_pi() / 180,
+    aten.rad2deg.default: lambda x: x * 180 / _arb_pi(),
+    aten.erfinv.default: lambda x: x.erfinv(),
+    aten.lgamma.default: _lgamma_arb,
+    aten.digamma.default: lambda x: x.digamma(),
+    aten.i0.default: lambda x: x.bessel_i(0),
+    aten.special_modified_bessel_i0.default: lambda x: x.bessel_i(0),
+    aten.special_i0e.default: lambda x: (-abs(x)).exp() * x.bessel_i(0),
+    aten.special_i1.default: lambda x: x.bessel_i(1),
+    aten.special_modified_bessel_i1.default: lambda x: x.bessel_i(1),
+    aten.special_i1e.default: lambda x: (-abs(x)).exp() * x.bessel_i(1),
+    aten.special_ndtri.default: lambda x: _sqrt2() * (2 * x - 1).erfinv(),
+    aten.special_log_ndtr.default: lambda x: ((-x / _sqrt2()).erfc() / 2).log(),
+    aten.special_erfcx.default: lambda x: (x * x).exp() * x.erfc(),
+    aten.special_entr.default: _entr_arb,
+    aten.special_airy_ai.default: lambda x: x.airy_ai(),
+    aten.special_bessel_j0.default: lambda x: x.bessel_j(0),
+    aten.special_bessel_j1.default: lambda x: x.bessel_j(1),
+    aten.special_bessel_y0.default: lambda x: x.bessel_y(0) if x > 0 else None,
+    aten.special_bessel_y1.default: lambda x: x.bessel_y(1) if x > 0 else None,
+    aten.special_modified_bessel_k0.default: lambda x: x.bessel_k(0) if x > 0 else None,
+    aten.special_modified_bessel_k1.default: lambda x: x.bessel_k(1) if x > 0 else None,
+    aten.special_scaled_modified_bessel_k0.default: lambda x: x.exp() * x.bessel_k(0) if x > 0 else None,
+    aten.special_scaled_modified_bessel_k1.default: lambda x: x.exp() * x.bessel_k(1) if x > 0 else None,
+    aten.special_spherical_bessel_j0.default: lambda x: x.sinc(),
+}
+
+
+def _arb_const_log2():
+    from flint import arb
+
+    return arb.const_log2()
+
+
+@rule(*_ARB_UNARY)
+def arb_unary(func, x):
+    """asin acos sinh cosh tan asinh acosh atanh exp2 sinc deg2rad rad2deg erfinv lgamma digamma i0 and the special.*
+    Bessel/Airy/error-function family: lemma A with the exact definition in ``_ARB_UNARY`` (tan across a pole, acosh
+    below 1, Bessel Y/K at or below 0, ...: Arb returns NaN there, so +inf and a ``domain`` event)."""
+    return _arb_ball(func, func(_mid(x)), [x], _ARB_UNARY[func], f"{func} of a ball leaving its domain")
+
+
+@rule(aten.polygamma.default)
+def polygamma(func, n, x):
+    """psi^(n)(x) (n = 0: digamma): lemma A with Arb's polygamma (real part of the complex routine, which is exact
+    for real x; a non-zero imaginary part cannot occur and would give +inf)."""
+    return _arb_ball(func, func(n, _mid(x)), [x], _polygamma_arb(int(n)), "polygamma at a pole")
+
+
+@rule(aten.mvlgamma.default)
+def mvlgamma(func, x, p):
+    """Multivariate log-gamma: sum_{j<p} log Gamma(x - j/2) + p(p-1)/4 log(pi) (PyTorch's definition), lemma A."""
+    p = int(p)
+
+    def fn(t):
+        total = _arb_pi().log() * (p * (p - 1)) / 4
+        for j in range(p):
+            total = total + _lgamma_arb(t - 0.5 * j)
+        return total
+
+    return _arb_ball(func, func(_mid(x), p), [x], fn, "mvlgamma at a pole")
+
+
+@rule(aten.logit.default)
+def logit(func, x, eps=None):
+    """log(z/(1 - z)) with z = x, or z = clamp(x, eps, 1 - eps) with the real numbers eps and 1 - eps (eps the
+    double aten receives; the kernel's own rounded bounds are part of its midpoint error). Lemma A; z outside (0, 1)
+    is a domain violation."""
+    mid = func(_mid(x), eps)
+    if eps is None:
+        fn = lambda t: (t / (1 - t)).log() if (t > 0 and t < 1) else None  # noqa: E731
+        return _arb_ball(func, mid, [x], fn, "logit of a ball leaving (0, 1)")
+    e = _exact_scalar(eps, "eps")
+
+    def fn_eps(t):
+        from flint import arb
+
+        lo, hi = arb(e), 1 - arb(e)
+        if not (lo > 0 and hi < 1 and lo <= hi):
+            return None
+        z = t.max(lo).min(hi)
+        return (z / (1 - z)).log()
+
+    return _arb_ball(func, mid, [x], fn_eps, "logit with eps outside (0, 1/2]")
+
+
+def _binary_arb(fn):
+    def wrapped(func, a, b):
+        return _arb_ball(func, func(_mid(a), _mid(b)), [a, b], fn, f"{func} of balls leaving its domain")
+
+    return wrapped
+
+
+def _atan2_arb(y, x):
+    """atan2 (Arb's, which contains both sides of the branch cut y = 0, x < 0 when the ball crosses it); undefined
+    at the origin."""
+    from flint import arb
+
+    if y.contains(0) and x.contains(0):
+        return None
+    return arb.atan2(y, x)
+
+
+def _copysign_arb(x, y):
+    """|x| with the sign of y; where y's ball contains values of both signs, the hull of +-|x|."""
+    from flint import arb
+
+    if y > 0:
+        return abs(x)
+    if y < 0:
+        return -abs(x)
+    return arb.union(abs(x), -abs(x))
+
+
+def _zeta_arb(s, q):
+    """Hurwitz zeta(s, q) = sum_{k>=0} (k + q)^(-s) for s > 1, q > 0 (elsewhere PyTorch's value is not this series'
+    analytic continuation everywhere: +inf radius)."""
+    if not (s > 1 and q > 0):
+        return None
+    return s.zeta(q)
+
+
+def _igamma_arb(regularized_upper: bool):
+    def fn(a, x):
+        if not (a > 0 and x >= 0):
+            return None
+        return x.gamma_upper(a, regularized=1) if regularized_upper else x.gamma_lower(a, regularized=1)
+
+    return fn
+
+
+_ARB_BINARY = {
+    aten.atan2.default: _atan2_arb,
+    aten.hypot.default: lambda x, y: (x * x + y * y).sqrt(),
+    aten.logaddexp.default: lambda a, b: (a.exp() + b.exp()).log(),
+    aten.logaddexp2.default: lambda a, b: ((a * _arb_const_log2()).exp() + (b * _arb_const_log2()).exp()).log()
+    / _arb_const_log2(),
+    aten.copysign.Tensor: _copysign_arb,
+    aten.copysign.Scalar: _copysign_arb,
+    aten.xlogy.Tensor: _xlogy_arb(lambda y: y.log() if y > 0 else None),
+    aten.xlogy.Scalar_Self: _xlogy_arb(lambda y: y.log() if y > 0 else None),
+    aten.xlogy.Scalar_Other: _xlogy_arb(lambda y: y.log() if y > 0 else None),
+    aten.special_xlog1py.default: _xlogy_arb(lambda y: y.log1p() if y > -1 else None),
+    aten.special_xlog1py.self_scalar: _xlogy_arb(lambda y: y.log1p() if y > -1 else None),
+    aten.special_xlog1py.other_scalar: _xlogy_arb(lambda y: y.log1p() if y > -1 else None),
+    aten.special_zeta.default: _zeta_arb,
+    aten.special_zeta.self_scalar: _zeta_arb,
+    aten.special_zeta.other_scalar: _zeta_arb,
+    aten.igamma.default: _igamma_arb(False),
+    aten.igammac.default: _igamma_arb(True),
+}
+
+
+@rule(*_ARB_BINARY)
+def arb_binary(func, a, b):
+    """atan2 hypot logaddexp logaddexp2 copysign xlogy xlog1py zeta igamma igammac: lemma A with ``_ARB_BINARY``.
+    A None from the definition (outside the domain PyTorch and the exact function share) gives +inf."""
+    fn = _ARB_BINARY[func]
+
+    def guarded(x, y):
+        if x is None or y is None:
+            return None
+        return fn(x, y)
+
+    return _arb_ball(func, func(_mid(a), _mid(b)), [a, b], guarded, f"{func} of balls leaving its domain")
+
+
+# Orthogonal polynomials P_n(x) with a tensor degree n, truncated toward zero by PyTorch (``static_cast<int64_t>``);
+# P_n = 0 for n < 0 (PyTorch's convention). The degree's ball must have one truncation, else +inf.
+
+
+def _recurrence(x, n, p0, p1):
+    """p_{k+1} = 2x p_k - p_{k-1} (Chebyshev three-term recurrence) from p_0, p_1, in ball arithmetic."""
+    if n == 0:
+        return p0
+    prev, cur = p0, p1
+    for _ in range(n - 1):
+        prev, cur = cur, 2 * x * cur - prev
+    return cur
+
+
+def _orth(kind: str):
+    def fn(x, n):
+        from flint import arb
+
+        lo, hi = n.lower(), n.upper()
+        k_lo, k_hi = int(lo.floor().unique_fmpz() if lo >= 0 else lo.ceil().unique_fmpz()), None
+        k_hi = int(hi.floor().unique_fmpz() if hi >= 0 else hi.ceil().unique_fmpz())
+        if k_lo != k_hi:
+            return None
+        k = k_lo
+        if k < 0:
+            return arb(0)
+        if k > 10_000:
+            return None
+        if kind == "t":
+            return x.chebyshev_t(k)
+        if kind == "u":
+            return x.chebyshev_u(k)
+        if kind == "v":
+            return _recurrence(x, k, arb(1), 2 * x - 1)
+        if kind == "w":
+            return _recurrence(x, k, arb(1), 2 * x + 1)
+        if kind == "h":
+            return x.hermite_h(k)
+        if kind == "he":
+            return (x / _sqrt2()).hermite_h(k) / _sqrt2() ** k
+        if kind == "l":
+            return x.laguerre_l(k)
+        if kind == "p":
+            return x.legendre_p(k)
+        raise AssertionError(kind)
+
+    return fn
+
+
+def _shifted(fn):
+    return lambda x, n: fn(2 * x - 1, n)
+
+
+_ORTHOGONAL = {
+    "chebyshev_polynomial_t": _orth("t"),
+    "chebyshev_polynomial_u": _orth("u"),
+    "chebyshev_polynomial_v": _orth("v"),
+    "chebyshev_polynomial_w": _orth("w"),
+    "hermite_polynomial_h": _orth("h"),
+    "hermite_polynomial_he": _orth("he"),
+    "laguerre_polynomial_l": _orth("l"),
+    "legendre_polynomial_p": _orth("p"),
+    "shifted_chebyshev_polynomial_t": _shifted(_orth("t")),
+    "shifted_chebyshev_polynomial_u": _shifted(_orth("u")),
+    "shifted_chebyshev_polynomial_v": _shifted(_orth("v")),
+    "shifted_chebyshev_polynomial_w": _shifted(_orth("w")),
+}
+
+_ORTHOGONAL_OPS = {
+    getattr(getattr(aten, "special_" + name), overload): fn
+    for name, fn in _ORTHOGONAL.items()
+    for overload in ("default", "x_scalar", "n_scalar")
+}
+
+
+@rule(*_ORTHOGONAL_OPS)
+def orthogonal_polynomial(func, x, n):
+    """special.{chebyshev,shifted_chebyshev}_polynomial_{t,u,v,w}, hermite_polynomial_{h,he}, laguerre_polynomial_l,
+    legendre_polynomial_p: lemma A with Arb's polynomials (T, U, H, L, P), the three-term recurrence in ball
+    arithmetic for V (V_0 = 1, V_1 = 2x - 1) and W (W_1 = 2x + 1), He_n(x) = 2^(-n/2) H_n(x/sqrt 2), shifted
+    forms at 2x - 1. The degree is trunc(n) (0 polynomial for n < 0), decided over n's ball."""
+    fn = _ORTHOGONAL_OPS[func]
+
+    def guarded(a, b):
+        if a is None or b is None:
+            return None
+        return fn(a, b)
+
+    return _arb_ball(func, func(_mid(x), _mid(n)), [x, n], guarded, f"{func}: degree ball spans several integers")
