@@ -106,6 +106,48 @@ def _pair(m, r):
     aten.unflatten.int,
     aten.flatten.using_ints,
     aten.contiguous.default,
+    # copy variants of the views (functionalised graphs use them), and further pure element movements
+    aten.expand_copy.default,
+    aten.diagonal_copy.default,
+    aten.alias_copy.default,
+    aten.narrow_copy.default,
+    aten.view_copy.default,
+    aten.permute_copy.default,
+    aten.split_with_sizes_copy.default,
+    aten.squeeze_copy.default,
+    aten.squeeze_copy.dim,
+    aten.squeeze_copy.dims,
+    aten.unsqueeze_copy.default,
+    aten.transpose_copy.int,
+    aten.t_copy.default,
+    aten.unbind_copy.int,
+    aten.unfold_copy.default,
+    aten.unsafe_split.Tensor,
+    aten.unsafe_split_with_sizes.default,
+    aten._chunk_cat.default,
+    aten.diag_embed.default,
+    aten.tril.default,
+    aten.triu.default,
+    aten.rot90.default,
+    aten.pixel_shuffle.default,
+    aten.pixel_unshuffle.default,
+    aten.channel_shuffle.default,
+    aten.native_channel_shuffle.default,
+    aten.take.default,
+    aten.index_fill.int_Tensor,
+    aten.index_copy.default,
+    aten.scatter.src,
+    aten.masked_scatter.default,
+    aten.reflection_pad1d.default,
+    aten.reflection_pad2d.default,
+    aten.reflection_pad3d.default,
+    aten.replication_pad1d.default,
+    aten.replication_pad2d.default,
+    aten.replication_pad3d.default,
+    aten.im2col.default,
+    aten.block_diag.default,
+    aten._unsafe_index.Tensor,
+    aten.fill.Tensor,
 )
 def structural(func, *args, **kwargs):
     """Exact element movement: (f(mid), f(rad)). Padding and backward-of-slicing fill with exact zeros (radius 0).
@@ -115,9 +157,58 @@ def structural(func, *args, **kwargs):
         _, r_fill = operand(value, args[0].dtype)
         if float(r_fill) != 0:
             raise UnsupportedOpError(func, f"pad value {value!r} is not exact in {args[0].dtype}")
+    if func in (aten.index_put.default, aten.put.default) and _accumulates(func, args, kwargs):
+        raise UnsupportedOpError(func, "accumulate=True sums values: see the scatter-sum rules")
     m = func(*_mid_arg(args), **_mid_arg(kwargs) if kwargs else {})
     r = func(*_rad_arg(args), **_rad_arg(kwargs) if kwargs else {})
     return _pair(m, r)
+
+
+def _accumulates(func, args, kwargs) -> bool:
+    position = 3 if func is aten.index_put.default else 3
+    return bool(args[position] if len(args) > position else kwargs.get("accumulate", False))
+
+
+_FILL_POSITION = {
+    aten.index_fill.int_Scalar: 3,
+    aten.scatter.value: 3,
+    aten._unsafe_masked_index.default: 3,
+    aten.fill.Scalar: 1,
+}
+
+
+@rule(*_FILL_POSITION)
+def fill_structural(func, *args):
+    """Element movement with a Python-number fill value v (index_fill, scatter with a value, masked index with a
+    fill, fill): moved elements keep their radii; filled elements hold the kernel's cast v' of v, so their radius is
+    |v - v'| (``operand``), applied to the radius with the same op."""
+    pos = _FILL_POSITION[func]
+    x = args[0]
+    m = func(*_mid_arg(args))
+    _, r_fill = operand(args[pos], m.dtype)
+    rad_args = list(_rad_arg(args))
+    rad_args[pos] = float(rounding.to_dtype_up(r_fill.to(torch.float64), rounding.rad_dtype(m.dtype)))
+    r = func(*rad_args)
+    return _pair(m, r)
+
+
+@rule(aten.as_strided_copy.default, aten.as_strided_scatter.default)
+def as_strided_family(func, x, *args):
+    """as_strided_copy / as_strided_scatter: exact element movement through the storage geometry, which the radius
+    shares only when it has the midpoint's strides and storage offset (otherwise the op is refused)."""
+    mids = [x.mid if isinstance(x, BallTensor) else x] + [a.mid if isinstance(a, BallTensor) else a for a in args]
+    rads = [_rad_arg(x)] + [_rad_arg(a) for a in args]
+    for mt, rt in zip(mids, rads):
+        if isinstance(mt, torch.Tensor) and (mt.stride() != rt.stride()
+                                             or mt.storage_offset() != rt.storage_offset()):
+            raise UnsupportedOpError(func, "the radius does not share the midpoint's storage geometry")
+    return _pair(func(*mids), func(*rads))
+
+
+@rule(aten.put.default, aten.index_put.default)
+def put_family(func, *args, **kwargs):
+    """put / index_put without accumulation: exact element movement (``structural``)."""
+    return structural(func, *args, **kwargs)
 
 
 @rule(aten.as_strided.default)
