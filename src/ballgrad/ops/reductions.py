@@ -124,7 +124,15 @@ def _sum_parts(x, out_dtype, dims, n):
 @rule(aten.sum.default, aten.sum.dim_IntList)
 def sum_(func, x, *args, **kwargs):
     """sum: rad >= theta (fl(sum r) + g fl(sum|m|)) [+ u_s|m| + eta_s/2 for float16/bfloat16], g = gamma_(n-1) of the
-    accumulation dtype (float32 for reduced dtypes); see the module docstring."""
+    accumulation dtype (float32 for reduced dtypes); see the module docstring. A bool ball (a comparison) sums to an
+    exact integer when every element is decided (``nanmean`` counts ``~isnan(x)`` so); otherwise the count is not
+    decided and ``UndecidedComparisonError`` is raised (an integer cannot hold a hull)."""
+    if isinstance(x, BallTensor) and x.dtype == torch.bool:
+        from ballgrad.errors import UndecidedComparisonError
+
+        if bool(x.rad.any()):
+            raise UndecidedComparisonError(f"{func}: summing undecided comparison results; the count is not decided")
+        return func(x.mid, *args, **kwargs)
     _check_float_ball(func, x)
     m = func(x.mid, *args, **kwargs)
     dim = args[0] if args else kwargs.get("dim")
@@ -434,3 +442,248 @@ def _reduce_ball_sum(b: BallTensor, dims) -> BallTensor:
         return b
     return torch.sum(b, dim=dims, keepdim=True)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scans: cumsum, cumprod, logcumsumexp, cummax, cummin
+
+
+def _scan_dim(x, dim) -> int:
+    return dim % x.dim() if x.dim() else 0
+
+
+@rule(aten.cumsum.default)
+def cumsum(func, x, dim, *, dtype=None):
+    """Prefix sums. Output k along ``dim`` is a sum of at most n terms (n = the dim's size), computed in any order,
+    sequentially in the dtype or in a wider accumulator rounded once (PyTorch's CPU scan accumulates in acc_type):
+    |fl - exact| <= g sum_(i<=k) |x_i| with g = gamma_(n-1) of the accumulation dtype, as for ``sum`` (module
+    docstring). The radius prefix sums fl(cumsum r), fl(cumsum |m|) are round-to-nearest sums of non-negative terms,
+    so exact <= theta_(n-1) fl: rad >= theta (fl(cumsum r) + g fl(cumsum |m|)) [+ u_s|m| + eta_s for float16/bfloat16]."""
+    _check_float_ball(func, x)
+    m = func(x.mid, dim, dtype=dtype)
+    if x.dim() == 0:
+        mt, rt = operand(x, m.dtype)
+        return result(m, rt.expand(m.shape))
+    d = _scan_dim(x, dim)
+    n = x.shape[d]
+    mt, rt = operand(x, m.dtype)
+    rt = rt.expand(mt.shape)
+    acc = torch.float32 if m.dtype in rounding.REDUCED_DTYPES else m.dtype
+    g = growth(max(n - 1, 0), rounding.unit_roundoff_exact(acc))
+    wd = work_dtype(rt.dtype if rt.dtype in (torch.float32, _F64) else torch.float32, max(n - 1, 0))
+    th = theta(max(n - 1, 0), rounding.unit_roundoff_exact(wd))
+    s_r = torch.cumsum(rt.to(wd), d)
+    s_m = torch.cumsum(torch.abs(mt).to(wd), d)
+    c = s_r * _up(th, wd) + s_m * _up(g * th, wd)
+    ops = 3
+    if m.dtype in rounding.REDUCED_DTYPES:
+        c = c + torch.abs(m).to(wd) * rounding.unit_roundoff(m.dtype) + max(
+            rounding.eta(m.dtype), float(torch.finfo(wd).smallest_normal))
+        ops = 6
+    return result(m, _finite_only(m, inflate(c, ops)))
+
+
+def _scan_enclosure(b: BallTensor, d: int, step) -> BallTensor:
+    """Sequential ball scan along dim d: out_0 = b_0, out_k = step(out_(k-1), b_k), each step a ball rule (so each
+    prefix encloses the exact prefix value)."""
+    if b.shape[d] == 0:
+        return b
+    parts = []
+    cur = b.select(d, 0)
+    parts.append(cur)
+    for k in range(1, b.shape[d]):
+        cur = step(cur, b.select(d, k))
+        parts.append(cur)
+    return torch.stack(parts, d)
+
+
+@rule(aten.cumprod.default)
+def cumprod(func, x, dim, *, dtype=None):
+    """Prefix products: the sequential product of the float64 balls by the ``mul`` rule (every step encloses the
+    exact product of its factors), re-centred on PyTorch's midpoint."""
+    _check_float_ball(func, x)
+    m = func(x.mid, dim, dtype=dtype)
+    b = _ball64(x, m.dtype)
+    if x.dim() == 0:
+        return result(m, _finite_only(m, recentre(m, b).rad))
+    enclosure = _scan_enclosure(b, _scan_dim(x, dim), torch.mul)
+    return result(m, _finite_only(m, recentre(m, enclosure).rad))
+
+
+@rule(aten.logcumsumexp.default)
+def logcumsumexp(func, x, dim):
+    """log sum_(i<=k) exp(x_i): the sequential scan s_k = logaddexp(s_(k-1), x_k) on float64 balls (the ``logaddexp``
+    rule, lemma A: each step encloses the exact value), re-centred on PyTorch's midpoint."""
+    _check_float_ball(func, x)
+    m = func(x.mid, dim)
+    b = _ball64(x, m.dtype)
+    if x.dim() == 0:
+        return result(m, _finite_only(m, recentre(m, b).rad))
+    enclosure = _scan_enclosure(b, _scan_dim(x, dim), torch.logaddexp)
+    return result(m, _finite_only(m, recentre(m, enclosure).rad))
+
+
+def _outward_ends(x):
+    """(lo, hi) float64 with lo <= every real of the ball <= hi: -inf/+inf where nothing is known."""
+    m64 = x.mid.detach().to(_F64)
+    r64 = x.rad.to(_F64)
+    unknown = ~torch.isfinite(m64) | torch.isinf(r64)
+    lo = torch.where(unknown, torch.full_like(m64, -math.inf), rounding.sub_down(m64, r64))
+    hi = torch.where(unknown, torch.full_like(m64, math.inf), rounding.add_up(m64, r64))
+    return lo, hi
+
+
+def _selection_rad(values, low, high):
+    """max(high - v, v - low) rounded up (float64): the radius of a selected value v known to lie in [low, high]."""
+    v64 = values.to(_F64)
+    return rounding.clean_rad(torch.maximum(rounding.sub_up(high, v64), rounding.sub_up(v64, low)))
+
+
+@rule(aten.cummax.default, aten.cummin.default)
+def cummax_cummin(func, x, dim):
+    """(values, indices). values_k = max (min) of x_0..x_k is non-decreasing in every element, so over the balls it
+    lies in [F(lo), F(hi)] with F the same scan of the outward end points (exact in float64: max/min do not round):
+    rad = max(F(hi) - v, v - F(lo)). Indices are PyTorch's, from the midpoints; a ``kink`` event counts the outputs
+    whose arg-max is not decided (another element's ball reaches the winner's)."""
+    _check_float_ball(func, x)
+    values, indices = func(x.mid, dim)
+    lo, hi = _outward_ends(x)
+    f_lo, f_hi = func(lo, dim)[0], func(hi, dim)[0]
+    rad = _selection_rad(values, f_lo, f_hi)
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("kink", current_op(), f_lo != f_hi, "running arg-max/arg-min not decided")
+    return result(values, _finite_only(values, rad)), indices
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Order statistics: sort, topk, kthvalue, median, aminmax
+#
+# Lemma S: the k-th smallest element of a vector, s_k(x), is non-decreasing in every element and 1-Lipschitz in the
+# max norm. So for x in the balls, s_k(lo) <= s_k(x) <= s_k(hi) with lo/hi the outward end points, and the value
+# PyTorch returns at rank k (an exact selection of a midpoint) gets rad = max(s_k(hi) - v, v - s_k(lo)), computed by
+# sorting lo and hi the same way (exact: sorting does not round). Indices are PyTorch's, from the midpoints; where
+# neighbouring balls overlap the ordering is undecided: an ``undecided`` event (the values stay enclosed).
+
+
+def _emit_undecided_order(lo_sorted, hi_sorted, d):
+    if diagnostics.is_recording() and lo_sorted.numel() and lo_sorted.shape[d] > 1:
+        n = lo_sorted.shape[d]
+        overlap = lo_sorted.narrow(d, 1, n - 1) <= hi_sorted.narrow(d, 0, n - 1)
+        diagnostics.emit_mask("undecided", current_op(), overlap, "ordering of overlapping balls not decided")
+
+
+@rule(aten.sort.default, aten.sort.stable)
+def sort(func, x, *args, **kwargs):
+    """(values, indices) by lemma S."""
+    _check_float_ball(func, x)
+    values, indices = func(x.mid, *args, **kwargs)
+    lo, hi = _outward_ends(x)
+    lo_s, hi_s = func(lo, *args, **kwargs)[0], func(hi, *args, **kwargs)[0]
+    if x.dim():
+        d = kwargs.get("dim", args[0] if (func is aten.sort.default and args) else (args[1] if len(args) > 1 else -1))
+        _emit_undecided_order(torch.minimum(lo_s, hi_s), torch.maximum(lo_s, hi_s), d % x.dim())
+    # descending sorts put the larger end first at each rank; the rank's interval is [min, max] of the two sorts
+    rad = _selection_rad(values, torch.minimum(lo_s, hi_s), torch.maximum(lo_s, hi_s))
+    return result(values, _finite_only(values, rad)), indices
+
+
+@rule(aten.topk.default)
+def topk(func, x, k, dim=-1, largest=True, sorted=True):
+    """(values, indices): the j-th returned value has some rank among the midpoints; lemma S at that rank. With
+    sorted=True rank j is position j of the sorted end points; otherwise the returned values are ranked by sorting
+    them would need tie handling, so every returned value gets the hull of the k ranks' intervals instead."""
+    _check_float_ball(func, x)
+    values, indices = func(x.mid, k, dim, largest, sorted)
+    lo, hi = _outward_ends(x)
+    lo_k = func(lo, k, dim, largest, True)[0]
+    hi_k = func(hi, k, dim, largest, True)[0]
+    low, high = torch.minimum(lo_k, hi_k), torch.maximum(lo_k, hi_k)
+    if not sorted and values.numel():
+        # hull over all ranks among the k: a valid (wider) interval for every returned value
+        d = dim % max(x.dim(), 1) if x.dim() else 0
+        low = torch.amin(low, dim=d, keepdim=True).expand(low.shape) if x.dim() else low
+        high = torch.amax(high, dim=d, keepdim=True).expand(high.shape) if x.dim() else high
+    rad = _selection_rad(values, low, high)
+    return result(values, _finite_only(values, rad)), indices
+
+
+@rule(aten.kthvalue.default)
+def kthvalue(func, x, k, dim=-1, keepdim=False):
+    """(values, indices): the k-th smallest, lemma S."""
+    _check_float_ball(func, x)
+    values, indices = func(x.mid, k, dim, keepdim)
+    lo, hi = _outward_ends(x)
+    rad = _selection_rad(values, func(lo, k, dim, keepdim)[0], func(hi, k, dim, keepdim)[0])
+    return result(values, _finite_only(values, rad)), indices
+
+
+@rule(aten.median.default, aten.nanmedian.default)
+def median_all(func, x):
+    """The lower median of all elements (a rank statistic, lemma S). nanmedian skips NaN midpoints, which as balls
+    mean "nothing known": a NaN anywhere gives +inf."""
+    _check_float_ball(func, x)
+    m = func(x.mid)
+    lo, hi = _outward_ends(x)
+    rad = _selection_rad(m, aten.median.default(lo), aten.median.default(hi))
+    if bool(torch.isnan(x.mid).any()):
+        rad = torch.full_like(rad, math.inf)
+    return result(m, _finite_only(m, rad))
+
+
+@rule(aten.median.dim, aten.nanmedian.dim)
+def median_dim(func, x, dim, keepdim=False):
+    """(values, indices) of the lower median over ``dim``: lemma S; nanmedian with a NaN in a row gives +inf there."""
+    _check_float_ball(func, x)
+    values, indices = func(x.mid, dim, keepdim)
+    lo, hi = _outward_ends(x)
+    rad = _selection_rad(values, aten.median.dim(lo, dim, keepdim)[0], aten.median.dim(hi, dim, keepdim)[0])
+    if x.dim():
+        has_nan = torch.isnan(x.mid).any(dim=dim, keepdim=keepdim)
+        rad = torch.where(has_nan, torch.full_like(rad, math.inf), rad)
+    return result(values, _finite_only(values, rad)), indices
+
+
+@rule(aten.aminmax.default)
+def aminmax(func, x, *, dim=None, keepdim=False):
+    """(min, max): each as ``extreme`` (monotone in every element, end-point form)."""
+    _check_float_ball(func, x)
+    mn, mx = func(x.mid, dim=dim, keepdim=keepdim)
+    lo, hi = _outward_ends(x)
+    lo_mn, lo_mx = func(lo, dim=dim, keepdim=keepdim)
+    hi_mn, hi_mx = func(hi, dim=dim, keepdim=keepdim)
+    return (result(mn, _finite_only(mn, _selection_rad(mn, lo_mn, hi_mn))),
+            result(mx, _finite_only(mx, _selection_rad(mx, lo_mx, hi_mx))))
+
+
+@rule(aten.nansum.default)
+def nansum(func, x, dim=None, keepdim=False, *, dtype=None):
+    """nansum treats NaN as a missing value; a NaN midpoint is a ball that denotes every real, so any NaN among the
+    reduced elements gives +inf. Otherwise it is ``sum`` (same bound, PyTorch's nansum midpoint)."""
+    _check_float_ball(func, x)
+    m = func(x.mid, dim, keepdim, dtype=dtype)
+    dims = _dims(x.dim(), dim)
+    n = _count(x.shape, dims)
+    s_r, s_m, th, g = _sum_parts(x, m.dtype, dims, n)
+    wd = s_r.dtype
+    c = s_r * _up(th, wd) + s_m * _up(g * th, wd)
+    ops = 3
+    if m.dtype in rounding.REDUCED_DTYPES:
+        c = c + torch.abs(m).reshape(c.shape).to(wd) * rounding.unit_roundoff(m.dtype) + max(
+            rounding.eta(m.dtype), float(torch.finfo(wd).smallest_normal))
+        ops = 6
+    rad = inflate(c, ops)  # NaN midpoints make s_m NaN, hence +inf
+    if not keepdim:
+        rad = rad.reshape(m.shape)
+    return result(m, _finite_only(m, rad))
+
+
+@rule(aten.count_nonzero.default, aten.count_nonzero.dim_IntList)
+def count_nonzero(func, x, *args, **kwargs):
+    """The number of elements != 0: an integer, exact when every element's decision (x != 0) is the same over its
+    ball (decided as the comparison rules do); otherwise ``UndecidedComparisonError``."""
+    from ballgrad.errors import UndecidedComparisonError
+
+    nonzero = torch.ne(x, 0)
+    if bool(nonzero.rad.any()):
+        raise UndecidedComparisonError(f"{func}: a ball contains 0 and non-zero values; the count is not decided")
+    return func(x.mid, *args, **kwargs)

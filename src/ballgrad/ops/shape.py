@@ -279,12 +279,36 @@ def _conversion_rad(new_mid: torch.Tensor, old_mid: torch.Tensor, old_rad: torch
 
 @rule(aten._to_copy.default)
 def to_copy(func, x, **kwargs):
-    """.to(dtype/device): moving devices is exact; narrowing a dtype widens the radius by the conversion error."""
+    """.to(dtype/device): moving devices is exact; narrowing a dtype widens the radius by the conversion error.
+
+    To bool: x != 0, a bool ball decided as the comparison rules decide it. To an integer dtype: PyTorch truncates
+    toward zero; the integer is exact when trunc is the same at both outward end points of the ball (trunc is
+    monotone), otherwise ``UndecidedComparisonError`` (an integer cannot hold a hull); values outside the integer
+    range (or NaN) are refused. A bool ball converted to a floating dtype is 0/1 with radius 1 where undecided."""
     m = func(x.mid, **kwargs)
-    if not m.is_floating_point() or m.is_complex():
-        raise UnsupportedOpError(
-            func, f"converting a ball to {m.dtype} would drop its radius; use x.mid.to({m.dtype}) deliberately"
-        )
+    if m.is_complex():
+        raise UnsupportedOpError(func, f"complex results ({m.dtype}) are out of scope")
+    if x.dtype == torch.bool:
+        if m.dtype == torch.bool:
+            return BallTensor(m, x.rad.to(m.device).clone())
+        if m.is_floating_point():
+            return result(m, x.rad.to(device=m.device, dtype=rounding.rad_dtype(m.dtype)))
+        if bool(x.rad.any()):
+            raise UndecidedComparisonError(f"{func}: an undecided bool ball converted to {m.dtype}")
+        return m
+    if m.dtype == torch.bool:
+        decided = torch.ne(x, 0)
+        return BallTensor(m, decided.rad.to(m.device).clone())
+    if not m.is_floating_point():
+        lo = rounding.sub_down(x.mid.detach().to(torch.float64), x.rad.to(torch.float64))
+        hi = rounding.add_up(x.mid.detach().to(torch.float64), x.rad.to(torch.float64))
+        info = torch.iinfo(m.dtype)
+        if not bool(((lo > float(info.min) - 1.0) & (hi < float(info.max) + 1.0)).all()):
+            raise UnsupportedOpError(func, f"values outside the range of {m.dtype} (or NaN): the conversion is undefined")
+        if not bool((torch.trunc(lo) == torch.trunc(hi)).all()):
+            raise UndecidedComparisonError(f"{func}: a ball spans several integers; the conversion to {m.dtype} is "
+                                           "not decided")
+        return m
     r = _conversion_rad(m, x.mid.to(m.device), x.rad.to(m.device))
     return result(m, r.to(m.device))
 
