@@ -501,3 +501,92 @@ def logical_inplace(func, target, *args):
         )
     target.copy_(res.mid)
     return target
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Step functions: floor, ceil, round, trunc, frac, signbit, heaviside, nan_to_num
+#
+# Lemma T (steps): floor, ceil, trunc and round (half to even, PyTorch's nearbyint) are non-decreasing and integer
+# valued, and exact on float64 numbers. Over a ball with outward end points lo <= hi (``_interval``) the exact values
+# lie in [f(lo), f(hi)], so r = max(f(hi) - m, m - f(lo)) (exact small differences, rounded up): 0 for a ball inside
+# one step, the hull of the reachable steps and a ``kink`` event for a ball straddling a step.
+
+_STEPS = {
+    aten.floor.default: torch.floor,
+    aten.ceil.default: torch.ceil,
+    aten.trunc.default: torch.trunc,
+    aten.round.default: torch.round,
+    aten.fix.default: torch.trunc,
+}
+
+
+@rule(*_STEPS)
+def step(func, x):
+    """floor ceil trunc round (fix): lemma T."""
+    m = func(x.mid)
+    f = _STEPS[func]
+    lo, hi, unknown = _interval(x, m.device)
+    f_lo, f_hi = f(lo), f(hi)
+    m64 = m.to(_F64)
+    rad = torch.clamp_min(torch.maximum(_add_up(f_hi, -m64), _add_up(m64, -f_lo)), 0)
+    rad = torch.where(unknown, torch.full_like(rad, math.inf), rad)
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("kink", current_op(), (f_lo != f_hi) & ~unknown, "ball straddles a step")
+    return _numeric_result(m, rad)
+
+
+@rule(aten.frac.default)
+def frac(func, x):
+    """frac(x) = x - trunc(x) (exact in floating point). Ball inside one trunc step k: the values are x - k over
+    [lo - k, hi - k] (outward); a ball across steps: the hull of the pieces' ranges, [0, 1) for lo >= 0, (-1, 0] for
+    hi <= 0, (-1, 1) otherwise, and a ``kink`` event."""
+    m = func(x.mid)
+    lo, hi, unknown = _interval(x, m.device)
+    k_lo, k_hi = torch.trunc(lo), torch.trunc(hi)
+    same = k_lo == k_hi
+    low = torch.where(same, -_add_up(-lo, k_lo), torch.where(lo >= 0, 0.0, -1.0).to(_F64))
+    high = torch.where(same, _add_up(hi, -k_hi), torch.where(hi <= 0, 0.0, 1.0).to(_F64))
+    m64 = m.to(_F64)
+    rad = torch.clamp_min(torch.maximum(_add_up(high, -m64), _add_up(m64, -low)), 0)
+    rad = torch.where(unknown, torch.full_like(rad, math.inf), rad)
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("kink", current_op(), ~same & ~unknown, "ball straddles an integer")
+    return _numeric_result(m, rad)
+
+
+@rule(aten.signbit.default)
+def signbit(func, x):
+    """signbit as the real decision x < 0 (a bool ball, decided as ``compare`` decides lt). PyTorch's signbit(-0.0)
+    is True while the real 0 is not negative: such an element is undecided."""
+    m = func(x.mid)
+    yes, no = _surely("lt", x, 0, m.device)
+    return _bool_ball(m, _undecided(m, yes, no))
+
+
+@rule(aten.heaviside.default)
+def heaviside(func, x, values):
+    """0 for x < 0, 1 for x > 0, ``values`` at x = 0. The reachable results over the balls: 0 if lo < 0, 1 if hi > 0,
+    the values' ball if the ball contains 0; r = max |candidate - m| over them (the values' radius added), exact when
+    the ball is on one side of 0."""
+    m = func(x.mid, _mid(values))
+    lo, hi, unknown = _interval(x, m.device)
+    m64 = m.to(_F64)
+    zero = torch.zeros_like(m64)
+    cands = [torch.where(lo < 0, _abs_diff_up(zero, m64), zero),
+             torch.where(hi > 0, _abs_diff_up(torch.ones_like(m64), m64), zero),
+             torch.where((lo <= 0) & (hi >= 0), _branch_rad(m64, values), zero)]
+    rad = torch.maximum(torch.maximum(cands[0], cands[1]), cands[2])
+    rad = torch.where(unknown, torch.full_like(rad, math.inf), rad)
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("kink", current_op(), (lo <= 0) & (hi >= 0) & (lo < hi) & ~unknown, "ball contains 0")
+    return _numeric_result(m, rad)
+
+
+@rule(aten.nan_to_num.default)
+def nan_to_num(func, x, nan=None, posinf=None, neginf=None):
+    """The identity on finite midpoints (radius unchanged); a NaN or infinite midpoint is a ball that denotes every
+    real, so the replaced value gets radius +inf."""
+    m = func(x.mid, nan, posinf, neginf)
+    finite = torch.isfinite(x.mid)
+    rad = torch.where(finite, x.rad, torch.full_like(x.rad, math.inf))
+    return result(m, rad)
