@@ -126,17 +126,123 @@ def div(func, a, b):
 
 @rule(aten.div.Tensor_mode, aten.div.Scalar_mode)
 def div_mode(func, a, b, *, rounding_mode=None):
-    """rounding_mode=None is true division; 'trunc'/'floor' are step functions whose PyTorch kernels are not exact
-    (they round the quotient first), so they are rejected."""
+    """rounding_mode=None is true division. 'trunc'/'floor' are the step functions trunc(x/y), floor(x/y) of the
+    exact quotient (PyTorch's kernels round the quotient first, so their midpoint may be off by one step; the radius
+    measures that too): ``_quotient_step``."""
+    m = func(_mid(a), _mid(b), rounding_mode=rounding_mode)
     if rounding_mode is None:
-        m = func(_mid(a), _mid(b), rounding_mode=None)
         ma, ra = operand(a, m.dtype)
         mb, rb = operand(b, m.dtype)
         return result(m, _quotient_rad(m, ma, ra, mb, rb, m.dtype))
-    raise UnsupportedOpError(
-        func, f"rounding_mode={rounding_mode!r} is a discontinuous step of a rounded quotient; ballgrad only "
-        "supports true division (take .mid explicitly if you need integer division of the midpoints)"
-    )
+    return _quotient_step(func, m, a, b, rounding_mode)
+
+
+@rule(aten.floor_divide.default, aten.floor_divide.Scalar)
+def floor_divide(func, a, b):
+    """floor(x/y) of the exact quotient: ``_quotient_step``."""
+    return _quotient_step(func, func(_mid(a), _mid(b)), a, b, "floor")
+
+
+def _fraction_of_arb(v):
+    """An ``arb`` holding an exact number (lower()/upper()) as a Fraction."""
+    from fractions import Fraction
+
+    man, exp = v.mid().man_exp()
+    return Fraction(int(man)) * Fraction(2) ** int(exp)
+
+
+def _step_bounds(t, mode):
+    """Integer end points (Fractions) of mode(t) over the arb ball t: trunc/floor/round-half-even are monotone."""
+    import math as _math
+    from fractions import Fraction
+
+    def f(q: Fraction):
+        if mode == "floor":
+            return Fraction(_math.floor(q))
+        if mode == "trunc":
+            return Fraction(int(q))
+        return Fraction(round(q))  # Python rounds a Fraction half to even: nearbyint
+
+    return f(_fraction_of_arb(t.lower())), f(_fraction_of_arb(t.upper()))
+
+
+def _quotient_step(func, m, a, b, mode):
+    """Lemma A with an exact step: t = x/y over the balls (Arb; a divisor ball containing 0 is a domain violation),
+    mode(t) lies between mode of t's end points (monotone), and the result is the hull of those integers."""
+    from flint import arb, fmpq
+
+    def fn(x, y):
+        if y.contains(0):
+            return None
+        lo, hi = _step_bounds(x / y, mode)
+        return arb.union(arb(fmpq(lo.numerator, lo.denominator)), arb(fmpq(hi.numerator, hi.denominator)))
+
+    from ballgrad.ops.elementwise import _arb_ball
+
+    return _arb_ball(func, m, [a, b], fn, "quotient with a divisor ball containing 0")
+
+
+def _remainder_fn(mode):
+    """x - q y with q = trunc(x/y) (fmod) or floor(x/y) (remainder). Where q is the same over the balls the value is
+    x - q y (Arb); otherwise the hull of the pieces: fmod takes x's sign, |fmod| < |y|; remainder takes y's sign,
+    |remainder| < |y|."""
+
+    def fn(x, y):
+        from flint import arb, fmpq
+
+        if y.contains(0):
+            return None
+        lo, hi = _step_bounds(x / y, "trunc" if mode == "fmod" else "floor")
+        if lo == hi:
+            return x - arb(fmpq(lo.numerator, lo.denominator)) * y
+        bound = abs(y).upper()
+        if mode == "fmod":
+            low = -bound if not x >= 0 else arb(0)
+            high = bound if not x <= 0 else arb(0)
+        else:
+            low = -bound if not y > 0 else arb(0)
+            high = bound if not y < 0 else arb(0)
+        return arb.union(low, high)
+
+    return fn
+
+
+_REMAINDERS = {
+    aten.fmod.Tensor: "fmod",
+    aten.fmod.Scalar: "fmod",
+    aten.remainder.Tensor: "remainder",
+    aten.remainder.Scalar: "remainder",
+    aten.remainder.Scalar_Tensor: "remainder",
+}
+
+
+@rule(*_REMAINDERS)
+def remainders(func, a, b):
+    """fmod(x, y) = x - trunc(x/y) y and remainder(x, y) = x - floor(x/y) y of the exact arguments, discontinuous
+    where x/y crosses an integer: lemma A (elementwise.py) with ``_remainder_fn``; a ``domain`` event (+inf) where the
+    divisor ball contains 0."""
+    from ballgrad.ops.elementwise import _arb_ball
+
+    m = func(_mid(a), _mid(b))
+    return _arb_ball(func, m, [a, b], _remainder_fn(_REMAINDERS[func]), "divisor ball contains 0")
+
+
+@rule(aten.round.decimals)
+def round_decimals(func, x, *, decimals=0):
+    """round(x 10^d) / 10^d (half to even) of the exact x: monotone in x, so between the rounded end points of
+    t = x 10^d (Arb), divided exactly by 10^d (lemma A)."""
+    from flint import arb, fmpq
+
+    from ballgrad.ops.elementwise import _arb_ball
+
+    d = int(decimals)
+    scale = fmpq(10) ** d if d >= 0 else fmpq(1, 10 ** (-d))
+
+    def fn(t):
+        lo, hi = _step_bounds(t * arb(scale), "round")
+        return arb.union(arb(fmpq(lo.numerator, lo.denominator) / scale), arb(fmpq(hi.numerator, hi.denominator) / scale))
+
+    return _arb_ball(func, func(_mid(x), decimals=decimals), [x], fn, "round")
 
 
 @rule(aten.reciprocal.default)
