@@ -9,6 +9,7 @@ from ballgrad.diagnostics import record
 from ballgrad.errors import NumericsGuardError, UndecidedComparisonError, UnsupportedOpError
 from ballgrad.guard import check_numerics
 from ballgrad.nn import PlainGradientError, ballify, is_ballified, unballify
+from ballgrad.precision import precision_plan, report
 from ballgrad.tensor import BallTensor, ball, from_interval
 
 __version__ = "0.1.0"
@@ -18,6 +19,8 @@ __all__ = [
     "ball",
     "from_interval",
     "record",
+    "report",
+    "precision_plan",
     "ballify",
     "unballify",
     "is_ballified",

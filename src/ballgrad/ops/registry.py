@@ -48,17 +48,17 @@ def dispatch(func, args, kwargs):
         if fn is None:
             raise UnsupportedOpError(func)
     guard.check_once(_device_type(args))
-    recording = diagnostics.is_recording()
-    if recording:
-        diagnostics.begin_op()
+    frame = diagnostics.begin_op(func, args, kwargs) if diagnostics.active else None  # one attribute read
     previous = getattr(_state, "op", "?")
     _state.op = str(func)
     try:
         out = fn(func, *args, **kwargs)
+        if frame is not None:
+            diagnostics.scan_outputs(func, args, out, frame, kwargs)
     finally:
         _state.op = previous
-    if recording:
-        diagnostics.scan_outputs(str(func), args, out)
+        if frame is not None:
+            diagnostics.end_op(frame)
     return out
 
 
