@@ -687,3 +687,129 @@ def count_nonzero(func, x, *args, **kwargs):
     if bool(nonzero.rad.any()):
         raise UndecidedComparisonError(f"{func}: a ball contains 0 and non-zero values; the count is not decided")
     return func(x.mid, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scatter sums: index_add, scatter_add, index_put / put with accumulate, scatter_reduce / index_reduce
+#
+# Lemma Q: an output element j of a scatter sum is x_j (when self is included) plus the c_j source terms sent to it,
+# added in some order (sequentially or atomically), each source term first scaled by alpha when alpha != 1: at most
+# c_j + 1 roundings per term, so |fl - exact| <= g (|x_j| + sum |alpha s_i|) + c_j eta with g = growth(c + 1, u),
+# c = the largest count (u the op roundoff of the dtype, covering float16/bfloat16 opmath). Writing T(a, b) for the same
+# op applied to non-negative tensors a (for self) and b (for the source) in float64, T(r_x, |alpha| r_s) and
+# T(|m_x|, |alpha| |m_s|) are round-to-nearest sums of at most c + 1 non-negative terms, so exact <= theta_c T. Hence
+# rad >= theta (T(r_x, |alpha| r_s) + g T(|m_x|, |alpha| |m_s|)) + c eta (``inflate``). The counts come from
+# T(0, 1) (exact small integers). alpha must be exact in the dtype.
+
+_SCATTER_SUMS = {
+    # op: (source position, accumulate position or None)
+    aten.index_add.default: (3, None),
+    aten.scatter_add.default: (3, None),
+    aten.index_put.default: (2, 3),
+    aten.put.default: (2, 3),
+    aten._unsafe_masked_index_put_accumulate.default: (3, None),
+}
+
+
+def _scatter_call(func, args, kwargs, self_t, src_t, pos):
+    call = list(args)
+    call[0], call[pos] = self_t, src_t
+    return func(*call, **kwargs)
+
+
+def _scatter_sum_rad(func, m, args, kwargs, pos, alpha=1.0):
+    x, src = args[0], args[pos]
+    mx, rx = operand(x, m.dtype)
+    ms, rs = operand(src, m.dtype)
+    rx, rs = rx.expand(mx.shape).to(_F64), rs.expand(ms.shape).to(_F64)
+    a = abs(float(alpha))
+    zeros, ones = torch.zeros(mx.shape, dtype=_F64), torch.ones(ms.shape, dtype=_F64)
+    counts = _scatter_call(func, args, kwargs, zeros, ones, pos)
+    c = int(counts.max()) if counts.numel() else 0
+    u = Fraction(rounding.op_roundoff(m.dtype))
+    g = growth(c + 1, u)
+    th = theta(c + 1, rounding.unit_roundoff_exact(_F64))
+    big_r = _scatter_call(func, args, kwargs, rx, rs * a, pos)
+    big_s = _scatter_call(func, args, kwargs, torch.abs(mx).to(_F64), torch.abs(ms).to(_F64) * a, pos)
+    eta_term = rounding.absolute_term((c + 1) * Fraction(rounding.op_underflow(m.dtype)), _F64)
+    rad = inflate(big_r * _up(th, _F64) + big_s * _up(g * th, _F64) + eta_term, 6)
+    return rad, counts
+
+
+@rule(*_SCATTER_SUMS)
+def scatter_sum(func, *args, **kwargs):
+    """index_add (alpha exact in the dtype), scatter_add, index_put/put with accumulate=True,
+    _unsafe_masked_index_put_accumulate: lemma Q. index_put/put without accumulation are exact element moves."""
+    pos, acc_pos = _SCATTER_SUMS[func]
+    if acc_pos is not None and not (args[acc_pos] if len(args) > acc_pos else kwargs.get("accumulate", False)):
+        from ballgrad.ops import shape
+
+        return shape.structural(func, *args, **kwargs)
+    from ballgrad.ops.shape import _mid_arg
+
+    m = func(*_mid_arg(list(args)), **kwargs)
+    alpha = kwargs.get("alpha", 1)
+    if alpha != 1:
+        _, r_alpha = operand(alpha, m.dtype)
+        if float(r_alpha) != 0:
+            raise UnsupportedOpError(func, f"alpha={alpha!r} is not exact in {m.dtype}")
+    plain_kwargs = {k: v for k, v in kwargs.items() if k != "alpha"}  # T scales by |alpha| itself
+    rad, _ = _scatter_sum_rad(func, m, [a for a in _mid_or_ball(args)], plain_kwargs, pos, alpha)
+    return result(m, _finite_only(m, rad))
+
+
+def _mid_or_ball(args):
+    """Arguments with bool/int balls replaced by their (decided) midpoints; floating balls kept."""
+    from ballgrad.ops.shape import _exact_index
+
+    return [_exact_index(a) if isinstance(a, BallTensor) and not a.is_floating_point() else a for a in args]
+
+
+_SCATTER_REDUCE = {aten.scatter_reduce.two: 3, aten.index_reduce.default: 3}
+
+
+@rule(*_SCATTER_REDUCE)
+def scatter_reduce(func, x, dim, index, src, reduce, *, include_self=True):
+    """scatter_reduce / index_reduce. sum: lemma Q. mean: the sum's bound divided by the count, plus the division's
+    rounding u|m| + eta. amax/amin: monotone in every element, so between the same reduction of the outward end points
+    (exact selections). prod is refused."""
+    from ballgrad.ops.shape import _exact_index
+
+    index = _exact_index(index)
+    m = func(x.mid if isinstance(x, BallTensor) else x, dim, index, src.mid if isinstance(src, BallTensor) else src,
+             reduce, include_self=include_self)
+    if reduce in ("amax", "amin"):
+        bx, bs = _as_ball(x), _as_ball(src)
+        lo_x, hi_x = _outward_ends(bx)
+        lo_s, hi_s = _outward_ends(bs)
+        f_lo = func(lo_x, dim, index, lo_s, reduce, include_self=include_self)
+        f_hi = func(hi_x, dim, index, hi_s, reduce, include_self=include_self)
+        return result(m, _finite_only(m, _selection_rad(m, f_lo, f_hi)))
+    if reduce not in ("sum", "mean"):
+        raise UnsupportedOpError(func, f"reduce={reduce!r}: only sum, mean, amax and amin have rules")
+    # the sum's bound for the same grouping: scatter_reduce with reduce="sum" (index_reduce has no "sum"; its
+    # grouping along ``dim`` is index_add's)
+    def summed(self_t, dim_, index_, src_t):
+        if func is aten.index_reduce.default:
+            if include_self:
+                base = self_t
+            else:  # untouched elements keep self; touched ones reduce the sources only
+                hits = aten.index_add.default(torch.zeros_like(self_t), dim_, index_, torch.ones_like(src_t))
+                base = torch.where(hits == 0, self_t, torch.zeros_like(self_t))
+            return aten.index_add.default(base, dim_, index_, src_t)
+        return func(self_t, dim_, index_, src_t, "sum", include_self=include_self)
+
+    rad, counts = _scatter_sum_rad(summed, m, [x, dim, index, src], {}, 3)
+    if reduce == "mean":
+        n = counts + (1.0 if include_self else 0.0)
+        n = torch.where(n == 0, torch.ones_like(n), n)
+        u, eta = rounding.op_roundoff(m.dtype), rounding.op_underflow(m.dtype)
+        rad = inflate(rad / n + torch.abs(m).to(_F64) * u + eta, 4)
+        rad = rounding.clean_rad(rad)
+    return result(m, _finite_only(m, rad))
+
+
+def _as_ball(t):
+    if isinstance(t, BallTensor):
+        return t
+    return BallTensor(t, torch.zeros_like(t, dtype=rounding.rad_dtype(t.dtype)))

@@ -157,16 +157,9 @@ def structural(func, *args, **kwargs):
         _, r_fill = operand(value, args[0].dtype)
         if float(r_fill) != 0:
             raise UnsupportedOpError(func, f"pad value {value!r} is not exact in {args[0].dtype}")
-    if func in (aten.index_put.default, aten.put.default) and _accumulates(func, args, kwargs):
-        raise UnsupportedOpError(func, "accumulate=True sums values: see the scatter-sum rules")
     m = func(*_mid_arg(args), **_mid_arg(kwargs) if kwargs else {})
     r = func(*_rad_arg(args), **_rad_arg(kwargs) if kwargs else {})
     return _pair(m, r)
-
-
-def _accumulates(func, args, kwargs) -> bool:
-    position = 3 if func is aten.index_put.default else 3
-    return bool(args[position] if len(args) > position else kwargs.get("accumulate", False))
 
 
 _FILL_POSITION = {
@@ -205,10 +198,6 @@ def as_strided_family(func, x, *args):
     return _pair(func(*mids), func(*rads))
 
 
-@rule(aten.put.default, aten.index_put.default)
-def put_family(func, *args, **kwargs):
-    """put / index_put without accumulation: exact element movement (``structural``)."""
-    return structural(func, *args, **kwargs)
 
 
 @rule(aten.as_strided.default)
