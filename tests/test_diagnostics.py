@@ -178,8 +178,8 @@ def test_module_stack_survives_exceptions():
 
 
 def test_two_threads_recording_at_once():
-    barrier = threading.Barrier(2)
-    seen = {}
+    barrier = threading.Barrier(2, timeout=60)
+    seen, errors = {}, []
 
     class Named(nn.Module):
         def forward(self, x):
@@ -189,17 +189,22 @@ def test_two_threads_recording_at_once():
             return out
 
     def work(k):
-        x = bg.ball(torch.zeros(k + 1, dtype=F64), 1.0)  # thread k: a domain event of k + 1 elements
-        model = nn.Sequential(Named())
-        with bg.record(model=model) as rec:
-            model(x)
-        seen[k] = rec
+        try:
+            x = bg.ball(torch.zeros(k + 1, dtype=F64), 1.0)  # thread k: a domain event of k + 1 elements
+            model = nn.Sequential(Named())
+            with bg.record(model=model) as rec:
+                model(x)
+            seen[k] = rec
+        except Exception as e:  # reported below (an exception in a thread would not fail the test)
+            errors.append(e)
+            barrier.abort()
 
     threads = [threading.Thread(target=work, args=(k,), name=f"worker-{k}") for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors, errors
     for k in range(2):
         mine = seen[k].events_of_thread(f"worker-{k}")
         assert [(e.kind, e.count, e.module) for e in mine] == [("domain", k + 1, "0")]

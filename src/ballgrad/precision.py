@@ -12,7 +12,8 @@
 
 Statistics of bits. ``rel_accuracy_bits`` is floor(log2(|mid|/rad)); a zero midpoint has no relative accuracy (Arb
 gives -inf for a ball around 0), so the statistics (median, min) are taken over the elements with a non-zero
-midpoint; ``nonzero`` counts them. -inf: a ball containing 0 (no certified bit); +inf: exact.
+midpoint (or an infinite radius: nothing known); ``nonzero`` counts them. -inf: a ball containing 0 (no certified
+bit); +inf: exact.
 
 The error functional (NumGeom-AD's Phi, measured rather than estimated). For a module f called on input midpoints
 x (captured in the training step), run a copy of f alone, twice, without autograd:
@@ -79,7 +80,9 @@ def bits_stats(x) -> dict:
     if not isinstance(x, BallTensor):
         return {"median": math.inf, "min": math.inf, "nonzero": int((x != 0).sum()) if torch.is_tensor(x) else 0}
     mid = x.mid.detach()
-    nz = mid != 0  # NaN midpoints count (as -inf bits: nothing known)
+    # zero midpoints have no relative accuracy and are left out, unless their radius is infinite (nothing known);
+    # NaN midpoints count too (-inf bits)
+    nz = (mid != 0) | torch.isinf(x.rad)
     n = int(nz.sum())
     if n == 0:
         return {"median": math.nan, "min": math.nan, "nonzero": 0}
