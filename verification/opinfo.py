@@ -66,6 +66,9 @@ SUBCLASS_PATH = {
     "masked_fill": "backward of the fill value: PyTorch's masked_fill_backward (FunctionsManual.cpp) sums "
                    "where(mask, grad, 0) for tensor subclasses but masked_select(grad, mask) for plain tensors; the "
                    "two summation orders can differ in the last bit",
+    "prod": "backward: PyTorch's prod_backward (FunctionsManual.cpp) always takes the zero-safe cumprod path for tensor "
+            "subclasses (Composite Compliance) but grad * result / input for plain tensors without zeros",
+    "masked.prod": "backward: as prod (prod_backward takes the zero-safe path for tensor subclasses)",
 }
 
 

@@ -107,6 +107,8 @@ def recentre(mid: torch.Tensor, enclosure: BallTensor) -> BallTensor:
     """
     c = enclosure.mid.detach().to(torch.float64)
     r = enclosure.rad.to(torch.float64)
-    shift = rounding.up(torch.abs(mid.detach().to(torch.float64) - c))
-    rad = rounding.add_up(r, shift)
+    m64 = mid.detach().to(torch.float64)
+    same = m64 == c  # then the shift is exactly 0 and the radius needs no rounded addition
+    shift = rounding.up(torch.abs(m64 - c))
+    rad = torch.where(same, r, rounding.add_up(r, shift))
     return result(mid, rad)

@@ -1,13 +1,192 @@
 """Audited decompositions (DESIGN.md §4): ops without a rule of their own that are evaluated through a real-arithmetic
 identity, re-centred on the original op's midpoint. Each entry states its identity. Never the raw decomposition
 table: an op not listed here raises ``UnsupportedOpError``.
+
+How an entry is evaluated (``_evaluate``): the midpoint is the original op on the midpoints (bit-identical to plain
+PyTorch). The enclosure is the identity's right-hand side evaluated with ball rules on the arguments widened exactly to
+float64 (every ball rule encloses the exact real result of its op for every point of its input balls, so the composed
+expression encloses the exact value of the identity's right-hand side, which *is* the op's exact value). The result is
+``common.recentre(mid, enclosure)``: |exact - mid| <= r + |c - mid|.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from ballgrad.ops.common import recentre
+from ballgrad.tensor import BallTensor
+
+aten = torch.ops.aten
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    identity: str  # the real-number identity, stated
+    enclosure: Callable  # (*widened args, **kwargs) -> ball(s) enclosing the exact value
+
+
 AUDITED: dict = {}
+
+
+def audited(identity: str, *ops):
+    """Register ``enclosure`` as the audited decomposition of ``ops`` with the stated ``identity``."""
+
+    def register(fn):
+        for op in ops:
+            AUDITED[op] = Decomposition(identity, fn)
+        return fn
+
+    return register
 
 
 def rule_for(func):
     """The audited decomposition rule for ``func``, or None."""
-    return AUDITED.get(func)
+    if func not in AUDITED:
+        return None
+    return _evaluate
+
+
+def _mid(x):
+    if isinstance(x, BallTensor):
+        if not x.is_floating_point():
+            from ballgrad.ops.shape import _exact_index
+
+            return _exact_index(x)
+        return x.mid
+    return x
+
+
+def _widen(x):
+    """Floating balls and plain floating tensors as float64 balls (exact widening); others unchanged."""
+    if isinstance(x, BallTensor):
+        if not x.is_floating_point():
+            return _mid(x)
+        return BallTensor(x.mid.detach().to(_F64), x.rad.to(_F64))
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        m = x.detach().to(_F64)
+        return BallTensor(m, torch.zeros_like(m))
+    return x
+
+
+def _evaluate(func, *args, **kwargs):
+    entry = AUDITED[func]
+    is_tensor = lambda t: isinstance(t, torch.Tensor)  # noqa: E731
+    mid = func(*pytree.tree_map_only(torch.Tensor, _mid, args), **pytree.tree_map_only(torch.Tensor, _mid, kwargs))
+    enclosure = entry.enclosure(*pytree.tree_map_only(torch.Tensor, _widen, args),
+                                **pytree.tree_map_only(torch.Tensor, _widen, kwargs))
+    mids, spec = pytree.tree_flatten(mid)
+    encs, _ = pytree.tree_flatten(enclosure)
+    out = []
+    for m, e in zip(mids, encs):
+        if is_tensor(m) and m.is_floating_point():
+            out.append(recentre(m, e))
+        else:
+            out.append(m)
+    return pytree.tree_unflatten(out, spec)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Entries
+
+
+@audited("vdot(a, b) = sum_i a_i b_i = dot(a, b) for real a, b", aten.vdot.default)
+def _vdot(a, b):
+    return torch.dot(a, b)
+
+
+@audited("addr(M, u, v, beta, alpha) = beta M + alpha u v^T (beta = 0 ignores M)", aten.addr.default)
+def _addr(m, u, v, *, beta=1, alpha=1):
+    outer = u.unsqueeze(-1) * v.unsqueeze(0)
+    scaled = outer if alpha == 1 else outer * alpha
+    if beta == 0:
+        return scaled + torch.zeros_like(m) if m.shape != scaled.shape else scaled
+    return (m if beta == 1 else m * beta) + scaled
+
+
+@audited("addbmm(M, A, B, beta, alpha) = beta M + alpha sum_b A_b B_b (beta = 0 ignores M)", aten.addbmm.default)
+def _addbmm(m, a, b, *, beta=1, alpha=1):
+    prod = torch.bmm(a, b).sum(0) if a.shape[0] else torch.zeros(a.shape[1], b.shape[2], dtype=_F64)
+    scaled = prod if alpha == 1 else prod * alpha
+    if beta == 0:
+        return scaled
+    return (m if beta == 1 else m * beta) + scaled
+
+
+@audited("cross(a, b) = roll(a, -1) roll(b, -2) - roll(a, -2) roll(b, -1) along the size-3 dim "
+         "(the components a_y b_z - a_z b_y, a_z b_x - a_x b_z, a_x b_y - a_y b_x)", aten.linalg_cross.default)
+def _cross(a, b, dim=-1):
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    a, b = a.expand(shape), b.expand(shape)
+    return torch.roll(a, -1, dim) * torch.roll(b, -2, dim) - torch.roll(a, -2, dim) * torch.roll(b, -1, dim)
+
+
+@audited("trace(X) = sum_i X_ii", aten.trace.default)
+def _trace(x):
+    return torch.diagonal(x).sum()
+
+
+def _norm(x, p, dim=None, keepdim=False):
+    """||x||_p over ``dim`` for p in {1, 2, inf, -inf} (the vector_norm rule) and other real p != 0:
+    (sum |x_i|^p)^(1/p) composed from abs, pow (lemma M/P), sum and pow; p = 0: the number of non-zero elements,
+    exact where every element is decided."""
+    p = float(p)
+    if p in (1.0, 2.0, float("inf"), float("-inf")):
+        return torch.linalg.vector_norm(x, p, dim, keepdim)
+    if p == 0.0:
+        nonzero = torch.ne(x, 0)
+        from ballgrad.errors import UndecidedComparisonError
+
+        if bool(nonzero.rad.any()):
+            raise UndecidedComparisonError("the 0-'norm' counts non-zero elements; a ball contains 0 and non-zero values")
+        count = nonzero.mid.to(_F64).sum(dim=dim, keepdim=keepdim) if dim is not None else nonzero.mid.to(_F64).sum()
+        return BallTensor(count, torch.zeros_like(count))
+    s = torch.abs(x) ** p
+    s = s.sum(dim=dim, keepdim=keepdim) if dim is not None else s.sum()
+    return s ** (1.0 / p)
+
+
+@audited("vector_norm(x, p) = (sum |x_i|^p)^(1/p) (p != 0, +-inf); p = 0 counts non-zeros", aten.linalg_vector_norm.default)
+def _vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None):
+    return _norm(x, ord, dim, keepdim)
+
+
+@audited("norm(x, p, dim) = vector_norm(x, p, dim)", aten.norm.ScalarOpt_dim, aten.norm.Scalar, aten.norm.ScalarOpt_dtype,
+         aten.norm.ScalarOpt_dim_dtype)
+def _legacy_norm(x, p=2, dim=None, keepdim=False, *, dtype=None):
+    if p is None:
+        p = 2
+    if isinstance(dim, (list, tuple)) and len(dim) == 0:
+        dim = None
+    return _norm(x, p, dim, keepdim)
+
+
+@audited("dist(a, b, p) = ||a - b||_p", aten.dist.default)
+def _dist(a, b, p=2):
+    return _norm(a - b, p)
+
+
+@audited("cdist(X, Y, p)_ij = ||X_i - Y_j||_p", aten._cdist_forward.default)
+def _cdist(x1, x2, p, compute_mode=None):
+    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
+    return _norm(diff, p, dim=-1)
+
+
+@audited("pdist(X, p) = (||X_i - X_j||_p for i < j, row-major)", aten._pdist_forward.default)
+def _pdist(x, p=2):
+    n = x.shape[0]
+    i, j = torch.triu_indices(n, n, 1)
+    return _norm(x[i] - x[j], p, dim=-1)
+
+
+@audited("renorm(x, p, dim, maxnorm): each slice s along dim is s * maxnorm / (||s||_p + 1e-7) where ||s||_p > maxnorm, "
+         "else s (an undecided comparison gives the hull of both branches)", aten.renorm.default)
+def _renorm(x, p, dim, maxnorm):
+    dims = [d for d in range(x.dim()) if d != dim % x.dim()]
+    n = _norm(x, p, dims, True)
+    scale = maxnorm / (n + 1e-7)
+    return torch.where(n > maxnorm, x * scale, x)

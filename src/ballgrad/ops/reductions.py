@@ -352,6 +352,7 @@ def _from_bounds(lo: torch.Tensor, hi: torch.Tensor) -> BallTensor:
     """A float64 ball containing [lo, hi] (NaN end points, from NaN inputs, give an infinite radius)."""
     mid = lo * 0.5 + hi * 0.5
     rad = torch.maximum(rounding.sub_up(mid, lo), rounding.sub_up(hi, mid))
+    rad = torch.where((lo == hi) & (mid == lo), torch.zeros_like(rad), rad)  # a point: exact
     return BallTensor(mid, rounding.clean_rad(rad))
 
 
@@ -407,12 +408,15 @@ def vector_norm(func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
     <= ||r|| (p = 1, 2; -inf is min|x_i|, 1-Lipschitz in the max-norm), so the enclosure is an enclosure of ||m||
     (ball rules on the point midpoints: abs + sum, mul + sum + sqrt, or the exact max/min of |m|) widened by an upper
     bound of ||r||_p, re-centred on PyTorch's midpoint. For p = +-inf the end-point form of ``_extreme_rad`` applied
-    to |x_i| in [max(0, |m_i| - r_i), |m_i| + r_i] is used instead (tighter). Other orders raise."""
+    to |x_i| in [max(0, |m_i| - r_i), |m_i| + r_i] is used instead (tighter). Other orders go through the audited
+    decomposition in ``decompositions.py``."""
     _check_float_ball(func, x)
     m = func(x.mid, ord, dim, keepdim, dtype=dtype)
     p = float(ord)
-    if p not in (1.0, 2.0, math.inf, -math.inf):
-        raise UnsupportedOpError(func, f"ord={ord!r}: only 1, 2, inf and -inf vector norms have rules")
+    if p not in (1.0, 2.0, math.inf, -math.inf):  # other orders: the audited decomposition (sum |x|^p)^(1/p)
+        from ballgrad.ops import decompositions
+
+        return decompositions._evaluate(func, x, ord, dim, keepdim, dtype=dtype)
     dims = _dims(x.dim(), dim)
     n = _count(x.shape, dims)
     b = _ball64(x, m.dtype)
@@ -420,8 +424,9 @@ def vector_norm(func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
         dims = []
     if math.isinf(p):
         abs_m = torch.abs(b.mid)
-        hi = rounding.add_up(abs_m, b.rad)
-        lo = torch.clamp_min(rounding.sub_down(abs_m, b.rad), 0)
+        exact = b.rad == 0  # point elements: their end points are exact (no outward bump)
+        hi = torch.where(exact, abs_m, rounding.add_up(abs_m, b.rad))
+        lo = torch.where(exact, abs_m, torch.clamp_min(rounding.sub_down(abs_m, b.rad), 0))
         reduce = torch.amax if p > 0 else torch.amin
         return _finish(m, _from_bounds(reduce(lo, dim=dims, keepdim=True), reduce(hi, dim=dims, keepdim=True)), keepdim)
     point = _point64(b.mid)
