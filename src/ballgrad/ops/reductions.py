@@ -252,16 +252,11 @@ def _extreme_rad(func, x, values, args, kwargs):
     """|F(x) - F(m)| for F = max or min over the same dims: F is monotone in every element, so for x in the balls
     F(lo) <= F(x) <= F(hi) with lo/hi the end points rounded outward, and F(m) = values exactly (no rounding):
     rad = max(F(hi) - values, values - F(lo)), both differences rounded up (float64)."""
-    m64 = x.mid.to(_F64)
-    r64 = x.rad.to(_F64)
-    hi = rounding.add_up(m64, r64)
-    lo = rounding.sub_down(m64, r64)
+    lo, hi = _outward_ends(x)
     f_hi, f_lo = func(hi, *args, **kwargs), func(lo, *args, **kwargs)
     if isinstance(f_hi, tuple):
         f_hi, f_lo = f_hi[0], f_lo[0]
-    v64 = values.to(_F64)
-    rad = torch.maximum(rounding.sub_up(f_hi, v64), rounding.sub_up(v64, f_lo))
-    return rounding.clean_rad(rad), lo, hi
+    return _selection_rad(values, f_lo, f_hi), lo, hi
 
 
 @rule(aten.amax.default, aten.amin.default, aten.max.default, aten.min.default)
@@ -533,15 +528,20 @@ def _outward_ends(x):
     m64 = x.mid.detach().to(_F64)
     r64 = x.rad.to(_F64)
     unknown = ~torch.isfinite(m64) | torch.isinf(r64)
-    lo = torch.where(unknown, torch.full_like(m64, -math.inf), rounding.sub_down(m64, r64))
-    hi = torch.where(unknown, torch.full_like(m64, math.inf), rounding.add_up(m64, r64))
+    point = r64 == 0  # exact end points: no outward bump (so exact ties stay decided)
+    lo = torch.where(point, m64, rounding.sub_down(m64, r64))
+    hi = torch.where(point, m64, rounding.add_up(m64, r64))
+    lo = torch.where(unknown, torch.full_like(m64, -math.inf), lo)
+    hi = torch.where(unknown, torch.full_like(m64, math.inf), hi)
     return lo, hi
 
 
 def _selection_rad(values, low, high):
     """max(high - v, v - low) rounded up (float64): the radius of a selected value v known to lie in [low, high]."""
     v64 = values.to(_F64)
-    return rounding.clean_rad(torch.maximum(rounding.sub_up(high, v64), rounding.sub_up(v64, low)))
+    above = torch.where(high == v64, torch.zeros_like(v64), rounding.sub_up(high, v64))
+    below = torch.where(low == v64, torch.zeros_like(v64), rounding.sub_up(v64, low))
+    return rounding.clean_rad(torch.maximum(above, below))
 
 
 @rule(aten.cummax.default, aten.cummin.default)
