@@ -373,3 +373,119 @@ def inplace_view(func, x, *args):
         finally:
             torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
     return x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Integer results of decisions (nonzero, searchsorted, bucketize, isin, unique) and Python-bool results (equal,
+# allclose): exact when every decision they rest on is the same for all points of the balls, otherwise
+# ``UndecidedComparisonError`` (an integer or a Python bool cannot hold a hull). Random tensors shaped like a ball.
+
+
+def _require_decided(func, bool_ball, what):
+    if isinstance(bool_ball, BallTensor) and bool(bool_ball.rad.any()):
+        raise UndecidedComparisonError(f"{func}: {what} differs between points of the balls")
+
+
+@rule(aten.nonzero.default, aten.argwhere.default, aten.nonzero_static.default)
+def nonzero(func, x, *args, **kwargs):
+    """Indices of the non-zero elements: exact when every element's x != 0 is decided (``compare``)."""
+    _require_decided(func, torch.ne(x, 0) if x.is_floating_point() else x, "x != 0")
+    return func(_exact_index(x) if not x.is_floating_point() else x.mid, *args, **kwargs)
+
+
+@rule(aten.searchsorted.Tensor, aten.searchsorted.Scalar, aten.bucketize.Tensor, aten.bucketize.Scalar)
+def searchsorted(func, *args, **kwargs):
+    """The insertion index of each value among sorted boundaries: the number of boundaries b with b < v (b <= v for
+    right=True), exact when every such comparison is decided (checked on all pairs with the comparison rules)."""
+    if func in (aten.bucketize.Tensor, aten.bucketize.Scalar):
+        values, boundaries = args[0], args[1]
+        right = kwargs.get("right", args[3] if len(args) > 3 else False)
+    else:
+        boundaries, values = args[0], args[1]
+        right = kwargs.get("right", args[4] if len(args) > 4 else False)
+        side = kwargs.get("side", None)
+        right = right or side == "right"
+        if kwargs.get("sorter") is not None or (len(args) > 5 and args[5] is not None):
+            raise UnsupportedOpError(func, "searchsorted with a sorter")
+    v = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
+    b_flat = boundaries.reshape(-1) if boundaries.dim() <= 1 else boundaries
+    if isinstance(boundaries, torch.Tensor) and boundaries.dim() > 1:
+        pairs = (torch.le if right else torch.lt)(boundaries.unsqueeze(-2), v.unsqueeze(-1))
+    else:
+        pairs = (torch.le if right else torch.lt)(b_flat, v.unsqueeze(-1))
+    _require_decided(func, pairs, "a boundary comparison")
+    return func(*[_mid_arg(a) for a in args], **{k: _mid_arg(w) for k, w in kwargs.items()})
+
+
+@rule(aten.isin.Tensor_Tensor, aten.isin.Tensor_Scalar, aten.isin.Scalar_Tensor)
+def isin(func, elements, test_elements, *, assume_unique=False, invert=False):
+    """Membership as a bool ball: any_j (x == t_j), three-valued (``compare``, ``any``), negated for invert."""
+    m = func(_mid_arg(elements), _mid_arg(test_elements), assume_unique=assume_unique, invert=invert)
+    e = elements if isinstance(elements, torch.Tensor) else torch.tensor(elements, dtype=torch.float64)
+    t = test_elements if isinstance(test_elements, torch.Tensor) else torch.tensor(test_elements, dtype=torch.float64)
+    hit = torch.eq(e.unsqueeze(-1), t.reshape(-1)).any(-1) if t.numel() else None
+    if hit is None or not isinstance(hit, BallTensor):
+        return m
+    value = hit.mid.reshape(m.shape) != invert
+    return BallTensor(m, hit.rad.reshape(m.shape) | (value != m))  # undecided, or the kernel disagrees
+
+
+@rule(aten._unique2.default, aten.unique_consecutive.default)
+def unique(func, x, *args, **kwargs):
+    """(values, [inverse], [counts]): the values are exact selections of elements, so each keeps the radius of the
+    elements it stands for; this is exact when equality between elements is decided: two elements are equal for every
+    point of the balls only if both are the same exact point, so an element with a radius may not share its ball
+    with another element (``UndecidedComparisonError``). Inverse indices and counts are PyTorch's."""
+    if x.numel() > 1:
+        flat = x.reshape(-1)
+        eq = torch.eq(flat.unsqueeze(-1), flat.unsqueeze(0))
+        _require_decided(func, eq, "equality of elements")
+    out = func(x.mid, *args, **kwargs)
+    values = out[0]
+    if func is aten._unique2.default:
+        inverse = func(x.mid, True, True, False)[1]
+    else:
+        inverse = aten.unique_consecutive.default(x.mid, True, False, None)[1]
+    rad = torch.zeros(values.shape, dtype=x.rad.dtype)
+    if x.numel():
+        rad = rad.scatter_reduce(0, inverse.reshape(-1), x.rad.reshape(-1), "amax", include_self=True)
+    return (BallTensor(values, rad),) + tuple(out[1:])
+
+
+@rule(aten.equal.default)
+def equal(func, a, b):
+    """True iff same shape and every element equal: decided with the comparison rules (undecided raises)."""
+    if a.shape != b.shape:
+        return False
+    eq = torch.eq(a, b)
+    if isinstance(eq, BallTensor):
+        decided_false = bool((~eq.rad & ~eq.mid).any())
+        if decided_false:
+            return False
+        _require_decided(func, eq, "equality")
+        return bool(eq.mid.all())
+    return bool(eq.all())
+
+
+@rule(aten.allclose.default)
+def allclose(func, a, b, rtol=1e-5, atol=1e-8, equal_nan=False):
+    """all(isclose(a, b)) with isclose = (a == b) or |a - b| <= atol + rtol |b| (PyTorch's definition), each part a
+    comparison of balls (three-valued), decided or raising. NaN balls are never decided."""
+    close = torch.logical_or(torch.eq(a, b), torch.le(torch.abs(a - b), atol + rtol * torch.abs(b)))
+    if isinstance(close, BallTensor):
+        if bool((~close.rad & ~close.mid).any()):
+            return False
+        _require_decided(func, close, "closeness")
+        return bool(close.mid.all())
+    return bool(close.all())
+
+
+@rule(aten.randn_like.default, aten.rand_like.default, aten.randint_like.default, aten.randint_like.low_dtype,
+      aten.randint_like.Tensor)
+def random_like(func, x, *args, **kwargs):
+    """Random tensors shaped like x: their values do not depend on x's values, so they are exact points (radius 0);
+    the generator state advances exactly as for the plain op."""
+    m = func(x.mid, *[_mid_arg(a) for a in args], **kwargs)
+    if not m.is_floating_point():
+        return m
+    return BallTensor(m, torch.zeros_like(m, dtype=rounding.rad_dtype(m.dtype)))
