@@ -81,6 +81,10 @@ def _functional_rule(func):
     functional = INPLACE_TO_FUNCTIONAL[func]
     fn = RULES.get(functional)
     if fn is None:
+        from ballgrad.ops import decompositions
+
+        fn = decompositions.rule_for(functional)
+    if fn is None:
         from ballgrad.errors import UnsupportedOpError
 
         raise UnsupportedOpError(func, f"its functional form {functional} has no rule")
