@@ -1,7 +1,7 @@
 """Rules by op family; importing this package registers every rule in ``registry.RULES``."""
 
 from ballgrad.ops import registry  # noqa: F401  (the registry first)
-from ballgrad.ops import arith, elementwise, linalg, nonsmooth, reductions, shape  # noqa: F401
+from ballgrad.ops import arith, conv, elementwise, linalg, nonsmooth, reductions, shape  # noqa: F401
 from ballgrad.ops import inplace  # noqa: F401  (in-place forms of the rules above)
 from ballgrad.ops import transformer  # noqa: F401  (layer norm, embedding, attention, dropout)
 

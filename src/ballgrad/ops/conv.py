@@ -1,0 +1,799 @@
+"""CNN rules: convolution (+ backward), batch norm (+ backward), max/avg/adaptive pooling, nearest upsampling
+(DESIGN.md §2 F3/F4, §4 "fused kernels" and "kinks"; issue 5).
+
+**Convolutions are GEMMs** (``convolution``, ``convolution_backward``). Every output element of a convolution, and
+of its two backward products, is a dot product: a sum of at most k products of one element of each operand, where
+k is the op's *inner dimension*: (C_in/groups) x kernel volume for the forward (padding adds exact zeros, a
+transposed convolution or a stride only drops terms), (C_out/groups) x kernel volume for grad_input, N x spatial
+volume (of grad_output, or of the input for a transposed convolution) for grad_weight, N x spatial volume of
+grad_output for grad_bias. Each such map B(a, b) is bilinear with non-negative coefficients, so the ball GEMM of
+``linalg`` carries over word for word, with B in place of the matrix product: for x in X, w in W,
+
+    |B(x, w) - m| <= B(|mX|, rW + g|mW|) + B(rX, |mW| + rW) + a,        (g, a) = linalg._mid_error(steps)
+
+where the midpoint error model of ``linalg._mid_error`` holds because a convolution kernel (oneDNN direct/brgemm
+convolution, slow_conv2d/3d = im2col + GEMM + col2im, slow_conv_dilated, slow_conv_transpose) forms each output as a
+sum of these k products in *some* order, blocked or not, with or without FMA: each term passes through at most
+``steps`` = k rounded operations (k + 1 with a bias, which the kernel adds once). The two B(.,.) of non-negative
+tensors are evaluated by the op itself in round-to-nearest (``_bilinear_bracket``): again a sum of <= k non-negative
+products in some order, so by F3 fl(B) >= (1 - gamma_k) B - k eta, i.e. B <= theta_k (fl(B) + k eta) with
+theta_k = 1/(1 - gamma_k) (``rounding.theta``). This is ``linalg._bracket`` with its concatenated GEMM evaluated as
+two calls (no concatenation dimension is common to the three maps), which gives theta_k instead of theta_2k; point
+operands drop their terms exactly as there. float16/bfloat16 midpoints use linalg's reduced-dtype model (float32 or
+storage-dtype roundings, AMX reading subnormal inputs as zero: ``linalg._daz_radius``).
+
+What the bound needs from the kernel is that it *is* a sum of products. Winograd and FFT algorithms are not (their
+error is not bounded by gamma_k |X||W|): on CPU only NNPACK uses them (``torch._C._select_conv_backend`` picks it for
+float32, batch >= 16, no dilation, when oneDNN is disabled, and only when no gradient is needed -- so a ballified
+model would even get different midpoints from the plain one). ``_check_conv`` refuses it with the fix, refuses a
+lowered oneDNN float32 conv precision (``torch.backends.mkldnn.conv.fp32_precision``, inherited from
+``torch.backends.mkldnn.fp32_precision``; measured: 'bf16' changes float32 results by 0.3) and non-CPU devices
+(cuDNN chooses FFT/Winograd algorithms at will). oneDNN convolutions are called by PyTorch with
+``algorithm::convolution_direct``.
+
+**Batch norm** (``native_batch_norm`` and the ``_native_batch_norm_legit*`` forms, ``native_batch_norm_backward``)
+is a fused kernel, bounded from primitives: the arguments are widened exactly to float64 balls and the op's
+real-number formula is evaluated with ball rules (mean and biased variance through the ``var_mean`` rule, which
+keeps the dependency between x and its mean; the variance ball clipped at 0; ``rsqrt``; sub/mul/add with the
+channel broadcast), then every output is re-centred on the kernel's own midpoint (``common.recentre``: radius =
+enclosure radius + |mid - centre|, so the kernel's summation order, opmath and fused affine need no model).
+
+*Running statistics* (training mode, the in-place forms): the kernel updates the buffers it is given, which are the
+buffers' midpoints, so ``running_mean``/``running_var`` midpoints stay bit-identical to plain PyTorch.
+- Ball buffers (``ballify(model, buffers=True)``): their radii are updated in place with ball arithmetic,
+  new = (1 - momentum) old + momentum * stat (momentum and 1 - momentum exact, the unbiased variance as
+  var * n / (n - 1)), re-centred on the kernel's new midpoint; the BallTensor objects, their ``mid`` and ``rad``
+  storages (and any views of them) are kept.
+- Plain buffers: updated with the midpoints' statistics exactly as plain PyTorch does, and they carry no radius:
+  running statistics are then NOT certified. Nothing false is recorded -- no output of the op depends on them in
+  training mode, and in eval mode the (plain) buffers are used as the exact constants they are, so eval outputs are
+  certified *relative to the stored statistics*.
+``_native_batch_norm_legit_functional`` returns the new statistics as outputs: they are always balls (old plain
+statistics count as exact points).
+
+**Max pooling** (``max_pool2d/3d_with_indices`` and backward; max_pool1d reaches the 2-d op). The value is a max
+over the window: monotone in every element, so with outward end points lo <= x <= hi the exact value lies in
+[max lo, max hi] (``_extreme_rad``'s argument; at most the largest radius in the window, 1-Lipschitz in the max norm).
+Indices are PyTorch's, from the midpoints. An element i of a window is a *candidate* arg-max when hi_i >= max_j lo_j
+(for some point of the balls it is a maximum). A window is *undecided* when it has two or more candidates and one
+of them is not an exact point: a ``kink`` event is recorded (forward and backward). Exact ties between exact points
+are decided: PyTorch takes the first maximum in scan order, a Clarke subgradient, the convention of the oracle.
+Backward: grad_input scatters grad_output by the indices; in an undecided window the gradient G goes to one
+candidate and 0 to the others, so every candidate gets the hull of 0 and G (DESIGN §4): the deviation from the
+midpoint's contribution is max(|m_G|, r_G) at the midpoint's winner and |m_G| + r_G at the other candidates; decided
+windows contribute r_G at their winner. These deviations are summed per input position (windows overlap when
+stride < kernel), with PyTorch's own rounding of those sums (``_mid_error``) and theta of the radius sum.
+
+**Linear pooling** (avg_pool2d/3d, _adaptive_avg_pool2d/3d, their backward ops, upsample_nearest*/backward): each
+output is L(x) = sum_i c_i x_i with c_i >= 0, a sum of at most n terms each scaled by 1/divisor (``_linear_pool``):
+the kernels sum and then divide (avg: s / div, adaptive: s / kh / kw; backward: each grad_output term divided, then
+accumulated), so each term passes through at most n - 1 additions and at most 4 rounded scalings (two divisions
+or reciprocal multiplications): |m - L(mX)| <= g L(|mX|) + a with (g, a) = _mid_error(n + 3). Applying the op
+itself to T = rX + g|mX| >= 0 gives fl(L(T)) >= L(T) (1 - u)^4 / theta_(n-1) - 2 n eta (each scaling loses at most
+eta/2 absolutely), so rad = phi (fl(L(T)) + 2 n eta) + a with phi = theta_(n-1)/(1 - u)^4. Nearest upsampling is a
+copy (radius copied exactly) and its backward a sum (no scaling: phi = theta_(n-1), steps n - 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+from ballgrad import diagnostics, rounding
+from ballgrad.errors import NumericsGuardError, UnsupportedOpError
+from ballgrad.ops.common import mid_of as _mid
+from ballgrad.ops.common import operand, recentre, result
+from ballgrad.ops.linalg import _check_fp32_gemm_precision, _daz_radius, _finite_only, _is_point, _mid_error
+from ballgrad.ops.nonsmooth import _abs_diff_up
+from ballgrad.ops.reductions import _from_bounds, _sum_up
+from ballgrad.ops.registry import current_op, rule
+from ballgrad.tensor import BallTensor
+
+aten = torch.ops.aten
+
+_F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernel checks
+
+
+_DOT_PRODUCT_BACKENDS = {"Empty", "Mkldnn", "MkldnnEmpty", "Slow2d", "Slow3d", "SlowDilated2d", "SlowDilated3d",
+                         "SlowTranspose2d", "SlowTranspose3d"}
+# The Python binding of ConvBackend omits MkldnnTranspose (its name reads '???'); in ConvUtils.h it is the value right
+# after Mkldnn.
+_MKLDNN_TRANSPOSE = int(torch._C._ConvBackend.Mkldnn) + 1
+
+
+def _conv_precision():
+    try:
+        return torch.backends.mkldnn.conv.fp32_precision
+    except AttributeError:
+        return None
+
+
+def _check_conv(x, w, bias, stride, padding, dilation, transposed, output_padding, groups, *, backward=False):
+    """Refuse kernels whose error is not that of a sum of products (see the module docstring)."""
+    if x.device.type != "cpu":
+        raise UnsupportedOpError(
+            aten.convolution.default,
+            f"convolution on {x.device.type}: its libraries (cuDNN) may choose FFT/Winograd algorithms, whose error "
+            "is not bounded by the dot-product model; only CPU convolutions have rules",
+        )
+    _check_fp32_gemm_precision()  # slow_conv2d/3d run their products through the float32 GEMM
+    precision = _conv_precision()
+    if precision not in (None, "ieee", "none"):
+        raise NumericsGuardError(
+            f"torch.backends.mkldnn.conv.fp32_precision is {precision!r}: float32 convolutions may run in reduced "
+            "precision. Fix: torch.backends.mkldnn.conv.fp32_precision = 'ieee' (and torch.backends.mkldnn."
+            "fp32_precision = 'ieee' if it was set there)."
+        )
+    backend = torch._C._select_conv_backend(x, w, bias, list(stride), list(padding), list(dilation), bool(transposed),
+                                            list(output_padding), int(groups))
+    if backend.name in _DOT_PRODUCT_BACKENDS or int(backend) == _MKLDNN_TRANSPOSE:
+        return
+    if backend.name == "NnpackSpatial":
+        if backward:  # convolution_backward selects with need_backward=True, which never picks NNPACK
+            return
+        raise NumericsGuardError(
+            "this convolution would run through NNPACK (oneDNN disabled, float32, batch >= 16, no gradient needed), "
+            "whose Winograd/FFT algorithms have no dot-product error bound (and whose results differ from the "
+            "kernel a model with gradients uses). Fix: torch.backends.nnpack.set_flags(False), or keep "
+            "torch.backends.mkldnn enabled."
+        )
+    raise UnsupportedOpError(aten.convolution.default, f"convolution backend {backend.name} has no error model")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The ball bilinear map
+
+
+def _bilinear_bracket(op, ma, ra, mb, rb, k: int, g: Fraction, rad_dtype: torch.dtype) -> torch.Tensor:
+    """An upper bound, elementwise, of B(|mA|, rB + g|mB|) + B(rA, |mB| + rB) (exact), for a bilinear map ``op`` = B
+    with non-negative coefficients whose outputs are sums of at most k products (module docstring). Point operands
+    drop their terms: A point: B(|mA|, rB + g|mB|); B point: B(rA + g|mA|, |mB|); both: g B(|mA|, |mB|).
+    Computed in ``work_dtype(rad_dtype, k)``: each call c satisfies B <= theta_k (fl(c) + k eta) (F3)."""
+    a_point, b_point = _is_point(ra), _is_point(rb)
+    wd = rounding.work_dtype(rad_dtype, k)
+    u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
+    th = rounding.theta(k, u)
+    abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
+    g_w = rounding.round_up_float(g, wd)
+    if a_point and b_point:
+        s = op(abs_ma, abs_mb)
+        scaled = rounding.up(torch.mul(s, rounding.round_up_float(g * th, wd)))
+        return rounding.up(torch.add(scaled, rounding.absolute_term(g * th * k * eta, wd)))
+    ra, rb = ra.to(wd), rb.to(wd)
+    if a_point:
+        s, calls = op(abs_ma, rounding.up(torch.add(rb, rounding.up(torch.mul(abs_mb, g_w))))), 1
+    elif b_point:
+        s, calls = op(rounding.up(torch.add(ra, rounding.up(torch.mul(abs_ma, g_w)))), abs_mb), 1
+    else:
+        v = rounding.up(torch.add(rb, rounding.up(torch.mul(abs_mb, g_w))))
+        w_u = rounding.up(torch.add(abs_mb, rb))
+        s, calls = rounding.up(torch.add(op(abs_ma, v), op(ra, w_u))), 2
+    scaled = rounding.up(torch.mul(s, rounding.round_up_float(th, wd)))
+    return rounding.up(torch.add(scaled, rounding.absolute_term(th * calls * k * eta, wd)))
+
+
+def _ball_operand(x, out_dtype):
+    """(m, r) as the kernel uses the argument (``common.operand``), r covering subnormals read as zero."""
+    m, r = operand(x, out_dtype)
+    return m, _daz_radius(m, r, out_dtype)
+
+
+def _volume(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _channel_shape(ndim: int) -> list[int]:
+    return [1, -1] + [1] * (ndim - 2)
+
+
+def _sum_error(n_terms: int, mid_dtype: torch.dtype) -> tuple[Fraction, Fraction]:
+    """(g, a) of a sum of ``n_terms`` terms (n - 1 additions); a single term is copied exactly."""
+    if n_terms <= 1:
+        return Fraction(0), Fraction(0)
+    return _mid_error(n_terms - 1, mid_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# convolution
+
+
+def _conv_args(stride, padding, dilation, transposed, output_padding, groups):
+    return dict(stride=list(stride), padding=list(padding), dilation=list(dilation), transposed=bool(transposed),
+                output_padding=list(output_padding), groups=int(groups))
+
+
+def _plain_conv(x, w, *, stride, padding, dilation, transposed, output_padding, groups):
+    """The convolution of two plain (non-negative radius) tensors, after the same kernel checks as the midpoint."""
+    _check_conv(x, w, None, stride, padding, dilation, transposed, output_padding, groups)
+    return aten.convolution.default(x, w, None, stride, padding, dilation, transposed, output_padding, groups)
+
+
+@rule(aten.convolution.default)
+def convolution(func, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    """Y = conv(X, W) + b (1-d/2-d/3-d, stride, padding, dilation, groups, transposed, output_padding).
+
+    rY = bracket(conv, k, g) + rb + g|mb| + a, k = (C_in/groups) x kernel volume, (g, a) = _mid_error(k [+ 1 with a
+    bias]); see the module docstring. The bias terms are summed with ``rounding.inflate`` (4 operations)."""
+    args = _conv_args(stride, padding, dilation, transposed, output_padding, groups)
+    mx0, mw0, mb0 = _mid(x), _mid(weight), _mid(bias)
+    _check_conv(mx0, mw0, mb0, **args)
+    m = func(mx0, mw0, mb0, stride, padding, dilation, transposed, output_padding, groups)
+    mx, rx = _ball_operand(x, m.dtype)
+    mw, rw = _ball_operand(weight, m.dtype)
+    rd = rounding.rad_dtype(m.dtype)
+    per_group = mw.shape[0] // args["groups"] if args["transposed"] else mw.shape[1]
+    k = per_group * _volume(mw.shape[2:])
+    g, abs_err = _mid_error(k + (1 if bias is not None else 0), m.dtype)
+    bound = _bilinear_bracket(functools.partial(_plain_conv, **args), mx, rx, mw, rw, k, g, rd)
+    wd = bound.dtype
+    if bias is None:
+        rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, wd)))
+    else:
+        mb, rb = _ball_operand(bias, m.dtype)
+        shape = _channel_shape(m.dim())
+        rb = rb.to(wd).reshape(shape) if rb.dim() else rb.to(wd)
+        abs_mb = torch.abs(mb).to(wd).reshape(shape)
+        c = bound + rb + abs_mb * rounding.round_up_float(g, wd) + rounding.absolute_term(abs_err, wd)
+        rad = rounding.inflate(c, 4)
+    return result(m, _finite_only(m, rounding.clean_rad(rad)))
+
+
+@rule(aten.convolution_backward.default)
+def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, padding, dilation, transposed,
+                         output_padding, groups, output_mask):
+    """(grad_input, grad_weight, grad_bias) for the outputs asked for in ``output_mask``.
+
+    grad_input = B_in(gY, W) (a transposed convolution of grad_output with the weight; a plain one for transposed
+    convolutions), k = (C_out/groups) x kernel volume; grad_weight = B_w(gY, X) (a correlation of grad_output with the
+    input), k = N x spatial volume of grad_output (of the input when transposed): each by ``_bilinear_bracket`` with
+    the op itself (``convolution_backward`` with a one-output mask; the unused operand is a zero tensor that only
+    gives the shape) and (g, a) = _mid_error(k). grad_bias = sum of grad_output over N and the spatial dims:
+    theta_(n-1) fl(sum (r + g|m|)) + a with (g, a) of n - 1 additions."""
+    args = _conv_args(stride, padding, dilation, transposed, output_padding, groups)
+    mg0, mx0, mw0 = _mid(grad_output), _mid(x), _mid(weight)
+    _check_conv(mx0, mw0, None, **args, backward=True)
+    outs = func(mg0, mx0, mw0, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, output_mask)
+    gx_m, gw_m, gb_m = outs
+    vol = _volume(mw0.shape[2:])
+    balls = [None, None, None]
+
+    if gx_m is not None:
+        mg, rg = _ball_operand(grad_output, gx_m.dtype)
+        mw, rw = _ball_operand(weight, gx_m.dtype)
+        k = (mw.shape[1] if args["transposed"] else mw.shape[0] // args["groups"]) * vol
+        g, abs_err = _mid_error(k, gx_m.dtype)
+
+        def grad_input_op(a, b):
+            dummy = torch.zeros(mx0.shape, dtype=a.dtype, device=a.device)
+            _check_conv(dummy, b, None, **args, backward=True)
+            return func(a, dummy, b, None, stride, padding, dilation, transposed, output_padding, groups,
+                        [True, False, False])[0]
+
+        bound = _bilinear_bracket(grad_input_op, mg, rg, mw, rw, k, g, rounding.rad_dtype(gx_m.dtype))
+        rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
+        balls[0] = result(gx_m, _finite_only(gx_m, rounding.clean_rad(rad)))
+
+    if gw_m is not None:
+        mg, rg = _ball_operand(grad_output, gw_m.dtype)
+        mx, rx = _ball_operand(x, gw_m.dtype)
+        spatial = mx0.shape[2:] if args["transposed"] else mg0.shape[2:]
+        k = mx0.shape[0] * _volume(spatial)
+        g, abs_err = _mid_error(k, gw_m.dtype)
+
+        def grad_weight_op(a, b):
+            dummy = torch.zeros(mw0.shape, dtype=a.dtype, device=a.device)
+            _check_conv(b, dummy, None, **args, backward=True)
+            return func(a, b, dummy, None, stride, padding, dilation, transposed, output_padding, groups,
+                        [False, True, False])[1]
+
+        bound = _bilinear_bracket(grad_weight_op, mg, rg, mx, rx, k, g, rounding.rad_dtype(gw_m.dtype))
+        rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
+        balls[1] = result(gw_m, _finite_only(gw_m, rounding.clean_rad(rad)))
+
+    if gb_m is not None:
+        mg, rg = _ball_operand(grad_output, gb_m.dtype)
+        dims = [0] + list(range(2, mg.dim()))
+        n = _volume(mg.shape) // max(mg.shape[1], 1)
+        g, abs_err = _sum_error(n, gb_m.dtype)
+        rd = rounding.rad_dtype(gb_m.dtype)
+        t = rounding.up(torch.add(rg.expand(mg.shape), rounding.up(torch.mul(torch.abs(mg).to(rd),
+                                                                              rounding.round_up_float(g, rd)))))
+        s = _sum_up(t, dims, False, n)
+        rad = rounding.up(torch.add(s, rounding.absolute_term(abs_err, s.dtype)))
+        balls[2] = result(gb_m, _finite_only(gb_m, rounding.clean_rad(rad).reshape(gb_m.shape)))
+    return tuple(balls)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batch norm
+
+
+def _wide(x):
+    """An argument as a float64 ball (exact widening; a plain tensor is an exact point), or None. Copies, so that
+    later in-place updates of the argument do not reach it."""
+    if x is None:
+        return None
+    if isinstance(x, BallTensor):
+        m = x.mid.detach().to(_F64, copy=True)
+        r = x.rad.to(_F64, copy=True)
+        return BallTensor(m, r.expand(m.shape).contiguous() if r.shape != m.shape else r)
+    m = x.detach().to(_F64, copy=True)
+    return BallTensor(m, torch.zeros_like(m))
+
+
+def _per_channel(v: BallTensor, ndim: int) -> BallTensor:
+    return v.reshape(_channel_shape(ndim))
+
+
+def _bn_dims(ndim: int) -> list[int]:
+    return [0] + list(range(2, ndim))
+
+
+def _bn_statistics(xb: BallTensor, eps: float):
+    """(mean, var, invstd) enclosures (float64, keepdim) of the batch statistics of every x in the ball: mean and
+    biased variance by the ``var_mean`` rule, the variance ball clipped at 0 (var >= 0), invstd = rsqrt(var + eps)."""
+    var, mean = torch.var_mean(xb, _bn_dims(xb.dim()), correction=0, keepdim=True)
+    var = _from_bounds(torch.clamp_min(var.lower(), 0), var.upper())
+    return mean, var, torch.rsqrt(var + eps)
+
+
+def _normalise(xb: BallTensor, mean: BallTensor, invstd: BallTensor, weight, bias) -> BallTensor:
+    """(x - mean) * (invstd * w) + b, the per-channel factor formed first (three full-size ball ops)."""
+    scale = invstd if weight is None else invstd * _per_channel(_wide(weight), xb.dim())
+    y = (xb - mean) * scale
+    return y if bias is None else y + _per_channel(_wide(bias), xb.dim())
+
+
+def _recentre_flat(m: torch.Tensor, enclosure: BallTensor) -> BallTensor:
+    return recentre(m, BallTensor(enclosure.mid.reshape(m.shape), enclosure.rad.reshape(m.shape)))
+
+
+def _running_update(old: BallTensor, stat: BallTensor, momentum: float) -> BallTensor:
+    """(1 - momentum) old + momentum stat, with 1 - momentum enclosed exactly (the double momentum is exact)."""
+    one = BallTensor(torch.ones((), dtype=_F64, device=old.device), torch.zeros((), dtype=_F64, device=old.device))
+    return old * (one - momentum) + stat * momentum
+
+
+def _bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum, eps, old_stats=None):
+    """Balls for (out, save_mean, save_invstd[, new_running_mean, new_running_var]) given the kernel's outputs
+    ``outs``; ``old_stats`` = the running statistics as float64 balls before the kernel updated them."""
+    out_m, mean_m, invstd_m = outs[:3]
+    xb = _wide(x)
+    c = x.shape[1]
+    if training:
+        mean, var, invstd = _bn_statistics(xb, eps)
+        y = _normalise(xb, mean, invstd, weight, bias)
+    else:
+        rm, rv = _per_channel(_wide(running_mean), x.dim()), _per_channel(_wide(running_var), x.dim())
+        y = _normalise(xb, rm, torch.rsqrt(rv + eps), weight, bias)
+    balls = [recentre(out_m, y)]
+    if training:
+        balls += [_recentre_flat(mean_m, mean), _recentre_flat(invstd_m, invstd)]
+    else:  # eval: the kernel returns empty saved statistics
+        balls += [result(m_, torch.zeros(m_.shape, device=m_.device)) for m_ in (mean_m, invstd_m)]
+    if old_stats is None:
+        return balls
+    old_mean, old_var = old_stats
+    if training:
+        n = xb.numel() // max(c, 1)
+        unbiased = var.reshape(c) * float(n) / float(n - 1)
+        new_stats = [_running_update(old_mean, mean.reshape(c), momentum) if old_mean is not None else None,
+                     _running_update(old_var, unbiased, momentum) if old_var is not None else None]
+    else:
+        new_stats = [old_mean, old_var]
+    return balls, new_stats
+
+
+def _snapshot(running_mean, running_var, training):
+    """The running statistics as float64 balls before the kernel updates them (training mode only)."""
+    if not training:
+        return None
+    return _wide(running_mean), _wide(running_var)
+
+
+def _store_running(buffer, new_mid_holder: torch.Tensor, enclosure: BallTensor | None) -> None:
+    """Ball buffer: rad <- radius of the enclosure re-centred on the kernel's new midpoint (already in buffer.mid)."""
+    if isinstance(buffer, BallTensor) and enclosure is not None:
+        buffer.rad.copy_(recentre(new_mid_holder, enclosure).rad.expand(buffer.rad.shape))
+
+
+def _check_float_input(func, x):
+    if isinstance(x, BallTensor) and not x.is_floating_point():
+        raise UnsupportedOpError(func, "bool (comparison) balls are not numeric")
+
+
+@rule(aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
+def native_batch_norm(func, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """(out, save_mean, save_invstd): bounded from primitives and re-centred (module docstring). Training mode with
+    running statistics: the kernel updates the buffers' midpoints in place; ball buffers get their radii updated in
+    place (ball arithmetic, unbiased variance), plain buffers are updated as plain PyTorch does (not certified)."""
+    _check_float_input(func, x)
+    old = _snapshot(running_mean, running_var, training)
+    outs = func(_mid(x), _mid(weight), _mid(bias), _mid(running_mean), _mid(running_var), training, momentum, eps)
+    if old is None:
+        return tuple(_bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum, eps))
+    balls, (new_mean, new_var) = _bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum,
+                                             eps, old)
+    if isinstance(running_mean, BallTensor):
+        _store_running(running_mean, running_mean.mid, new_mean)
+    if isinstance(running_var, BallTensor):
+        _store_running(running_var, running_var.mid, new_var)
+    return tuple(balls)
+
+
+@rule(aten._native_batch_norm_legit.no_stats)
+def native_batch_norm_no_stats(func, x, weight, bias, training, momentum, eps):
+    """Batch norm without running statistics: as ``native_batch_norm``."""
+    _check_float_input(func, x)
+    outs = func(_mid(x), _mid(weight), _mid(bias), training, momentum, eps)
+    return tuple(_bn_forward(outs, x, weight, bias, None, None, training, momentum, eps))
+
+
+@rule(aten._native_batch_norm_legit_no_training.default)
+def native_batch_norm_no_training(func, x, weight, bias, running_mean, running_var, momentum, eps):
+    """Eval-mode batch norm: (x - running_mean) rsqrt(running_var + eps) w + b, re-centred."""
+    _check_float_input(func, x)
+    outs = func(_mid(x), _mid(weight), _mid(bias), _mid(running_mean), _mid(running_var), momentum, eps)
+    return tuple(_bn_forward(outs, x, weight, bias, running_mean, running_var, False, momentum, eps))
+
+
+@rule(aten._native_batch_norm_legit_functional.default)
+def native_batch_norm_functional(func, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Functional form: (out, save_mean, save_invstd, new_running_mean, new_running_var); the new statistics are
+    balls (ball arithmetic from the old ones, plain old statistics being exact points), re-centred on the kernel's."""
+    _check_float_input(func, x)
+    old = (_wide(running_mean), _wide(running_var))
+    outs = func(_mid(x), _mid(weight), _mid(bias), _mid(running_mean), _mid(running_var), training, momentum, eps)
+    balls, new_stats = _bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum, eps, old)
+    return tuple(balls) + tuple(_recentre_flat(m, enc) for m, enc in zip(outs[3:], new_stats))
+
+
+@rule(aten.native_batch_norm_backward.default)
+def native_batch_norm_backward(func, grad_out, x, weight, running_mean, running_var, save_mean, save_invstd, train,
+                               eps, output_mask):
+    """(grad_input, grad_weight, grad_bias) of batch norm, the kernel's formula evaluated with ball rules in float64
+    and re-centred. With d = x - mean, S = sum gy, D = sum gy d over N and the spatial dims (n elements):
+    training (mean, invstd = the saved statistics, balls containing the exact batch statistics):
+        grad_input = (gy - S/n - d D invstd^2/n) invstd w,  grad_weight = D invstd,  grad_bias = S;
+    eval (mean = running_mean, invstd = rsqrt(running_var + eps)): grad_input = gy invstd w, the others as above.
+    Any point of the argument balls (the exact x with its exact statistics among them) gives a value inside."""
+    _check_float_input(func, x)
+    gx_m, gw_m, gb_m = func(_mid(grad_out), _mid(x), _mid(weight), _mid(running_mean), _mid(running_var),
+                            _mid(save_mean), _mid(save_invstd), train, eps, output_mask)
+    nd = x.dim()
+    dims = _bn_dims(nd)
+    gy, xb = _wide(grad_out), _wide(x)
+    c = x.shape[1]
+    n = xb.numel() // max(c, 1)
+    if train:
+        mean, invstd = _per_channel(_wide(save_mean), nd), _per_channel(_wide(save_invstd), nd)
+    else:
+        mean = _per_channel(_wide(running_mean), nd)
+        invstd = torch.rsqrt(_per_channel(_wide(running_var), nd) + eps)
+    need_dot = gw_m is not None or (train and gx_m is not None)
+    d = xb - mean if need_dot else None
+    dot = torch.sum(gy * d, dims, keepdim=True) if need_dot else None
+    s = torch.sum(gy, dims, keepdim=True) if (gb_m is not None or (train and gx_m is not None)) else None
+    balls = [None, None, None]
+    if gx_m is not None:
+        scale = invstd if weight is None else invstd * _per_channel(_wide(weight), nd)
+        if train:
+            gx = (gy - s / float(n) - d * (dot * invstd * invstd / float(n))) * scale
+        else:
+            gx = gy * scale
+        balls[0] = recentre(gx_m, gx)
+    if gw_m is not None:
+        balls[1] = _recentre_flat(gw_m, dot * invstd)
+    if gb_m is not None:
+        balls[2] = _recentre_flat(gb_m, s)
+    return tuple(balls)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Max pooling
+
+
+def _tuple(v, d: int, default=None) -> list[int]:
+    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+        return list(default)
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return [int(t) for t in (v * d if len(v) == 1 else v)]
+
+
+class _Pool:
+    """Geometry of a pooling op over the last ``d`` dims: kernel, stride, padding, dilation, output size."""
+
+    def __init__(self, d, in_size, out_size, kernel_size, stride, padding, dilation=1):
+        self.d = d
+        self.kernel = _tuple(kernel_size, d)
+        self.stride = _tuple(stride, d, self.kernel)
+        self.padding = _tuple(padding, d)
+        self.dilation = _tuple(dilation, d)
+        self.in_size = [int(s) for s in in_size]
+        self.out_size = [int(s) for s in out_size]
+
+    def windows(self, t: torch.Tensor, fill) -> torch.Tensor:
+        """(..., *out_size, *kernel): the pooling windows of ``t`` (its last d dims), out-of-input slots ``fill``."""
+        lead = t.dim() - self.d
+        pads = []
+        for i in reversed(range(self.d)):
+            need = (self.out_size[i] - 1) * self.stride[i] + (self.kernel[i] - 1) * self.dilation[i] + 1
+            pads += [self.padding[i], max(0, need - self.in_size[i] - self.padding[i])]
+        tp = F.pad(t, pads, value=fill)
+        for i in range(self.d):
+            tp = tp.unfold(lead + i, (self.kernel[i] - 1) * self.dilation[i] + 1, self.stride[i])
+        index = ([slice(None)] * lead + [slice(0, o) for o in self.out_size]
+                 + [slice(None, None, dl) for dl in self.dilation])
+        return tp[tuple(index)]
+
+    def window_dims(self, ndim_windows: int) -> list[int]:
+        return list(range(ndim_windows - self.d, ndim_windows))
+
+    def slot_index(self, device=None) -> torch.Tensor:
+        """(*out_size, *kernel) int64: the flat in-plane index of every window slot, -1 outside the input."""
+        plane = torch.arange(_volume(self.in_size), dtype=torch.int64, device=device).reshape(self.in_size)
+        return self.windows(plane, -1)
+
+
+def _end_points(x):
+    """float64 (lo, hi, inexact): outward end points of an argument (NaN or infinite radius: -inf, +inf); inexact
+    where the argument is not an exact point."""
+    m = _mid(x).detach().to(_F64)
+    if isinstance(x, BallTensor):
+        r = x.rad.to(_F64)
+        hi = torch.where(r == 0, m, rounding.add_up(m, r))
+        lo = torch.where(r == 0, m, rounding.sub_down(m, r))
+        unknown = torch.isnan(m) | torch.isinf(r)
+        inexact = (r > 0) | unknown
+    else:
+        hi, lo = m, m
+        unknown = torch.isnan(m)
+        inexact = unknown
+    lo = torch.where(unknown, -math.inf, lo)
+    hi = torch.where(unknown, math.inf, hi)
+    return lo, hi, inexact
+
+
+def _max_pool_geometry(func, x, out_shape, kernel_size, stride, padding, dilation):
+    d = 3 if func in (aten.max_pool3d_with_indices.default, aten.max_pool3d_with_indices_backward.default) else 2
+    return _Pool(d, x.shape[-d:], out_shape[-d:], kernel_size, stride, padding, dilation)
+
+
+def _candidates(pool: _Pool, x):
+    """(lo/hi windows reduced: f_lo, f_hi; candidate mask per slot; undecided mask per window; slot index)."""
+    lo, hi, inexact = _end_points(x)
+    w_lo, w_hi = pool.windows(lo, -math.inf), pool.windows(hi, -math.inf)
+    w_inexact = pool.windows(inexact.to(torch.uint8), 0).bool()
+    slots = pool.slot_index(lo.device)
+    wdims = pool.window_dims(w_lo.dim())
+    f_lo, f_hi = torch.amax(w_lo, wdims), torch.amax(w_hi, wdims)
+    expand = (Ellipsis,) + (None,) * pool.d
+    cand = (w_hi >= f_lo[expand]) & (slots >= 0)
+    undecided = (cand.sum(wdims) > 1) & (cand & w_inexact).any(wdims)
+    return f_lo, f_hi, cand, undecided, slots
+
+
+def _emit_kink(undecided):
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("kink", current_op(), undecided, "max-pool arg-max not decided (overlapping balls in a "
+                              "window); gradients take the hull of 0 and the gradient at every candidate")
+
+
+@rule(aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
+def max_pool_with_indices(func, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    """(values, indices): values in [max lo, max hi] over each window, rad = max(f_hi - m, m - f_lo) rounded up;
+    indices are PyTorch's (a plain integer tensor). Undecided windows record a ``kink`` event."""
+    _check_float_input(func, x)
+    values, indices = func(_mid(x), kernel_size, stride, padding, dilation, ceil_mode)
+    pool = _max_pool_geometry(func, x, values.shape, kernel_size, stride, padding, dilation)
+    f_lo, f_hi, _, undecided, _ = _candidates(pool, x)
+    v64 = values.to(_F64)
+    rad = torch.maximum(_abs_diff_up(f_hi, v64), _abs_diff_up(v64, f_lo))  # f_lo <= v <= f_hi; exact when equal
+    _emit_kink(undecided)
+    return result(values, _finite_only(values, rounding.clean_rad(rad))), indices
+
+
+@rule(aten.max_pool2d_with_indices_backward.default, aten.max_pool3d_with_indices_backward.default)
+def max_pool_with_indices_backward(func, grad_output, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    """grad_input: grad_output scattered by ``indices``; every candidate of an undecided window gets the hull of 0 and
+    the gradient (module docstring). rad = theta fl(sum of per-slot deviations) + a, with (g, a) the rounding of
+    PyTorch's own accumulation of up to c gradients into one position (c = windows sharing an arg-max)."""
+    m = func(_mid(grad_output), _mid(x), kernel_size, stride, padding, dilation, ceil_mode, indices)
+    pool = _max_pool_geometry(func, x, grad_output.shape, kernel_size, stride, padding, dilation)
+    _, _, cand, undecided, slots = _candidates(pool, x)
+    _emit_kink(undecided)
+    rd = rounding.rad_dtype(m.dtype)
+    lead = x.shape[:-pool.d]
+    planes = _volume(lead)
+    plane_size = _volume(pool.in_size)
+    n_out = _volume(pool.out_size)
+    # c: how many windows route their gradient to one position (PyTorch adds them); s: window slots per position
+    idx_flat = indices.reshape(planes, n_out)
+    routed = torch.zeros(planes, plane_size, dtype=torch.int64, device=m.device).scatter_add_(
+        1, idx_flat, torch.ones_like(idx_flat))
+    c_max = int(routed.max()) if routed.numel() else 0
+    slot_flat = slots.reshape(-1)
+    valid = slot_flat >= 0
+    s_max = int(torch.bincount(slot_flat[valid], minlength=plane_size).max()) if bool(valid.any()) else 0
+    g, abs_err = _sum_error(c_max, m.dtype)
+    wd = rounding.work_dtype(rd, max(s_max - 1, 0))
+    mg, rg = operand(grad_output, m.dtype)
+    abs_g = torch.abs(mg).to(wd)
+    rg = rg.to(wd).expand(abs_g.shape)
+    if g == 0:  # every position receives at most one gradient: PyTorch's accumulation is exact
+        decided_winner, undecided_winner = rg, torch.maximum(abs_g, rg)
+    else:
+        own = rounding.up(torch.mul(abs_g, rounding.round_up_float(g, wd)))  # PyTorch's accumulation error, per term
+        decided_winner = rounding.up(torch.add(rg, own))
+        undecided_winner = rounding.up(torch.add(torch.maximum(abs_g, rg), own))
+    other_candidate = rounding.up(torch.add(abs_g, rg))
+    expand = (Ellipsis,) + (None,) * pool.d
+    winner = slots == indices[expand]
+    und = undecided[expand]
+    zero = torch.zeros((), dtype=wd, device=m.device)
+    dev = torch.where(winner, torch.where(und, undecided_winner[expand], decided_winner[expand]),
+                      torch.where(und & cand, other_candidate[expand], zero))
+    target = torch.where(valid, slot_flat, plane_size).expand(planes, -1)
+    acc = torch.zeros(planes, plane_size + 1, dtype=wd, device=m.device).scatter_add_(1, target,
+                                                                                     dev.reshape(planes, -1))
+    total = acc[:, :plane_size].reshape(x.shape)
+    if s_max <= 1 and abs_err == 0:  # one slot per position: the scatter and the midpoint are exact copies
+        rad = total
+    else:
+        th = rounding.theta(max(s_max - 1, 0), rounding.unit_roundoff_exact(wd))
+        rad = rounding.up(torch.add(rounding.up(torch.mul(total, rounding.round_up_float(th, wd))),
+                                    rounding.absolute_term(abs_err, wd)))
+    return result(m, _finite_only(m, rounding.clean_rad(rad)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Linear pooling: avg_pool, adaptive avg_pool, nearest upsampling
+
+
+def _linear_pool(m: torch.Tensor, x, apply, n: int, scaled: bool) -> BallTensor:
+    """The ball of L(x) for a linear op L with non-negative coefficients whose outputs are sums of at most ``n``
+    terms, each (``scaled``) divided in at most two rounded operations; ``apply`` is the op itself (module
+    docstring): rad = phi (fl(L(T)) + 2 n eta) + a, T = rX + g|mX|."""
+    mx, rx = operand(x, m.dtype)
+    rd = rounding.rad_dtype(m.dtype)
+    if scaled:
+        g, abs_err = _mid_error(n + 3, m.dtype)
+    else:
+        g, abs_err = _sum_error(n, m.dtype)
+    wd = rounding.work_dtype(rd, max(n - 1, 0))
+    u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
+    phi = rounding.theta(max(n - 1, 0), u)
+    slack = Fraction(0)
+    if scaled:
+        phi = phi / (1 - u) ** 4
+        slack = 2 * n * eta
+    if g == 0:
+        t = rx.to(wd)
+    else:
+        scaled = rounding.up(torch.mul(torch.abs(mx).to(wd), rounding.round_up_float(g, wd)))
+        t = rounding.up(torch.add(rx.to(wd), scaled))
+    s = apply(t.expand(mx.shape).contiguous())
+    if phi == 1 and slack + abs_err == 0:  # copies of single terms (n <= 1, no scaling): exact
+        rad = s
+    else:
+        rad = rounding.up(torch.add(rounding.up(torch.mul(s, rounding.round_up_float(phi, wd))),
+                                    rounding.absolute_term(phi * slack + abs_err, wd)))
+    return result(m, _finite_only(m, rounding.clean_rad(rad)))
+
+
+def _check_divisor(func, divisor_override):
+    if divisor_override is not None and divisor_override == 0:
+        raise UnsupportedOpError(func, "divisor_override=0")
+
+
+@rule(aten.avg_pool2d.default, aten.avg_pool3d.default)
+def avg_pool(func, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+             divisor_override=None):
+    """Window sums divided by the window count (or ``divisor_override``): ``_linear_pool`` with n = kernel volume.
+    A negative divisor_override flips signs only: the radius op uses its absolute value."""
+    _check_float_input(func, x)
+    _check_divisor(func, divisor_override)
+    m = func(_mid(x), kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    d = 3 if func is aten.avg_pool3d.default else 2
+    n = _volume(_tuple(kernel_size, d))
+    div = None if divisor_override is None else abs(int(divisor_override))
+    return _linear_pool(m, x, lambda t: func(t, kernel_size, stride, padding, ceil_mode, count_include_pad, div), n,
+                        True)
+
+
+@rule(aten.avg_pool2d_backward.default, aten.avg_pool3d_backward.default)
+def avg_pool_backward(func, grad_output, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                      divisor_override):
+    """grad_input = sum over the windows containing a position of grad_output / divisor: ``_linear_pool`` with
+    n = prod ceil(kernel / stride) (the most windows that contain one position)."""
+    _check_divisor(func, divisor_override)
+    m = func(_mid(grad_output), _mid(x), kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    d = 3 if func is aten.avg_pool3d_backward.default else 2
+    k = _tuple(kernel_size, d)
+    s = _tuple(stride, d, k)
+    n = math.prod(-(-ki // si) for ki, si in zip(k, s))
+    div = None if divisor_override is None else abs(int(divisor_override))
+    shape = _mid(x).shape
+
+    def apply(t):
+        return func(t, torch.zeros(shape, dtype=t.dtype, device=t.device), kernel_size, stride, padding, ceil_mode,
+                    count_include_pad, div)
+
+    return _linear_pool(m, grad_output, apply, n, True)
+
+
+def _adaptive_windows(in_size: int, out_size: int) -> tuple[int, int]:
+    """(largest window, most windows containing one input position) of adaptive pooling along one dim: window o is
+    [floor(o in/out), ceil((o + 1) in/out))."""
+    if out_size == 0 or in_size == 0:
+        return 0, 0
+    cover = [0] * in_size
+    largest = 0
+    for o in range(out_size):
+        start = (o * in_size) // out_size
+        end = -(-((o + 1) * in_size) // out_size)
+        largest = max(largest, end - start)
+        for i in range(start, end):
+            cover[i] += 1
+    return largest, max(cover)
+
+
+@rule(aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default)
+def adaptive_avg_pool(func, x, output_size):
+    """Adaptive average pooling (sum / kh / kw per window): ``_linear_pool`` with n = the largest window."""
+    _check_float_input(func, x)
+    m = func(_mid(x), output_size)
+    d = len(output_size)
+    n = math.prod(_adaptive_windows(int(i), int(o))[0] for i, o in zip(x.shape[-d:], m.shape[-d:]))
+    return _linear_pool(m, x, lambda t: func(t, output_size), n, True)
+
+
+@rule(aten._adaptive_avg_pool2d_backward.default, aten._adaptive_avg_pool3d_backward.default)
+def adaptive_avg_pool_backward(func, grad_output, x):
+    """Each grad_output term divided by its window size, accumulated: ``_linear_pool`` with n = the most windows
+    containing one input position."""
+    m = func(_mid(grad_output), _mid(x))
+    d = 3 if func is aten._adaptive_avg_pool3d_backward.default else 2
+    shape = _mid(x).shape
+    n = math.prod(_adaptive_windows(int(i), int(o))[1] for i, o in zip(shape[-d:], grad_output.shape[-d:]))
+    return _linear_pool(m, grad_output, lambda t: func(t, torch.zeros(shape, dtype=t.dtype, device=t.device)), n,
+                        True)
+
+
+_UPSAMPLE = [aten.upsample_nearest1d.default, aten.upsample_nearest2d.default, aten.upsample_nearest3d.default,
+             aten._upsample_nearest_exact1d.default, aten._upsample_nearest_exact2d.default,
+             aten._upsample_nearest_exact3d.default]
+_UPSAMPLE_BACKWARD = [aten.upsample_nearest1d_backward.default, aten.upsample_nearest2d_backward.default,
+                      aten.upsample_nearest3d_backward.default, aten._upsample_nearest_exact1d_backward.default,
+                      aten._upsample_nearest_exact2d_backward.default, aten._upsample_nearest_exact3d_backward.default]
+
+
+@rule(*_UPSAMPLE)
+def upsample_nearest(func, x, output_size, *scales):
+    """Nearest upsampling copies elements (the source index depends on the sizes and scales, not on the dtype):
+    the radius is the same op applied to the radius, exactly."""
+    _check_float_input(func, x)
+    m = func(_mid(x), output_size, *scales)
+    if not isinstance(x, BallTensor):
+        return m
+    return result(m, _finite_only(m, func(x.rad.expand(x.shape).contiguous(), output_size, *scales)))
+
+
+@rule(*_UPSAMPLE_BACKWARD)
+def upsample_nearest_backward(func, grad_output, output_size, input_size, *scales):
+    """grad_input = the sum of the grad_output elements copied from each input position: ``_linear_pool`` without
+    scaling, n = the most copies of one element (the op applied to ones, exact small integers in float64)."""
+    m = func(_mid(grad_output), output_size, input_size, *scales)
+    d = len(output_size)
+    ones = torch.ones([1, 1] + [int(s) for s in output_size], dtype=_F64)
+    counts = func(ones, output_size, [1, 1] + [int(s) for s in input_size[-d:]], *scales)
+    n = int(counts.max()) if counts.numel() else 0
+    return _linear_pool(m, grad_output, lambda t: func(t, output_size, input_size, *scales), n, False)
