@@ -190,3 +190,17 @@ def _renorm(x, p, dim, maxnorm):
     n = _norm(x, p, dims, True)
     scale = maxnorm / (n + 1e-7)
     return torch.where(n > maxnorm, x * scale, x)
+
+
+@audited("linspace(s, e, n)_i = s + (e - s) i / (n - 1) for n >= 2 (n = 1: s)", aten.linspace.Tensor_Tensor,
+         aten.linspace.Tensor_Scalar, aten.linspace.Scalar_Tensor)
+def _linspace(start, end, steps, **kwargs):
+    start = start if isinstance(start, torch.Tensor) else BallTensor(torch.tensor(float(start), dtype=_F64),
+                                                                      torch.zeros((), dtype=_F64))
+    end = end if isinstance(end, torch.Tensor) else BallTensor(torch.tensor(float(end), dtype=_F64),
+                                                              torch.zeros((), dtype=_F64))
+    n = int(steps)
+    if n == 1:
+        return start.reshape(1)
+    i = torch.arange(n, dtype=_F64)
+    return start + (end - start) * i / float(n - 1)

@@ -673,6 +673,21 @@ _ARB_UNARY = {
 }
 
 
+def _angle_arb(x):
+    """The argument of a real number: 0 for x >= 0, pi for x < 0 (the hull [0, pi] for a ball containing 0 and
+    negative values)."""
+    from flint import arb
+
+    if x >= 0:
+        return arb(0)
+    if x < 0:
+        return _arb_pi()
+    return arb.union(arb(0), _arb_pi())
+
+
+_ARB_UNARY[aten.angle.default] = _angle_arb
+
+
 def _arb_const_log2():
     from flint import arb
 
@@ -681,7 +696,7 @@ def _arb_const_log2():
 
 @rule(*_ARB_UNARY)
 def arb_unary(func, x):
-    """asin acos sinh cosh tan asinh acosh atanh exp2 sinc deg2rad rad2deg erfinv lgamma digamma i0 and the special.*
+    """asin acos sinh cosh tan asinh acosh atanh exp2 sinc deg2rad rad2deg erfinv lgamma digamma i0 angle and the special.*
     Bessel/Airy/error-function family: lemma A with the exact definition in ``_ARB_UNARY`` (tan across a pole, acosh
     below 1, Bessel Y/K at or below 0, ...: Arb returns NaN there, so +inf and a ``domain`` event)."""
     return _arb_ball(func, func(_mid(x)), [x], _ARB_UNARY[func], f"{func} of a ball leaving its domain")
@@ -795,12 +810,19 @@ _ARB_BINARY = {
     aten.special_zeta.other_scalar: _zeta_arb,
     aten.igamma.default: _igamma_arb(False),
     aten.igammac.default: _igamma_arb(True),
+    aten.ldexp.Tensor: lambda x, e: x * _arb_two() ** e,
 }
+
+
+def _arb_two():
+    from flint import arb
+
+    return arb(2)
 
 
 @rule(*_ARB_BINARY)
 def arb_binary(func, a, b):
-    """atan2 hypot logaddexp logaddexp2 copysign xlogy xlog1py zeta igamma igammac: lemma A with ``_ARB_BINARY``.
+    """atan2 hypot logaddexp logaddexp2 copysign xlogy xlog1py zeta igamma igammac ldexp: lemma A with ``_ARB_BINARY``.
     A None from the definition (outside the domain PyTorch and the exact function share) gives +inf."""
     fn = _ARB_BINARY[func]
 
@@ -901,3 +923,24 @@ def orthogonal_polynomial(func, x, n):
         return fn(a, b)
 
     return _arb_ball(func, func(_mid(x), _mid(n)), [x, n], guarded, f"{func}: degree ball spans several integers")
+
+
+@rule(aten.frexp.Tensor)
+def frexp(func, x):
+    """(mantissa, exponent) with x = mantissa 2^exponent, |mantissa| in [1/2, 1). The exponent is exact when both
+    outward end points of the ball have it (and the same sign; 0 only as the exact point 0), otherwise it is not
+    decided (``UndecidedComparisonError``: an integer cannot hold a hull). The mantissa is then x 2^-e, an exact scaling:
+    radius r 2^-e, rounded up (it can only underflow)."""
+    from ballgrad.errors import UndecidedComparisonError
+
+    mantissa, exponent = func(x.mid)
+    m, r, unknown = _ball64(x)
+    lo, hi = _ends(m, r)
+    _, e_lo = torch.frexp(lo)
+    _, e_hi = torch.frexp(hi)
+    same = (e_lo == e_hi) & (torch.sign(lo) == torch.sign(hi)) & ~unknown
+    if not bool(same.all()):
+        raise UndecidedComparisonError(f"{func}: a ball spans a power of two (or 0): the exponent is not decided")
+    rad = rounding.up(torch.ldexp(r, -exponent.to(_F64)))
+    rad = torch.where(r == 0, torch.zeros_like(rad), rad)
+    return result(mantissa, rad), exponent
