@@ -180,6 +180,25 @@ def _bilinear_bracket(op, ma, ra, mb, rb, k: int, g: Fraction, rad_dtype: torch.
     return rounding.up(torch.add(scaled, rounding.absolute_term(th * calls * k * eta, wd)))
 
 
+def _measured(m: torch.Tensor, op, ma: torch.Tensor, mb: torch.Tensor, k: int):
+    """A posteriori midpoint error for midpoints narrower than float64 (as ``linalg._checked_bracket``): returns
+    (g, a, residual) where residual = up(|m - R|), R = op(mA, mB) evaluated in float64 on the kernel's exact operands
+    (products exact in float64), and (g, a) = ``_mid_error(k, float64)`` bound |R - exact|; the bracket then uses this
+    g (about k 1e-16) instead of the a priori one. None for float64 midpoints (no wider format: a priori bound)."""
+    if m.dtype == torch.float64:
+        return None
+    reference = op(ma.to(torch.float64), mb.to(torch.float64))
+    g, a = _mid_error(k, torch.float64)
+    return g, a, rounding.up(torch.abs(m.to(torch.float64) - reference))
+
+
+def _with_residual(bound: torch.Tensor, measured) -> torch.Tensor:
+    """bound (+ the measured residual, in float64, when there is one)."""
+    if measured is None:
+        return bound
+    return rounding.add_up(bound.to(torch.float64), measured[2])
+
+
 def _ball_operand(x, out_dtype):
     """(m, r) as the kernel uses the argument (``common.operand``), r covering subnormals read as zero."""
     m, r = operand(x, out_dtype)
@@ -221,7 +240,9 @@ def convolution(func, x, weight, bias, stride, padding, dilation, transposed, ou
     """Y = conv(X, W) + b (1-d/2-d/3-d, stride, padding, dilation, groups, transposed, output_padding).
 
     rY = bracket(conv, k, g) + rb + g|mb| + a, k = (C_in/groups) x kernel volume, (g, a) = _mid_error(k [+ 1 with a
-    bias]); see the module docstring. The bias terms are summed with ``rounding.inflate`` (4 operations)."""
+    bias]); see the module docstring. The bias terms are summed with ``rounding.inflate`` (4 operations). Midpoints narrower
+    than float64 measure their rounding error instead: |m - R| with R the same convolution (bias included) in float64
+    on the kernel's exact operands, and (g, a) = _mid_error(k [+ 1], float64) for |R - exact| (``_measured``)."""
     args = _conv_args(stride, padding, dilation, transposed, output_padding, groups)
     mx0, mw0, mb0 = _mid(x), _mid(weight), _mid(bias)
     _check_conv(mx0, mw0, mb0, **args)
@@ -231,8 +252,17 @@ def convolution(func, x, weight, bias, stride, padding, dilation, transposed, ou
     rd = rounding.rad_dtype(m.dtype)
     per_group = mw.shape[0] // args["groups"] if args["transposed"] else mw.shape[1]
     k = per_group * _volume(mw.shape[2:])
-    g, abs_err = _mid_error(k + (1 if bias is not None else 0), m.dtype)
-    bound = _bilinear_bracket(functools.partial(_plain_conv, **args), mx, rx, mw, rw, k, g, rd)
+    steps = k + (1 if bias is not None else 0)
+    g, abs_err = _mid_error(steps, m.dtype)
+    measured = None
+    if m.dtype != torch.float64:  # a posteriori: R = the same convolution (with the bias) in float64
+        mb_used = None if bias is None else _ball_operand(bias, m.dtype)[0].to(torch.float64)
+        reference = func(mx.to(torch.float64), mw.to(torch.float64), mb_used, stride, padding, dilation, transposed,
+                         output_padding, groups)
+        g, abs_err = _mid_error(steps, torch.float64)
+        measured = (g, abs_err, rounding.up(torch.abs(m.to(torch.float64) - reference)))
+    bound = _with_residual(_bilinear_bracket(functools.partial(_plain_conv, **args), mx, rx, mw, rw, k, g, rd),
+                           measured)
     wd = bound.dtype
     if bias is None:
         rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, wd)))
@@ -269,7 +299,6 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
         mg, rg = _ball_operand(grad_output, gx_m.dtype)
         mw, rw = _ball_operand(weight, gx_m.dtype)
         k = (mw.shape[1] if args["transposed"] else mw.shape[0] // args["groups"]) * vol
-        g, abs_err = _mid_error(k, gx_m.dtype)
 
         def grad_input_op(a, b):
             dummy = torch.zeros(mx0.shape, dtype=a.dtype, device=a.device)
@@ -277,7 +306,10 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
             return func(a, dummy, b, None, stride, padding, dilation, transposed, output_padding, groups,
                         [True, False, False])[0]
 
-        bound = _bilinear_bracket(grad_input_op, mg, rg, mw, rw, k, g, rounding.rad_dtype(gx_m.dtype))
+        measured = _measured(gx_m, grad_input_op, mg, mw, k)
+        g, abs_err = measured[:2] if measured else _mid_error(k, gx_m.dtype)
+        bound = _with_residual(_bilinear_bracket(grad_input_op, mg, rg, mw, rw, k, g, rounding.rad_dtype(gx_m.dtype)),
+                               measured)
         rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
         balls[0] = result(gx_m, _finite_only(gx_m, rounding.clean_rad(rad)))
 
@@ -286,7 +318,6 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
         mx, rx = _ball_operand(x, gw_m.dtype)
         spatial = mx0.shape[2:] if args["transposed"] else mg0.shape[2:]
         k = mx0.shape[0] * _volume(spatial)
-        g, abs_err = _mid_error(k, gw_m.dtype)
 
         def grad_weight_op(a, b):
             dummy = torch.zeros(mw0.shape, dtype=a.dtype, device=a.device)
@@ -294,7 +325,10 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
             return func(a, b, dummy, None, stride, padding, dilation, transposed, output_padding, groups,
                         [False, True, False])[1]
 
-        bound = _bilinear_bracket(grad_weight_op, mg, rg, mx, rx, k, g, rounding.rad_dtype(gw_m.dtype))
+        measured = _measured(gw_m, grad_weight_op, mg, mx, k)
+        g, abs_err = measured[:2] if measured else _mid_error(k, gw_m.dtype)
+        bound = _with_residual(_bilinear_bracket(grad_weight_op, mg, rg, mx, rx, k, g, rounding.rad_dtype(gw_m.dtype)),
+                               measured)
         rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
         balls[1] = result(gw_m, _finite_only(gw_m, rounding.clean_rad(rad)))
 
