@@ -504,6 +504,151 @@ def logical_inplace(func, target, *args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Piecewise activations: relu, threshold, leaky_relu, hardtanh (and argmax/argmin below)
+#
+# Each is a selection between branches whose values over a ball are intervals: y = x on (a, b), a constant elsewhere,
+# or slope * x. For every branch that some point of the input ball can take, the branch's exact values lie in a closed
+# interval [lo_k, hi_k] (float64, outward), so every exact output y satisfies |y - m| <= max(m - lo_k, hi_k - m) for
+# one of those branches: ``_branch_hull`` returns the largest of these over the possible branches, rounded up. That is
+# the hull of the one-sided values where a ball straddles a switch point (a ``kink`` event), and exact (radius 0) where
+# the kernel's midpoint equals a constant branch that is certain. The kernel's casts (a Python threshold or slope
+# cast to float32) are covered because the branches are the exact real ones and m is whatever the kernel computed.
+
+
+def _python_double(value, what: str) -> float:
+    """A Python number argument (threshold, slope, bound) as the exact double it denotes; finite."""
+    v, err = _exact(value)
+    if float(err) != 0 or not math.isfinite(float(v)):
+        raise UnsupportedOpError(current_op(), f"{what} {value!r} must be a finite number exactly representable as a "
+                                 "double")
+    return float(v)
+
+
+def _branch_hull(m: torch.Tensor, branches) -> torch.Tensor:
+    """max over possible branches k of max(m - lo_k, hi_k - m), each difference rounded up (``_add_up``), as float64.
+    ``branches``: (possible, lo, hi) with float64 tensors broadcastable to m."""
+    m64 = m.detach().to(_F64)
+    rad = torch.zeros_like(m64)
+    for possible, lo, hi in branches:
+        spread = torch.maximum(_add_up(m64, -lo), _add_up(hi, -m64))
+        rad = torch.where(possible, torch.maximum(rad, spread), rad)
+    return rad
+
+
+def _emit_kink(mask: torch.Tensor, m: torch.Tensor, detail: str) -> None:
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("kink", current_op(), mask.expand(m.shape), detail)
+
+
+def _scaled_interval(slope: float, lo: torch.Tensor, hi: torch.Tensor):
+    """Outward float64 bounds of {slope * t : t in [lo, hi]} (F2 on each product; slope 0 gives exactly 0)."""
+    if slope == 0:
+        zero = torch.zeros_like(lo)
+        return zero, zero
+    a, b = lo * slope, hi * slope
+    return rounding.down(torch.minimum(a, b)), rounding.up(torch.maximum(a, b))
+
+
+@rule(aten.relu.default)
+def relu(func, x):
+    """relu(x) = max(x, 0): branches x on [max(lo, 0), hi] (if hi > 0) and 0 (if lo <= 0), ``_branch_hull``.
+
+    Kink marker: where the ball touches 0 (lo <= 0 <= hi, an exact point 0 included), the radius is at least the
+    smallest subnormal eta of the radius dtype. This is sound (any radius >= the true error is) and costs nothing, and
+    it lets ``threshold_backward`` -- which autograd calls with relu's *result* -- tell "pre-activation at the kink"
+    (result ball not a point) from "pre-activation strictly negative" (result exactly the point 0): see
+    ``backward.threshold_backward``. A ``kink`` event counts the touching elements."""
+    m = func(x.mid)
+    lo, hi, unknown = _interval(x, m.device)
+    zero = torch.zeros((), dtype=_F64, device=m.device)
+    rad = _branch_hull(m, [(hi > 0, torch.maximum(lo, zero), hi), (lo <= 0, zero, zero)])
+    touch = (lo <= 0) & (hi >= 0) & ~unknown
+    rad = torch.where(touch, torch.clamp_min(rad, rounding.eta(rounding.rad_dtype(m.dtype))), rad)
+    _emit_kink(touch, m, "pre-activation ball touches 0 (relu's switch point)")
+    return _numeric_result(m, rad)
+
+
+@rule(aten.threshold.default)
+def threshold(func, x, threshold, value):
+    """threshold(x, th, v) = x if x > th else v (th, v exact doubles): branches x on [max(lo, th), hi] (if hi > th)
+    and v (if lo <= th), ``_branch_hull``; a ``kink`` event where the ball touches th (exact points included: the
+    backward rule gets this input and cannot tell a point at th from relu's inactive output when th = 0)."""
+    m = func(x.mid, threshold, value)
+    th = _python_double(threshold, "threshold")
+    v = _python_double(value, "value")
+    lo, hi, unknown = _interval(x, m.device)
+    th_t = torch.tensor(th, dtype=_F64, device=m.device)
+    v_t = torch.tensor(v, dtype=_F64, device=m.device)
+    rad = _branch_hull(m, [(hi > th, torch.maximum(lo, th_t), hi), (lo <= th, v_t, v_t)])
+    _emit_kink((lo <= th) & (hi >= th) & ~unknown, m, "input ball touches the threshold")
+    return _numeric_result(m, rad)
+
+
+@rule(aten.leaky_relu.default)
+def leaky_relu(func, x, negative_slope=0.01):
+    """leaky_relu(x) = x if x > 0 else s x (s the exact double): branches x on [max(lo, 0), hi] (if hi > 0) and
+    s [lo, min(hi, 0)] (if lo <= 0, products rounded outward), ``_branch_hull``; ``kink`` where the ball touches 0."""
+    m = func(x.mid, negative_slope)
+    s = _python_double(negative_slope, "negative_slope")
+    lo, hi, unknown = _interval(x, m.device)
+    zero = torch.zeros((), dtype=_F64, device=m.device)
+    neg_lo, neg_hi = _scaled_interval(s, lo, torch.minimum(hi, zero))
+    rad = _branch_hull(m, [(hi > 0, torch.maximum(lo, zero), hi), (lo <= 0, neg_lo, neg_hi)])
+    _emit_kink((lo <= 0) & (hi >= 0) & ~unknown, m, "input ball touches 0 (leaky_relu's switch point)")
+    return _numeric_result(m, rad)
+
+
+@rule(aten.hardtanh.default)
+def hardtanh(func, x, min_val=-1, max_val=1):
+    """hardtanh(x) = min_val if x <= min_val, max_val if x >= max_val, else x (bounds exact doubles): branches the
+    two constants (possible if lo <= min_val, resp. hi >= max_val) and x on [max(lo, min_val), min(hi, max_val)]
+    (possible if hi > min_val and lo < max_val), ``_branch_hull``; ``kink`` where the ball touches either bound."""
+    m = func(x.mid, min_val, max_val)
+    a = _python_double(min_val, "min_val")
+    b = _python_double(max_val, "max_val")
+    lo, hi, unknown = _interval(x, m.device)
+    a_t = torch.tensor(a, dtype=_F64, device=m.device)
+    b_t = torch.tensor(b, dtype=_F64, device=m.device)
+    rad = _branch_hull(m, [
+        (lo <= a, a_t, a_t),
+        (hi >= b, b_t, b_t),
+        ((hi > a) & (lo < b), torch.maximum(lo, a_t), torch.minimum(hi, b_t)),
+    ])
+    touch = ((lo <= a) & (hi >= a)) | ((lo <= b) & (hi >= b))
+    _emit_kink(touch & ~unknown, m, "input ball touches min_val or max_val")
+    return _numeric_result(m, rad)
+
+
+@rule(aten.argmax.default, aten.argmin.default)
+def argmax_argmin(func, x, dim=None, keepdim=False):
+    """Indices of the largest (smallest) element: PyTorch's answer on the midpoints, a plain integer tensor (indices
+    are exact by nature). Where another element's ball reaches the winner's (closed: ties count), or the winner is
+    unknown (NaN/infinite radius), the exact arg-max is not the same for every point of the balls: a ``kink`` event
+    counts those positions (gradients routed through such indices are one of several one-sided values)."""
+    if isinstance(x, BallTensor) and not x.is_floating_point():
+        raise UnsupportedOpError(func, "argmax/argmin of bool (comparison) balls; use .mid")
+    idx = func(x.mid, dim, keepdim)
+    if diagnostics.is_recording() and x.numel() > 0:
+        lo, hi, unknown = _interval(x, idx.device)
+        if dim is None:
+            lo, hi, unknown, d = lo.reshape(-1), hi.reshape(-1), unknown.reshape(-1), 0
+            win = idx.reshape(1)
+        else:
+            d = dim % max(x.dim(), 1)
+            if x.dim() == 0:
+                lo, hi, unknown = lo.reshape(1), hi.reshape(1), unknown.reshape(1)
+            win = idx if keepdim or x.dim() == 0 else idx.unsqueeze(d)
+            win = win.reshape([1] * lo.dim()) if win.dim() < lo.dim() else win
+        if func is aten.argmax.default:
+            rivals = hi >= torch.gather(lo, d, win)
+        else:
+            rivals = lo <= torch.gather(hi, d, win)
+        undecided = (rivals.sum(d) > 1) | torch.gather(unknown, d, win).squeeze(d)
+        diagnostics.emit("kink", current_op(), int(undecided.sum()), "arg-max/arg-min not decided (balls overlap)")
+    return idx
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Step functions: floor, ceil, round, trunc, frac, signbit, heaviside, nan_to_num
 #
 # Lemma T (steps): floor, ceil, trunc and round (half to even, PyTorch's nearbyint) are non-decreasing and integer

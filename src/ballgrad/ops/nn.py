@@ -1,0 +1,625 @@
+"""Neural-network rules: smooth activations (gelu, silu), the softmax family (_softmax, _log_softmax, logsumexp) and
+the losses (nll_loss, mse_loss, binary_cross_entropy[_with_logits], smooth_l1_loss, huber_loss) (DESIGN.md §4).
+Their ``*_backward`` ops are in ``backward.py``; relu/threshold/leaky_relu/hardtanh in ``nonsmooth.py``.
+
+These are fused kernels (DESIGN.md §2): none is trusted as a black box. Each rule computes an enclosure of the *exact*
+real function over the input balls in float64 and re-centres it on PyTorch's midpoint (``finish`` ->
+``common.recentre``: rad = r + |c - mid|), so the kernel's own error -- CPU gelu's erf polynomial (~1.5e-7 absolute),
+PyTorch's clamp of BCE's log at -100, softplus returning x above its threshold -- is measured, never assumed.
+
+Two ways of enclosing are used:
+
+* **Composition** of ball rules. Calling torch functions on float64 BallTensors dispatches to the registered rules;
+  every rule is sound, so the composition encloses the exact result. Used where the expression is one occurrence of
+  each variable (or a derivative bound that only multiplies a radius).
+* **Direct formulas that keep dependency**, where composition would lose it:
+  - softmax/log_softmax via y_i = 1/S_i, S_i = sum_j exp(x_j - x_i) = 1 + e^(w_i), see ``_softmax_w``;
+  - smooth activations by the mean value form ``enclose_smooth``: f(X) in f(m) + f'(X)[-r, r] with f'(X) enclosed by
+    composition (and the plain composition f(X), whichever is narrower per element);
+  - monotone pieces (smooth L1 / Huber in |d|, their derivatives in d) through their end points.
+
+Constants are balls (``constant``): the double nearest to an mpmath value at 256 bits with the distance rounded up,
+plus 2^-240 for mpmath's own error (|constant| <= 1 here).
+
+Special values: an input element with a non-finite midpoint or an infinite radius denotes "any real"; softmax
+outputs then still lie in [0, 1] (finite radii), everything else that depends on it gets +inf. A non-finite midpoint
+result always has radius +inf. Balls leaving a loss's domain (BCE input outside [0, 1], log of a ball reaching 0)
+get +inf and a ``domain`` event.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import mpmath
+import torch
+import torch.nn.functional as F
+
+from ballgrad import accuracy, diagnostics, rounding
+from ballgrad.errors import UnsupportedOpError
+from ballgrad.ops import elementwise, inplace
+from ballgrad.ops.common import mid_of, recentre, result
+from ballgrad.ops.nonsmooth import _add_up
+from ballgrad.ops.registry import current_op, rule
+from ballgrad.tensor import BallTensor, _to_fraction
+
+aten = torch.ops.aten
+
+_F64 = torch.float64
+_INF = math.inf
+
+# nn.functional reduction codes (torch/nn/_reduction.py)
+NONE, MEAN, SUM = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Composition helpers (also used by backward.py)
+
+
+def wide(x) -> BallTensor:
+    """The float64 ball of a tensor argument, exactly: a ball's (mid, rad) widened (exact for every supported dtype), a
+    plain tensor as a point ball (integers exact up to 2^53). Non-finite midpoints get radius +inf ("any real")."""
+    if isinstance(x, BallTensor):
+        if not x.is_floating_point():
+            raise UnsupportedOpError(current_op(), "a bool (comparison) ball cannot enter this rule; use .mid")
+        m, r = x.mid.detach().to(_F64), x.rad.to(_F64)
+    elif isinstance(x, torch.Tensor):
+        m = x.detach().to(_F64)
+        if not (x.is_floating_point() or x.dtype == torch.bool) and bool((m.abs() > 2.0**53).any()):
+            raise UnsupportedOpError(current_op(), "integer operand beyond 2^53 is not exact in float64")
+        r = torch.zeros_like(m)
+    else:
+        raise TypeError(f"expected a tensor, got {type(x).__name__}")
+    r = r.expand(m.shape)
+    r = torch.where(torch.isfinite(m), r, torch.full_like(r, _INF))
+    return BallTensor(m, r.contiguous() if not r.is_contiguous() else r)
+
+
+def nan_to(t: torch.Tensor, value: float) -> torch.Tensor:
+    """``t`` with NaN (an undefined bound, e.g. inf - inf) replaced by ``value`` (-inf for a lower bound, +inf for an
+    upper one); infinities are kept (unlike ``torch.nan_to_num``, which would clip them to finite values)."""
+    return torch.where(torch.isnan(t), torch.full_like(t, value), t)
+
+
+def unknown_of(x: BallTensor) -> torch.Tensor:
+    """Elements that denote "any real": non-finite midpoint or infinite radius."""
+    return ~torch.isfinite(x.mid) | torch.isinf(x.rad)
+
+
+def point(m: torch.Tensor) -> BallTensor:
+    """The exact point ball of a float64 tensor."""
+    return BallTensor(m, torch.zeros_like(m))
+
+
+def pick(cond: torch.Tensor, a: BallTensor, b: BallTensor) -> BallTensor:
+    """Per element the ball ``a`` where ``cond``, else ``b`` (an exact choice made by the rule, not by the data)."""
+    shape = torch.broadcast_shapes(cond.shape, a.shape, b.shape)
+    m = torch.where(cond, a.mid, b.mid).expand(shape).contiguous()
+    r = torch.where(cond, a.rad.expand(a.mid.shape), b.rad.expand(b.mid.shape)).expand(shape).contiguous()
+    return BallTensor(m, r)
+
+
+def narrower(a: BallTensor, b: BallTensor) -> BallTensor:
+    """Two enclosures of the same values: per element the one with the smaller radius (both are valid)."""
+    return pick(a.rad <= b.rad, a, b)
+
+
+def from_bounds(lo: torch.Tensor, hi: torch.Tensor) -> BallTensor:
+    """A float64 ball containing [lo, hi]; NaN end points (nothing known) give an infinite radius."""
+    mid = lo * 0.5 + hi * 0.5
+    mid = torch.where(torch.isfinite(mid), mid, torch.where(torch.isfinite(lo), lo, hi))
+    rad = torch.maximum(rounding.sub_up(mid, lo), rounding.sub_up(hi, mid))
+    return BallTensor(mid, rounding.clean_rad(rad))
+
+
+def constant(value) -> BallTensor:
+    """A real constant as a float64 point-sized ball: mid = the nearest double to ``value`` (an mpmath number at
+    >= 256 bits with |value| <= 1, or an exact Fraction), rad = |value - mid| rounded up (+ 2^-240 for mpmath)."""
+    if isinstance(value, Fraction):
+        exact, slack = value, Fraction(0)
+    else:
+        exact, slack = _to_fraction(value), Fraction(1, 2**240)
+    mid = float(exact)
+    rad = rounding.round_up_float(abs(exact - Fraction(mid)) + slack)
+    return BallTensor(torch.tensor(mid, dtype=_F64), torch.tensor(rad, dtype=_F64))
+
+
+def finish(mid: torch.Tensor, *enclosures: BallTensor, unknown=None) -> BallTensor:
+    """Re-centre float64 enclosures of the exact result on PyTorch's midpoint (``common.recentre``), keep the smallest
+    radius per element (each is a valid bound), +inf where ``unknown`` or the midpoint is not finite."""
+    rad = None
+    for enc in enclosures:
+        r = recentre(mid, enc).rad
+        rad = r if rad is None else torch.minimum(rad, r)
+    bad = ~torch.isfinite(mid)
+    if unknown is not None:
+        bad = bad | unknown
+    rad = torch.where(bad.expand(mid.shape), torch.full_like(rad, _INF), rad)
+    return result(mid, rad)
+
+
+def enclose_smooth(x: BallTensor, f, derivative) -> BallTensor:
+    """An enclosure of {f(t) : t in X} for a smooth f given as ball compositions ``f`` and ``derivative`` (f').
+
+    Mean value form: f(t) - f(m) = f'(xi)(t - m) with xi in X, so f(X) is in F(m) + D [-r, r] where F(m) = f on the
+    point ball m and D = derivative(X) encloses f' over the ball: rad = rad(F(m)) + r (|mid(D)| + rad(D)), rounded
+    up (F2). Per element the narrower of this and the direct composition f(X) is kept (``narrower``).
+    """
+    at_mid = f(point(x.mid))
+    d = derivative(x)
+    slope = rounding.add_up(torch.abs(d.mid), d.rad)
+    spread = torch.where(x.rad == 0, torch.zeros_like(x.rad), rounding.mul_up(x.rad, slope))
+    mean_value = BallTensor(at_mid.mid, rounding.clean_rad(rounding.add_up(at_mid.rad, spread)))
+    return narrower(mean_value, f(x))
+
+
+def reduce_loss(loss: BallTensor, reduction: int) -> BallTensor:
+    """none / mean / sum of elementwise loss balls, by the ball rules of mean and sum."""
+    if reduction == NONE:
+        return loss
+    if reduction == MEAN:
+        return torch.mean(loss)
+    if reduction == SUM:
+        return torch.sum(loss)
+    raise UnsupportedOpError(current_op(), f"unknown reduction code {reduction}")
+
+
+def _emit_domain(mask: torch.Tensor, detail: str) -> None:
+    """Emit after all compositions (nested rules reset the per-op event bookkeeping)."""
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("domain", current_op(), mask, detail)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Constants
+
+with mpmath.workprec(256):
+    INV_SQRT2 = constant(1 / mpmath.sqrt(2))
+    INV_SQRT_2PI = constant(1 / mpmath.sqrt(2 * mpmath.pi))
+    SQRT_2_OVER_PI = constant(mpmath.sqrt(2 / mpmath.pi))
+GELU_TANH_CUBIC = constant(Fraction(44715, 10**6))  # the 0.044715 of gelu's tanh approximation, exactly
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gelu and silu: f, f', f'' as ball compositions
+
+
+def _normal_cdf(x):
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2 = erfc(-x / sqrt 2) / 2, per element the narrower enclosure: the erfc form
+    keeps relative accuracy in the left tail, where 1 + erf cancels; the erf form has the smaller trust-table margin
+    elsewhere."""
+    t = x * INV_SQRT2
+    return narrower(0.5 * torch.erfc(-t), 0.5 * (1 + torch.erf(t)))
+
+
+def _normal_pdf(x):
+    """phi(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    return torch.exp(-0.5 * x**2) * INV_SQRT_2PI
+
+
+def _gelu_erf(x):
+    """gelu(x) = x Phi(x)."""
+    return x * _normal_cdf(x)
+
+
+def _gelu_erf_d1(x):
+    """gelu'(x) = Phi(x) + x phi(x)."""
+    return _normal_cdf(x) + x * _normal_pdf(x)
+
+
+def _gelu_erf_d2(x):
+    """gelu''(x) = phi(x) (2 - x^2)."""
+    return _normal_pdf(x) * (2 - x**2)
+
+
+def _tanh_parts(x):
+    """For g(x) = x (1 + tanh u)/2 = x p with u = k (x + a x^3), k = sqrt(2/pi), a = 0.044715 (exact reals):
+    p = sigmoid(2u) = (1 + tanh u)/2, q = sigmoid(-2u) = 1 - p (so 1 - tanh^2 u = 4 p q without cancellation) and
+    u' = k (1 + 3 a x^2)."""
+    two_u = 2 * (SQRT_2_OVER_PI * (x + GELU_TANH_CUBIC * x**3))
+    du = SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_CUBIC * x**2)
+    return torch.sigmoid(two_u), torch.sigmoid(-two_u), du
+
+
+def _gelu_tanh(x):
+    """gelu_tanh(x) = x (1 + tanh u) / 2 = x sigmoid(2u)."""
+    return x * torch.sigmoid(2 * (SQRT_2_OVER_PI * (x + GELU_TANH_CUBIC * x**3)))
+
+
+def _gelu_tanh_d1(x):
+    """g' = p + 2 x u' p q (p' = 2 u' p q)."""
+    p, q, du = _tanh_parts(x)
+    return p + 2 * x * du * p * q
+
+
+def _gelu_tanh_d2(x):
+    """g'' = p q (4 u' + 2 x u'' + 4 x u'^2 (q - p)), u'' = 6 a k x (from p' = 2u'pq, q' = -2u'pq)."""
+    p, q, du = _tanh_parts(x)
+    d2u = 6 * GELU_TANH_CUBIC * SQRT_2_OVER_PI * x
+    return p * q * (4 * du + 2 * x * d2u + 4 * x * du**2 * (q - p))
+
+
+def _silu(x):
+    """silu(x) = x sigmoid(x)."""
+    return x * torch.sigmoid(x)
+
+
+def _silu_d1(x):
+    """silu'(x) = sigmoid(x) (1 + x sigmoid(-x))."""
+    return torch.sigmoid(x) * (1 + x * torch.sigmoid(-x))
+
+
+def _silu_d2(x):
+    """silu''(x) = sigmoid(x) sigmoid(-x) (2 + x (sigmoid(-x) - sigmoid(x)))."""
+    p, q = torch.sigmoid(x), torch.sigmoid(-x)
+    return p * q * (2 + x * (q - p))
+
+
+GELU = {"none": (_gelu_erf, _gelu_erf_d1, _gelu_erf_d2), "tanh": (_gelu_tanh, _gelu_tanh_d1, _gelu_tanh_d2)}
+SILU = (_silu, _silu_d1, _silu_d2)
+
+
+def gelu_functions(approximate: str):
+    if approximate not in GELU:
+        raise UnsupportedOpError(current_op(), f"gelu approximate={approximate!r}")
+    return GELU[approximate]
+
+
+@rule(aten.gelu.default)
+def gelu(func, x, *, approximate="none"):
+    """gelu(x) = x Phi(x) ('none') or x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))/2 ('tanh'), the exact real functions
+    (constants as balls): ``enclose_smooth`` with f' by composition, re-centred. The CPU kernel's erf polynomial
+    (~1.5e-7 absolute) and its float32 evaluation are measured by the re-centring, not assumed."""
+    m = func(x.mid, approximate=approximate)
+    f, d1, _ = gelu_functions(approximate)
+    xw = wide(x)
+    return finish(m, enclose_smooth(xw, f, d1), unknown=unknown_of(xw))
+
+
+@rule(aten.silu.default)
+def silu(func, x):
+    """silu(x) = x sigmoid(x): ``enclose_smooth`` with silu' by composition, re-centred."""
+    m = func(x.mid)
+    xw = wide(x)
+    return finish(m, enclose_smooth(xw, SILU[0], SILU[1]), unknown=unknown_of(xw))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# softmax, log_softmax, logsumexp
+
+
+def _dims(ndim: int, dim) -> list[int]:
+    if isinstance(dim, int):
+        dim = [dim]
+    dim = list(dim) if dim is not None else []
+    if not dim:
+        return list(range(ndim))
+    return sorted({d % max(ndim, 1) for d in dim})
+
+
+def _sum_bounds(terms_lo, terms_hi, dims):
+    """Lower/upper bounds of the exact sums of non-negative float64 terms over ``dims`` (keepdim).
+
+    fl(sum) in any order satisfies |fl - S| <= gamma_k S with k = n - 1 (non-negative terms, additions exact-relative
+    under gradual underflow), and 1 + gamma_k = 1/(1 - ku): S >= fl (1 - ku), S <= fl (1 - ku)/(1 - 2ku). The factors
+    are rounded offline (down/up) and each product bumped by F2."""
+    n = 1
+    for d in dims:
+        n *= terms_lo.shape[d]
+    ku = max(n - 1, 0) * rounding.unit_roundoff_exact(_F64)
+    f_lo = rounding.round_down_float(1 - ku)
+    f_hi = rounding.round_up_float((1 - ku) / (1 - 2 * ku))
+    s_lo = torch.sum(terms_lo, dim=dims, keepdim=True)
+    s_hi = torch.sum(terms_hi, dim=dims, keepdim=True)
+    return torch.clamp_min(rounding.down(s_lo * f_lo), 0), rounding.up(s_hi * f_hi)
+
+
+def _exp_terms(x: BallTensor, dims, device_type):
+    """(lo, hi, M, E_lo, E_hi): end points of x (unknown elements (-inf, inf)), the shift M = max of the finite
+    midpoints over ``dims`` (0 where none), and E_lo <= exp(lo - M), exp(hi - M) <= E_hi (trust table). End points
+    and differences are rounded outward by ``nonsmooth._add_up`` (TwoSum: exact whenever the float64 result is, so
+    exact logits lose nothing here)."""
+    unknown = unknown_of(x)
+    m = torch.where(unknown, torch.zeros_like(x.mid), x.mid)
+    r = torch.where(unknown, torch.zeros_like(x.rad), x.rad)
+    lo = torch.where(unknown, torch.full_like(m, -_INF), -_add_up(-m, r))
+    hi = torch.where(unknown, torch.full_like(m, _INF), _add_up(m, r))
+    finite_mid = torch.where(torch.isfinite(x.mid), x.mid, torch.full_like(m, -_INF))
+    big = torch.amax(finite_mid, dim=dims, keepdim=True)
+    big = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
+    e_lo = torch.clamp_min(accuracy.enclose("exp", -_add_up(big, -lo), device_type=device_type)[0], 0)
+    e_hi = nan_to(accuracy.enclose("exp", _add_up(hi, -big), device_type=device_type)[1], _INF)
+    return lo, hi, big, e_lo, e_hi
+
+
+def _softmax_w(x: BallTensor, dims, device_type):
+    """Bounds w_lo <= w_i <= w_hi of w_i = log(S_i - 1), S_i = sum_j exp(x_j - x_i) = 1 + e^(w_i), over the balls.
+
+    S_i - 1 = P_i R_i with P_i = exp(M - x_i) (x_i only) and R_i = sum_{j != i} exp(x_j - M) (the others only), so
+    w_i = (M - x_i) + log R_i exactly, and its range over the box is [(M - hi_i) + log R_i(lo), (M - lo_i) + log
+    R_i(hi)]: no dependency is lost and nothing overflows. R_i(lo) >= T_lo - E_lo_i and R_i(hi) <= T_hi - E_hi_i with
+    T the bounded sums of ``_exp_terms`` (T_lo <= sum E_lo exactly, so subtracting this very E_lo_i is a lower bound;
+    likewise above), rounded outward; log from the trust table (log 0 = -inf; R_hi = 0 means R = 0: w = -inf).
+    """
+    lo, hi, big, e_lo, e_hi = _exp_terms(x, dims, device_type)
+    t_lo, t_hi = _sum_bounds(e_lo, e_hi, dims)
+    r_lo = torch.clamp_min(rounding.sub_down(t_lo, e_lo), 0)
+    r_hi = nan_to(rounding.sub_up(t_hi, e_hi), _INF)
+    log_lo = accuracy.enclose("log", r_lo, device_type=device_type)[0]
+    log_hi = accuracy.enclose("log", r_hi, device_type=device_type)[1]
+    w_lo = rounding.add_down(-_add_up(hi, -big), log_lo)
+    w_hi = rounding.add_up(_add_up(big, -lo), log_hi)
+    w_lo = torch.where(r_lo == 0, torch.full_like(w_lo, -_INF), w_lo)
+    w_hi = torch.where(r_hi == 0, torch.full_like(w_hi, -_INF), w_hi)
+    return nan_to(w_lo, -_INF), nan_to(w_hi, _INF)
+
+
+def _bounds_result(mid, lower, upper):
+    """rad = max(up(mid - L), up(U - mid)) (float64), +inf for non-finite midpoints."""
+    mid64 = mid.detach().to(_F64)
+    rad = torch.maximum(rounding.sub_up(mid64, lower), rounding.sub_up(upper, mid64))
+    rad = torch.where(torch.isfinite(mid64), rounding.clean_rad(rad), torch.full_like(rad, _INF))
+    return result(mid, rad)
+
+
+def _row_view(x: BallTensor, mid: torch.Tensor):
+    """0-dim softmax inputs are rows of one element."""
+    if x.dim() == 0:
+        return BallTensor(x.mid.reshape(1), x.rad.reshape(1)), 0
+    return x, None
+
+
+@rule(aten._softmax.default)
+def softmax(func, x, dim, half_to_float):
+    """softmax_i = 1/S_i = 1/(1 + e^(w_i)) = sigmoid(-w_i), decreasing in w_i: with ``_softmax_w``'s bounds,
+    y_i in [sigmoid(-w_hi), sigmoid(-w_lo)] (``elementwise._sigmoid_enclose``, trust table), clamped to [0, 1]. This is
+    the exact range over the box up to outward rounding (y_i is monotone in each x_j), so input radii propagate
+    without dependency loss: about 2 y_i (1 - y_i) r for equal radii r, the true worst case. Unknown entries (x_j any
+    real) leave y_i in [0, 1]."""
+    m = func(x.mid, dim, half_to_float)
+    if m.numel() == 0:
+        return result(m, torch.zeros_like(m, dtype=rounding.rad_dtype(m.dtype)))
+    xw, _ = _row_view(wide(x), m)
+    dims = _dims(xw.dim(), dim)
+    dev = m.device.type
+    w_lo, w_hi = _softmax_w(xw, dims, dev)
+    lower = elementwise._sigmoid_enclose(-w_hi, dev)[0]
+    upper = elementwise._sigmoid_enclose(-w_lo, dev)[1]
+    lower, upper = torch.clamp(lower, 0, 1), torch.clamp(upper, 0, 1)
+    return _bounds_result(m, lower.reshape(m.shape), upper.reshape(m.shape))
+
+
+@rule(aten._log_softmax.default)
+def log_softmax(func, x, dim, half_to_float):
+    """log_softmax_i = -log S_i = -log(1 + e^(w_i)): with ``_softmax_w``'s bounds, in
+    [-softplus(w_hi), -softplus(w_lo)], softplus bounded overflow-free (``elementwise._log1p_exp_bounds``), and <= 0."""
+    m = func(x.mid, dim, half_to_float)
+    if m.numel() == 0:
+        return result(m, torch.zeros_like(m, dtype=rounding.rad_dtype(m.dtype)))
+    xw, _ = _row_view(wide(x), m)
+    dims = _dims(xw.dim(), dim)
+    dev = m.device.type
+    w_lo, w_hi = _softmax_w(xw, dims, dev)
+    lower = -elementwise._log1p_exp_bounds(w_hi, dev, upper=True)
+    upper = torch.clamp_max(-elementwise._log1p_exp_bounds(w_lo, dev, upper=False), 0)
+    return _bounds_result(m, lower.reshape(m.shape), upper.reshape(m.shape))
+
+
+@rule(aten.logsumexp.default)
+def logsumexp(func, x, dim, keepdim=False):
+    """logsumexp = M + log sum_j exp(x_j - M), increasing in every x_j: in [M + log T_lo, M + log T_hi] with the
+    bounded sums of ``_exp_terms`` (trust-table log, additions rounded outward), and >= max_j lo_j (exactly)."""
+    m = func(x.mid, dim, keepdim)
+    xw = wide(x)
+    if xw.dim() == 0:
+        xw = BallTensor(xw.mid.reshape(1), xw.rad.reshape(1))
+    dims = _dims(xw.dim(), dim)
+    if m.numel() == 0:
+        return result(m, torch.zeros_like(m, dtype=rounding.rad_dtype(m.dtype)))
+    dev = m.device.type
+    lo, hi, big, e_lo, e_hi = _exp_terms(xw, dims, dev)
+    t_lo, t_hi = _sum_bounds(e_lo, e_hi, dims)
+    lower = rounding.add_down(big, accuracy.enclose("log", t_lo, device_type=dev)[0])
+    lower = torch.maximum(nan_to(lower, -_INF), torch.amax(lo, dim=dims, keepdim=True))
+    upper = nan_to(rounding.add_up(big, accuracy.enclose("log", t_hi, device_type=dev)[1]), _INF)
+    return _bounds_result(m, lower.reshape(m.shape), upper.reshape(m.shape))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Negative log-likelihood
+
+
+def class_dim(x) -> int:
+    """The class dimension of nll_loss inputs: 0 for [C], 1 for [N, C] and [N, C, d1, ...]."""
+    return 0 if x.dim() == 1 else 1
+
+
+def nll_parts(x, target, weight, ignore_index):
+    """(picked, w_t, kept): picked = x[n, t_n] (float64 ball, exact selection), w_t = weight[t_n] (1 without weight) as
+    a float64 ball, both exactly (0, 0) where t_n == ignore_index, and the bool mask of kept samples."""
+    cd = class_dim(x)
+    kept = target != ignore_index
+    safe_t = torch.where(kept, target, torch.zeros_like(target)).unsqueeze(cd)
+    xw = wide(x)
+    picked = BallTensor(torch.gather(xw.mid, cd, safe_t).squeeze(cd), torch.gather(xw.rad, cd, safe_t).squeeze(cd))
+    if weight is None:
+        w_t = point(torch.ones_like(picked.mid))
+    else:
+        ww = wide(weight)
+        idx = safe_t.squeeze(cd)
+        w_t = BallTensor(ww.mid[idx], ww.rad[idx])
+    zero = point(torch.zeros_like(picked.mid))
+    return pick(kept, picked, zero), pick(kept, w_t, zero), kept
+
+
+@rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
+def nll_loss_forward(func, x, target, weight, reduction, ignore_index):
+    """(output, total_weight) of nll_loss, real meaning: l_n = -w_{t_n} x[n, t_n] (0 for ignored samples);
+    none: l; sum: sum_n l_n; mean: sum_n l_n / sum_n w_{t_n}. total_weight = sum_n w_{t_n}, except for reduction none
+    on batched input, where the kernel defines it as the placeholder 0 (exact). Enclosed by composing the ball rules
+    (gather is exact, then mul, sum, div) and re-centred on both kernel outputs. A mean whose total weight ball
+    contains 0 gets +inf and a ``domain`` event (the division rule's)."""
+    out, total = func(mid_of(x), target, mid_of(weight), reduction, ignore_index)
+    picked, w_t, kept = nll_parts(x, target, weight, ignore_index)
+    losses = -(w_t * picked)
+    tw = torch.sum(w_t)
+    if reduction == NONE:
+        if x.dim() >= 2:
+            tw = point(torch.zeros((), dtype=_F64, device=out.device))
+        return finish(out, losses), finish(total, tw)
+    s = torch.sum(losses)
+    value = s / tw if reduction == MEAN else s
+    return finish(out, value), finish(total, tw)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Regression losses
+
+
+@rule(aten.mse_loss.default)
+def mse_loss(func, x, target, reduction=MEAN):
+    """(x - t)^2 (the square by the integer-power rule: exact hull, also for d straddling 0), then mean/sum by the
+    reduction rules; composed in float64 and re-centred."""
+    m = func(mid_of(x), mid_of(target), reduction)
+    xw, tw = wide(x), wide(target)
+    loss = reduce_loss((xw - tw) ** 2, reduction)
+    return finish(m, loss)
+
+
+def abs_bounds(d: BallTensor):
+    """(a_lo, a_hi) with a_lo <= |t| <= a_hi for t in d (float64, outward): a_lo = max(0, |m| - r) rounded down,
+    a_hi = |m| + r rounded up."""
+    a = torch.abs(d.mid)
+    return torch.clamp_min(rounding.sub_down(a, d.rad), 0), rounding.add_up(a, d.rad)
+
+
+def _half(value: float):
+    """(down, up) bounds of value/2 (exact unless value is subnormal)."""
+    return rounding.round_down_float(Fraction(value) / 2), rounding.round_up_float(Fraction(value) / 2)
+
+
+def smooth_l1_bounds(a: torch.Tensor, beta: float, upper: bool) -> torch.Tensor:
+    """Directed bound of s(a) = a^2/(2 beta) for a < beta, a - beta/2 otherwise (a = |d| >= 0; beta = 0: s = a)."""
+    if beta == 0:
+        return a
+    half_lo, half_hi = _half(beta)
+    two_beta = 2 * beta  # exact: beta is finite and > 0, doubling only moves the exponent (beta <= max/2 checked)
+    if upper:
+        quad = rounding.div_up(rounding.mul_up(a, a), two_beta)
+        lin = rounding.sub_up(a, half_lo)
+    else:
+        quad = rounding.div_down(rounding.mul_down(a, a), two_beta)
+        lin = torch.clamp_min(rounding.sub_down(a, half_hi), 0)
+    return torch.where(a < beta, quad, lin)
+
+
+def huber_bounds(a: torch.Tensor, delta: float, upper: bool) -> torch.Tensor:
+    """Directed bound of h(a) = a^2/2 for a < delta, delta (a - delta/2) otherwise (a = |d| >= 0)."""
+    half_lo, half_hi = _half(delta)
+    if upper:
+        quad = rounding.div_up(rounding.mul_up(a, a), 2.0)
+        lin = rounding.mul_up(torch.full_like(a, delta), rounding.sub_up(a, half_lo))
+    else:
+        quad = rounding.div_down(rounding.mul_down(a, a), 2.0)
+        lin = rounding.mul_down(torch.full_like(a, delta), torch.clamp_min(rounding.sub_down(a, half_hi), 0))
+    return torch.where(a < delta, quad, lin)
+
+
+def _check_positive(value, what, allow_zero):
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero) or v > 2.0**1000:
+        raise UnsupportedOpError(current_op(), f"{what}={value!r} must be a finite number > 0"
+                                 + (" (or 0)" if allow_zero else ""))
+    return v
+
+
+def _even_loss(func, x, target, reduction, param, bounds):
+    m = func(mid_of(x), mid_of(target), reduction, param)
+    d = wide(x) - wide(target)
+    a_lo, a_hi = abs_bounds(d)
+    per_element = from_bounds(bounds(a_lo, False), bounds(a_hi, True))
+    return finish(m, reduce_loss(per_element, reduction), unknown=None)
+
+
+@rule(aten.smooth_l1_loss.default)
+def smooth_l1_loss(func, x, target, reduction=MEAN, beta=1.0):
+    """s(|d|), d = x - t, s(a) = a^2/(2 beta) for a < beta, a - beta/2 otherwise (beta = 0: |d|): s is continuous and
+    increasing in a = |d| >= 0, so over the ball it lies in [s(a_lo), s(a_hi)] (``abs_bounds``, directed
+    ``smooth_l1_bounds``); then the reduction rules; re-centred."""
+    b = _check_positive(beta, "beta", allow_zero=True)
+    return _even_loss(func, x, target, reduction, beta, lambda a, up: smooth_l1_bounds(a, b, up))
+
+
+@rule(aten.huber_loss.default)
+def huber_loss(func, x, target, reduction=MEAN, delta=1.0):
+    """h(|d|), h(a) = a^2/2 for a < delta, delta (a - delta/2) otherwise: continuous and increasing in a = |d|, so
+    [h(a_lo), h(a_hi)] (``huber_bounds``); then the reduction rules; re-centred."""
+    dl = _check_positive(delta, "delta", allow_zero=False)
+    return _even_loss(func, x, target, reduction, delta, lambda a, up: huber_bounds(a, dl, up))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Binary cross-entropy
+
+
+def bce_domain(xw: BallTensor, tw: BallTensor):
+    """(ok, safe_log, safe_log1m, t_zero, t_one) for BCE on the ball X with targets T.
+
+    The true BCE (no clamp) is defined for x in [0, 1]; the term t log x needs x > 0 unless t is the exact point 0
+    (0 log 0 = 0, the limit, and the term vanishes identically), and (1 - t) log(1 - x) needs x < 1 unless t is the
+    exact point 1. ``ok``: the ball satisfies all that (and is known). ``safe_log``/``safe_log1m``: X where its log
+    terms are defined, else the point 1/2 (a placeholder whose term is masked out or whose radius becomes +inf).
+    """
+    lo, hi = -_add_up(-xw.mid, xw.rad), _add_up(xw.mid, xw.rad)  # exact for point balls (x = 0 or 1 stays put)
+    t_zero = (tw.rad == 0) & (tw.mid == 0)
+    t_one = (tw.rad == 0) & (tw.mid == 1)
+    ok = (lo >= 0) & (hi <= 1) & (t_zero | (lo > 0)) & (t_one | (hi < 1)) & ~unknown_of(xw) & ~unknown_of(tw)
+    half = point(torch.full_like(xw.mid, 0.5))
+    return ok, pick(lo > 0, xw, half), pick(hi < 1, xw, half), t_zero, t_one
+
+
+@rule(aten.binary_cross_entropy.default)
+def binary_cross_entropy(func, x, target, weight=None, reduction=MEAN):
+    """-w (t log x + (1 - t) log(1 - x)), the true function: PyTorch clamps each log at -100, which the re-centring
+    measures where it is active at a finite true value; where the true loss is unbounded over the ball (x reaching 0
+    with t != 0, or 1 with t != 1, or outside [0, 1]) the radius is +inf with a ``domain`` event (``bce_domain``).
+    log(1 - x) is enclosed as log1p(-x) (the same real). Composed in float64, reduced, re-centred."""
+    m = func(mid_of(x), mid_of(target), mid_of(weight), reduction)
+    xw, tw = wide(x), wide(target)
+    ok, x_log, x_log1m, t_zero, t_one = bce_domain(xw, tw)
+    zero = point(torch.zeros_like(xw.mid))
+    term = pick(t_zero, zero, tw * torch.log(x_log)) + pick(t_one, zero, (1 - tw) * torch.log1p(-x_log1m))
+    loss = -term if weight is None else -(wide(weight) * term)
+    loss = pick(ok, loss, BallTensor(loss.mid, torch.full_like(loss.rad, _INF)))
+    out = finish(m, reduce_loss(loss, reduction))
+    _emit_domain(~ok, "BCE input ball reaches 0 or 1 where the true loss is unbounded, or leaves [0, 1]")
+    return out
+
+
+@rule(aten.binary_cross_entropy_with_logits.default)
+def binary_cross_entropy_with_logits(func, x, target, weight=None, pos_weight=None, reduction=MEAN):
+    """-w (p t log sigmoid(x) + (1 - t) log(1 - sigmoid(x))) = w ((1 - t) softplus(x) + p t softplus(-x)), p the
+    pos_weight (1 without): the softplus rule encloses the true softplus, and this form keeps the dependency on x
+    exact for t in {0, 1} (one monotone term). Composed in float64, reduced, re-centred."""
+    m = func(mid_of(x), mid_of(target), mid_of(weight), mid_of(pos_weight), reduction)
+    xw, tw = wide(x), wide(target)
+    pos = tw if pos_weight is None else wide(pos_weight) * tw
+    loss = (1 - tw) * F.softplus(xw) + pos * F.softplus(-xw)
+    if weight is not None:
+        loss = wide(weight) * loss
+    return finish(m, reduce_loss(loss, reduction))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# In-place activations (nn.*(inplace=True)): through ``inplace.inplace`` like the other in-place ops
+
+_INPLACE_ACTIVATIONS = {
+    aten.gelu_.default: aten.gelu.default,
+    aten.silu_.default: aten.silu.default,
+    aten.leaky_relu_.default: aten.leaky_relu.default,
+    aten.hardtanh_.default: aten.hardtanh.default,
+    aten.threshold_.default: aten.threshold.default,
+}
+inplace.INPLACE_TO_FUNCTIONAL.update(_INPLACE_ACTIVATIONS)
+rule(*_INPLACE_ACTIVATIONS)(inplace.inplace)
