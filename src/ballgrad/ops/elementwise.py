@@ -520,7 +520,7 @@ def _arb_upper_double(u) -> float:
         return 0.0
     if man.bit_length() + exp > 1024:
         return _INF
-    if man.bit_length() + exp <= -1021:  # below the normal range: realmin is an upper bound
+    if man.bit_length() + exp <= -1022:  # value < 2^-1022 = realmin: realmin is an upper bound
         return float(torch.finfo(_F64).smallest_normal)
     value = math.ldexp(man, exp)  # exact: at most 53 significant bits, normal range
     return value
@@ -623,7 +623,8 @@ def _xlogy_arb(log_fn):
     def fn(x, y):
         if x.is_zero():
             return x
-        return x * log_fn(y)
+        log_y = log_fn(y)
+        return None if log_y is None else x * log_y
 
     return fn
 
