@@ -217,7 +217,52 @@ def _points_sqrt(rng, n):
     ])
 
 
+def _points_sinh(rng, n):
+    return _mix(rng, n, [
+        (30, lambda r, k: _uniform(r, k, -710.4, 710.4)),
+        (25, lambda r, k: _log_uniform(r, k, -1074, 3, signed=True)),
+        (15, lambda r, k: _uniform(r, k, -3, 3)),
+        (10, lambda r, k: _near(r, k, [0.5, 1.0, 22.0, 710.4758600739439, -710.4758600739439], 512)),
+        (10, lambda r, k: _uniform(r, k, 700, 710.47) * np.where(r.random(k) < 0.5, -1, 1)),
+        (10, lambda r, k: _subnormals(r, k, signed=True)),
+    ])
+
+
+def _points_asinh(rng, n):
+    return _mix(rng, n, [
+        (40, lambda r, k: _log_uniform(r, k, -1074, 1023.99, signed=True)),
+        (20, lambda r, k: _uniform(r, k, -10, 10)),
+        (15, lambda r, k: _near(r, k, [0.125, 0.5, 1.0, 2.0, 2.0**28, -0.5, -2.0], 512)),
+        (15, lambda r, k: _log_uniform(r, k, -30, 30, signed=True)),
+        (10, lambda r, k: _subnormals(r, k, signed=True)),
+    ])
+
+
+def _points_acosh(rng, n):
+    return _mix(rng, n, [
+        (30, lambda r, k: 1.0 + _log_uniform(r, k, -52, 0)),
+        (15, lambda r, k: 1.0 + r.integers(0, 2**20, k) * 2.0**-52),
+        (30, lambda r, k: _log_uniform(r, k, 0, 1023.99)),
+        (15, lambda r, k: _near(r, k, [1.0, 1.5, 2.0, 2.0**28, DBL_MAX], 512)),
+        (10, lambda r, k: _uniform(r, k, 1, 10)),
+    ])
+
+
+def _points_exp2(rng, n):
+    return _mix(rng, n, [
+        (40, lambda r, k: _uniform(r, k, -1075, 1024)),
+        (20, lambda r, k: _log_uniform(r, k, -1074, 0, signed=True)),
+        (15, lambda r, k: _uniform(r, k, -2, 2)),
+        (15, lambda r, k: _near(r, k, [float(j) / 2 for j in range(-2150, 2048)], 8)),
+        (10, lambda r, k: _uniform(r, k, 1022, 1024)),
+    ])
+
+
 POINTS_FOR = {
+    "sinh": _points_sinh,
+    "asinh": _points_asinh,
+    "acosh": _points_acosh,
+    "exp2": _points_exp2,
     "exp": _points_exp,
     "expm1": _points_expm1,
     "log": _points_log_family(2),
@@ -234,6 +279,10 @@ POINTS_FOR = {
 }
 
 EXACT = {
+    "sinh": mpmath.sinh,
+    "asinh": mpmath.asinh,
+    "acosh": mpmath.acosh,
+    "exp2": lambda v: mpmath.power(2, v),
     "exp": mpmath.exp,
     "expm1": mpmath.expm1,
     "log": mpmath.log,

@@ -227,6 +227,10 @@ MONOTONE: dict = {
     aten.sqrt.default: Monotone(_library("sqrt"), True, (0.0, True), _POSITIVE, "sqrt of a ball reaching below 0"),
     aten.rsqrt.default: Monotone(_rsqrt_enclose, False, (0.0, False), _POSITIVE, "rsqrt of a ball reaching 0 or below"),
     aten.sigmoid.default: Monotone(_sigmoid_enclose, True, value_range=(0.0, 1.0)),
+    aten.sinh.default: Monotone(_library("sinh"), True),
+    aten.asinh.default: Monotone(_library("asinh"), True),
+    aten.acosh.default: Monotone(_library("acosh"), True, (1.0, True), _POSITIVE, "acosh of a ball reaching below 1"),
+    aten.exp2.default: Monotone(_library("exp2"), True, value_range=_POSITIVE),
 }
 
 
@@ -253,7 +257,8 @@ def _monotone_ball(mid, x, spec: Monotone) -> BallTensor:
 
 @rule(*MONOTONE)
 def monotone(func, x):
-    """exp expm1 log log2 log10 log1p tanh atan erf erfc sqrt rsqrt sigmoid: lemma M with the ``MONOTONE`` entry for
+    """exp expm1 log log2 log10 log1p tanh atan erf erfc sqrt rsqrt sigmoid sinh asinh acosh exp2: lemma M with the
+    ``MONOTONE`` entry for
     ``func`` (library functions through the trust table; rsqrt = 1/sqrt and sigmoid = 1/(1 + exp(-x)) by lemma C)."""
     return _monotone_ball(func(_mid(x)), x, MONOTONE[func])
 
@@ -638,13 +643,9 @@ def _sqrt2():
 _ARB_UNARY = {
     aten.asin.default: lambda x: x.asin(),
     aten.acos.default: lambda x: x.acos(),
-    aten.sinh.default: lambda x: x.sinh(),
     aten.cosh.default: lambda x: x.cosh(),
     aten.tan.default: lambda x: x.tan(),
-    aten.asinh.default: lambda x: x.asinh(),
-    aten.acosh.default: lambda x: x.acosh(),
     aten.atanh.default: lambda x: x.atanh(),
-    aten.exp2.default: lambda x: (x * _arb_const_log2()).exp(),
     aten.sinc.default: lambda x: x.sinc_pi(),
     aten.deg2rad.default: lambda x: x * _arb_pi() / 180,
     aten.rad2deg.default: lambda x: x * 180 / _arb_pi(),
@@ -697,7 +698,7 @@ def _arb_const_log2():
 
 @rule(*_ARB_UNARY)
 def arb_unary(func, x):
-    """asin acos sinh cosh tan asinh acosh atanh exp2 sinc deg2rad rad2deg erfinv lgamma digamma i0 angle and the special.*
+    """asin acos cosh tan atanh sinc deg2rad rad2deg erfinv lgamma digamma i0 angle and the special.*
     Bessel/Airy/error-function family: lemma A with the exact definition in ``_ARB_UNARY`` (tan across a pole, acosh
     below 1, Bessel Y/K at or below 0, ...: Arb returns NaN there, so +inf and a ``domain`` event)."""
     return _arb_ball(func, func(_mid(x)), [x], _ARB_UNARY[func], f"{func} of a ball leaving its domain")
