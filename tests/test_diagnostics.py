@@ -288,7 +288,8 @@ def test_report_table_dict_and_plot():
     assert d["composition_holds"] is True and len(d["layers"]) == 3
     assert set(d["layers"][0]["param_grad_bits"]) == {"0.weight", "0.bias"}
     for row in r.layers:
-        assert 0 < row.forward_bits["median"] <= 24 and row.grad_out_bits["median"] > 0
+        # float32 midpoints: the measured GEMM error can certify a little more than 24 bits (radius < 1 ulp)
+        assert 0 < row.forward_bits["median"] <= 30 and row.grad_out_bits["median"] > 0
     fig = r.plot()
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     assert ("matplotlib.pyplot" in sys.modules) == pyplot_loaded  # no pyplot state, nothing shown
