@@ -79,10 +79,12 @@ def op_underflow(mid_dtype: torch.dtype) -> float:
     return max(eta(mid_dtype), float(torch.finfo(rad_dtype(mid_dtype)).smallest_normal))
 
 
+@functools.lru_cache(maxsize=8192)
 def round_up_float(value: Fraction | int | float, dtype: torch.dtype = torch.float64) -> float:
     """Smallest float of ``dtype`` that is >= ``value`` (exact rational arithmetic), returned as a Python float.
 
-    Used offline for constants (gamma_k, inflation factors, 1/sqrt(2) bounds): constants are balls too.
+    Used offline for constants (gamma_k, inflation factors, 1/sqrt(2) bounds): constants are balls too. A pure
+    function of (value, dtype), cached: rules fold the same constants on every call.
     """
     value = Fraction(value)
     candidate = torch.tensor(float(value), dtype=torch.float64).to(dtype)
@@ -106,6 +108,7 @@ def gamma(k: int, dtype: torch.dtype) -> float:
     return round_up_float(k * u / (1 - k * u), dtype)
 
 
+@functools.lru_cache(maxsize=1024)
 def inflation_factor(n_ops: int, dtype: torch.dtype) -> float:
     """(1 + u)^n_ops rounded up: the factor that turns a round-to-nearest result into an upper bound (``inflate``)."""
     return round_up_float((1 + unit_roundoff_exact(dtype)) ** n_ops, dtype)

@@ -9,6 +9,7 @@ Every radius expression is a sum of pairwise products of non-negative inputs, tu
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -31,7 +32,8 @@ def _add_rad(m, a, b, alpha):
     alpha == 1: ra + rb + u|m| (F1 for the one rounded addition; no eta for +).
     otherwise, alpha' = the kernel's cast of alpha with |alpha - alpha'| <= ralpha (``operand``), m = RN(ma + RN(alpha' mb))
     or one FMA: |x + alpha y - m| <= ra + |alpha| rb + ralpha |mb| + u|m| + u(1+u)|alpha'||mb| + eta/2,
-    bounded by ra + Aup rb + ralpha |mb| + u|m| + (2u Aup)|mb| + eta with Aup >= |alpha'| + ralpha rounded up.
+    bounded by ra + Aup rb + C|mb| + u|m| + eta with Aup >= |alpha'| + ralpha and C >= ralpha + 2u Aup rounded up
+    (the two |mb| terms folded into one constant: 3 products and 4 additions, hence ``inflate(c, 7)``).
     """
     ma, ra = operand(a, m.dtype)
     mb, rb = operand(b, m.dtype)
@@ -41,10 +43,10 @@ def _add_rad(m, a, b, alpha):
         return rounding.inflate(ra + rb + abs_m * u, 3)
     mal, ral = operand(alpha, m.dtype)
     a_up = rounding.round_up_float(abs(float(mal)) + float(ral), ra.dtype)
-    coef = rounding.round_up_float(2 * u * a_up, ra.dtype)
-    abs_mb = torch.abs(mb)
-    c = ra + rb * a_up + abs_mb * float(ral) + abs_m * u + abs_mb * coef + eta
-    return rounding.inflate(c, 9)
+    coef = rounding.round_up_float(Fraction(float(ral)) + Fraction(rounding.round_up_float(2 * u * a_up, ra.dtype)),
+                                   ra.dtype)
+    c = ra + rb * a_up + torch.abs(mb) * coef + abs_m * u + eta
+    return rounding.inflate(c, 7)
 
 
 def _non_float(func, m, a, b, logical):
