@@ -50,7 +50,8 @@ def main(argv=None) -> int:
         names = summary["by_status"][status]
         print(f"{status} ({len(names)}): {' '.join(names)}")
     print(f"n/a (no floating tensor argument): {' '.join(summary['by_status']['n/a'])}")
-    print(f"containment of supported ops: {summary['containment_methods']}")
+    print(f"containment of supported ops (ops checked with each reference): {summary['containment_methods']}")
+    print(f"strongest reference per supported op: {summary['strongest_containment']}")
     print(f"{elapsed:.1f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -943,7 +943,21 @@ def summarize(results: list[OpResult]) -> dict:
             m: sum(m in r.containment for r in applicable if r.status == "supported")
             for m in ("mpmath", "exact oracle", "float64 reference (weaker)", "none", "n/a")
         },
+        "strongest_containment": _strongest([r for r in applicable if r.status == "supported"]),
     }
+
+
+_STRENGTH = ("mpmath", "exact oracle", "float64 reference (weaker)", "none")
+
+
+def _strongest(results) -> dict:
+    """Per supported op, the strongest forward reference any of its samples was checked with (mpmath > exact oracle >
+    float64 reference > none; ops with no floating output count as n/a)."""
+    counts = {m: 0 for m in _STRENGTH + ("n/a",)}
+    for r in results:
+        best = next((m for m in _STRENGTH if m in r.containment), "n/a")
+        counts[best] += 1
+    return counts
 
 
 def format_table(results: list[OpResult]) -> str:
