@@ -586,3 +586,40 @@ def test_nonfinite_inputs_give_infinite_radii():
     assert bool(torch.isinf(torch.asin(x).rad[1]))
     assert bool(torch.isinf(torch.floor(x).rad[1]))
     assert bool(torch.isinf(torch.sort(x)[0].rad[-1]))
+
+
+def _exact_lower_solve(a, b, n, k):
+    """X with L X = B exactly (Fractions; a, b flat row-major lists)."""
+    x = [[None] * k for _ in range(n)]
+    for i in range(n):
+        for c in range(k):
+            acc = b[i * k + c] - sum(a[i * n + j] * x[j][c] for j in range(i))
+            x[i][c] = acc / a[i * n + i]
+    return [x[i][c] for i in range(n) for c in range(k)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_triangular_solves(dtype):
+    @settings(max_examples=20)
+    @given(_finite_balls(dtype, (3, 3), 10), _finite_balls(dtype, (3, 2), 10))
+    def run(a, b):
+        lower = bg.ball(torch.tril(a.mid) + 30 * torch.eye(3, dtype=dtype), torch.tril(a.rad))
+        x = torch.linalg.solve_triangular(lower, b, upper=False)
+        assert_same_bits(x.mid, torch.linalg.solve_triangular(lower.mid, b.mid, upper=False))
+        assert_valid_radius(x)
+        _check_points(x, [lower, b], lambda aa, bb: _exact_lower_solve(aa, bb, 3, 2))
+        # L L^T X = B through cholesky_solve: X = L^-T (L^-1 B)
+        y = torch.cholesky_solve(b, lower)
+        assert_same_bits(y.mid, torch.cholesky_solve(b.mid, lower.mid))
+
+        def chol(aa, bb):
+            z = _exact_lower_solve(aa, bb, 3, 2)
+            t = [aa[j * 3 + i] for i in range(3) for j in range(3)]  # L^T, row-major
+            rev = [t[(2 - i) * 3 + (2 - j)] for i in range(3) for j in range(3)]  # reversed upper = lower
+            zr = [z[(2 - i) * 2 + c] for i in range(3) for c in range(2)]
+            w = _exact_lower_solve(rev, zr, 3, 2)
+            return [w[(2 - i) * 2 + c] for i in range(3) for c in range(2)]
+
+        _check_points(y, [lower, b], chol)
+
+    run()

@@ -204,3 +204,67 @@ def _linspace(start, end, steps, **kwargs):
         return start.reshape(1)
     i = torch.arange(n, dtype=_F64)
     return start + (end - start) * i / float(n - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triangular solves by ball substitution
+#
+# For a triangular A with non-zero diagonal, the exact solution of A X = B satisfies, row by row in substitution
+# order, X_i = (B_i - sum_(j before i) A_ij X_j) / A_ii. Evaluating the right-hand side with ball rules, with balls
+# that already contain the exact X_j, gives a ball containing the exact X_i for every A and B in their balls
+# (inclusion monotonicity); a diagonal ball containing 0 gives +inf (the division rule's domain event).
+
+
+def _substitute(a, b, upper: bool, unit: bool):
+    """Enclosure of X with A X = B for triangular float64 balls A [..., n, n] and B [..., n, k]."""
+    n = a.shape[-1]
+    if n == 0:  # nothing to solve: X is B's (empty) shape, broadcast with A's batch dimensions
+        shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + tuple(b.shape[-2:])
+        return BallTensor(torch.zeros(shape, dtype=_F64), torch.zeros(shape, dtype=_F64))
+    order = range(n - 1, -1, -1) if upper else range(n)
+    rows = [None] * n
+    for i in order:
+        done = [j for j in (range(i + 1, n) if upper else range(i))]
+        acc = b.select(-2, i)
+        if done:
+            coeffs = torch.stack([a.select(-2, i).select(-1, j) for j in done], -1)  # [..., len(done)]
+            xs = torch.stack([rows[j] for j in done], -2)  # [..., len(done), k]
+            acc = acc - (coeffs.unsqueeze(-1) * xs).sum(-2)
+        rows[i] = acc if unit else acc / a.select(-2, i).select(-1, i).unsqueeze(-1)
+    return torch.stack(rows, -2)
+
+
+def _mT(x):
+    return x.transpose(-2, -1)
+
+
+@audited("A X = B (left) or X A = B (right) for triangular A: substitution X_i = (B_i - sum_j A_ij X_j)/A_ii",
+         aten.linalg_solve_triangular.default)
+def _solve_triangular(a, b, *, upper, left=True, unitriangular=False):
+    if left:
+        return _substitute(a, b, upper, unitriangular)
+    return _mT(_substitute(_mT(a), _mT(b), not upper, unitriangular))
+
+
+@audited("triangular_solve(B, A) solves A X = B (A^T X = B with transpose); the second output is A itself",
+         aten.triangular_solve.default)
+def _triangular_solve(b, a, upper=True, transpose=False, unitriangular=False):
+    if transpose:
+        x = _substitute(_mT(a), b, not upper, unitriangular)
+    else:
+        x = _substitute(a, b, upper, unitriangular)
+    return x, a
+
+
+@audited("cholesky_solve(B, L) solves L L^T X = B (U^T U X = B for upper): two substitutions", aten.cholesky_solve.default)
+def _cholesky_solve(b, factor, upper=False):
+    lower = _mT(factor) if upper else factor
+    y = _substitute(lower, b, False, False)
+    return _substitute(_mT(lower), y, True, False)
+
+
+@audited("cholesky_inverse(L) = (L L^T)^-1 (or (U^T U)^-1): cholesky_solve with B = I", aten.cholesky_inverse.default)
+def _cholesky_inverse(factor, upper=False):
+    n = factor.shape[-1]
+    eye = torch.eye(n, dtype=_F64).expand(factor.shape)
+    return _cholesky_solve(BallTensor(eye.contiguous(), torch.zeros(factor.shape, dtype=_F64)), factor, upper)
