@@ -236,6 +236,8 @@ def run_program(prog: Program):
     # a random linear scalar loss; its gradient flows back through every step
     report = check_model(model, x, y, loss_fn=lambda o, t: (o * t).sum(), rad=prog.rad, name="fuzz")
     FUZZ_STATS["graphs"] += 1
+    if FUZZ_STATS["graphs"] % 250 == 0:  # progress for long runs (pytest -s)
+        _print_stats()
     FUZZ_STATS["elements_checked"] += report.checked
     if report.status == "unsupported":
         FUZZ_STATS["unsupported"] += 1
