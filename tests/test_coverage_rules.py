@@ -623,3 +623,45 @@ def test_triangular_solves(dtype):
         _check_points(y, [lower, b], chol)
 
     run()
+
+
+def _fraction_solve(a, b):
+    """X with A X = B exactly (Gauss-Jordan with Fractions; A n x n, B n x k as lists of rows)."""
+    n, k = len(a), len(b[0])
+    m = [list(a[i]) + list(b[i]) for i in range(n)]
+    for c in range(n):
+        p = next(r for r in range(c, n) if m[r][c] != 0)
+        m[c], m[p] = m[p], m[c]
+        for r in range(n):
+            if r != c and m[r][c] != 0:
+                f = m[r][c] / m[c][c]
+                m[r] = [x - f * y for x, y in zip(m[r], m[c])]
+    return [[m[i][n + j] / m[i][i] for j in range(k)] for i in range(n)]
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_lu_solve_exact(adjoint):
+    torch.manual_seed(0)
+    a = torch.randn(4, 4, dtype=torch.float64) + 4 * torch.eye(4, dtype=torch.float64)
+    lu, piv = torch.linalg.lu_factor(a)
+    lu_b = bg.ball(lu, 1e-10)
+    b = bg.ball(torch.randn(4, 2, dtype=torch.float64), 1e-10)
+    x = torch.linalg.lu_solve(lu_b, piv, b, adjoint=adjoint)
+    assert_same_bits(x.mid, torch.linalg.lu_solve(lu, piv, b.mid, adjoint=adjoint))
+    perm = list(range(4))
+    for i, p in enumerate(piv.tolist()):
+        perm[i], perm[p - 1] = perm[p - 1], perm[i]
+
+    def exact(lu_flat, b_flat):
+        low = [[lu_flat[i * 4 + j] if j < i else Fraction(int(i == j)) for j in range(4)] for i in range(4)]
+        up = [[lu_flat[i * 4 + j] if j >= i else Fraction(0) for j in range(4)] for i in range(4)]
+        lu_prod = [[sum(low[i][t] * up[t][j] for t in range(4)) for j in range(4)] for i in range(4)]
+        full = [None] * 4
+        for i in range(4):  # A = P L U: row i of L U is row perm[i] of A
+            full[perm[i]] = lu_prod[i]
+        if adjoint:
+            full = [[full[j][i] for j in range(4)] for i in range(4)]
+        sol = _fraction_solve(full, [[b_flat[i * 2 + c] for c in range(2)] for i in range(4)])
+        return [v for row in sol for v in row]
+
+    _check_points(x, [lu_b, b], exact, n_points=4)

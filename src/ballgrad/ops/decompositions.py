@@ -268,3 +268,38 @@ def _cholesky_inverse(factor, upper=False):
     n = factor.shape[-1]
     eye = torch.eye(n, dtype=_F64).expand(factor.shape)
     return _cholesky_solve(BallTensor(eye.contiguous(), torch.zeros(factor.shape, dtype=_F64)), factor, upper)
+
+
+def _pivot_permutation(pivots: torch.Tensor, n: int) -> torch.Tensor:
+    """Row order perm (per batch) with (P^T B)_i = B_perm[i], from LAPACK's 1-based sequential row swaps."""
+    batch = pivots.shape[:-1]
+    perm = torch.arange(n).expand(*batch, n).clone()
+    for i in range(pivots.shape[-1]):
+        j = (pivots[..., i] - 1).long()
+        pi = perm[..., i].clone()
+        pj = torch.gather(perm, -1, j.unsqueeze(-1)).squeeze(-1)
+        perm[..., i] = pj
+        perm.scatter_(-1, j.unsqueeze(-1), pi.unsqueeze(-1))
+    return perm
+
+
+@audited("lu_solve(LU, pivots, B) solves A X = B with A = P L U: P^T B (exact row swaps), L Y = P^T B (unit lower) "
+         "and U X = Y by substitution; A^T X = B (adjoint): U^T Z = B, L^T W = Z, X = P W; right-hand forms through "
+         "transposes (X A = B iff A^T X^T = B^T)", aten.linalg_lu_solve.default)
+def _lu_solve(lu, pivots, b, *, left=True, adjoint=False):
+    if not left:
+        return _mT(_lu_solve(lu, pivots, _mT(b), left=True, adjoint=not adjoint))
+    n = lu.shape[-1]
+    batch = torch.broadcast_shapes(lu.shape[:-2], b.shape[:-2])
+    lu = lu.expand(*batch, n, n)
+    b = b.expand(*batch, *b.shape[-2:])
+    perm = _pivot_permutation(pivots.expand(*batch, pivots.shape[-1]), n)
+    index = lambda p: p.unsqueeze(-1).expand(*batch, n, b.shape[-1])  # noqa: E731
+    if not adjoint:
+        pb = torch.gather(b, -2, index(perm))
+        y = _substitute(lu, pb, False, True)
+        return _substitute(lu, y, True, False)
+    z = _substitute(_mT(lu), b, False, False)
+    w = _substitute(_mT(lu), z, True, True)
+    inverse = torch.argsort(perm, dim=-1)
+    return torch.gather(w, -2, index(inverse))

@@ -489,3 +489,25 @@ def random_like(func, x, *args, **kwargs):
     if not m.is_floating_point():
         return m
     return BallTensor(m, torch.zeros_like(m, dtype=rounding.rad_dtype(m.dtype)))
+
+
+@rule(aten.lu_unpack.default)
+def lu_unpack(func, lu_data, lu_pivots, unpack_data=True, unpack_pivots=True):
+    """(P, L, U) from a packed LU factorisation: P is built from the integer pivots (exact, radius 0); L = the strict
+    lower part plus the exact unit diagonal and U = the upper part are element selections of LU, so their radii are
+    the same selections of LU's radius (the unit diagonal's radius is 0)."""
+    pivots = _mid_arg(lu_pivots)
+    p, l_mid, u_mid = func(lu_data.mid, pivots, unpack_data, unpack_pivots)
+    _, l_rad, u_rad = func(lu_data.rad, pivots, unpack_data, unpack_pivots)
+    outs = []
+    if p.numel() or unpack_pivots:
+        outs.append(BallTensor(p, torch.zeros_like(p, dtype=rounding.rad_dtype(p.dtype))) if p.is_floating_point() else p)
+    else:
+        outs.append(p)
+    if l_mid.numel():
+        outs.append(BallTensor(l_mid, torch.tril(l_rad, -1).to(rounding.rad_dtype(l_mid.dtype))))
+        outs.append(BallTensor(u_mid, u_rad.to(rounding.rad_dtype(u_mid.dtype))))
+    else:
+        outs.extend([BallTensor(l_mid, l_rad.to(rounding.rad_dtype(l_mid.dtype))),
+                     BallTensor(u_mid, u_rad.to(rounding.rad_dtype(u_mid.dtype)))])
+    return tuple(outs)
