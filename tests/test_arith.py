@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import ballgrad as bg
 from ballgrad.testing import ball_pairs, balls
-from helpers import ALL_DTYPES, EXAMPLES, FLOAT_DTYPES, check_rule
+from helpers import ALL_DTYPES, EXAMPLES, FLOAT_DTYPES, assert_same_bits, check_rule
 
 
 def _div(x, y):
@@ -136,9 +136,14 @@ def test_overflow_gives_infinite_radius_not_error():
     assert math.isinf(float(out.rad))
 
 
-def test_rounding_mode_rejected():
-    x = bg.ball(torch.tensor([7.0]))
-    with pytest.raises(bg.UnsupportedOpError, match="rounding_mode"):
-        torch.div(x, 2.0, rounding_mode="floor")
+def test_rounding_modes_are_exact_where_decided():
+    """div with rounding_mode: the quotient's step is decided over the balls (else a hull); points give exact steps."""
+    x = bg.ball(torch.tensor([7.0, -7.0, 6.0]))
+    for mode in ("floor", "trunc"):
+        out = torch.div(x, 2.0, rounding_mode=mode)
+        assert_same_bits(out.mid, torch.div(x.mid, 2.0, rounding_mode=mode))
+        assert bool((out.rad == 0).all())
+    out = torch.div(bg.ball(torch.tensor([6.0]), 0.5), 2.0, rounding_mode="floor")  # [5.5, 6.5]/2 straddles 3
+    assert bool(out.contains([Fraction(2), Fraction(3)]).all())
     out = torch.div(x, 2.0, rounding_mode=None)
-    assert float(out.mid) == 3.5
+    assert float(out.mid[0]) == 3.5
