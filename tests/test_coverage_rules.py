@@ -665,3 +665,34 @@ def test_lu_solve_exact(adjoint):
         return [v for row in sol for v in row]
 
     _check_points(x, [lu_b, b], exact, n_points=4)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_verified_solve_and_inverse(dtype):
+    @settings(max_examples=15)
+    @given(_finite_balls(dtype, (3, 3), 1.0), _finite_balls(dtype, (3, 2), 10))
+    def run(a, b):
+        a = bg.ball(a.mid + 4 * torch.eye(3, dtype=dtype), torch.clamp(a.rad, max=0.25))
+        x = torch.linalg.solve(a, b)
+        assert_same_bits(x.mid, torch.linalg.solve(a.mid, b.mid))
+        assert_valid_radius(x)
+
+        def exact(aa, bb):
+            sol = _fraction_solve([aa[3 * i:3 * i + 3] for i in range(3)], [bb[2 * i:2 * i + 2] for i in range(3)])
+            return [v for row in sol for v in row]
+
+        _check_points(x, [a, b], exact, n_points=4)
+        inv = torch.linalg.inv(a)
+        assert_same_bits(inv.mid, torch.linalg.inv(a.mid))
+        eye = [Fraction(int(i == j)) for i in range(3) for j in range(3)]
+        _check_points(inv, [a], lambda aa: exact(aa, [eye[3 * i + j] for i in range(3) for j in range(2)]) and [
+            v for row in _fraction_solve([aa[3 * i:3 * i + 3] for i in range(3)],
+                                         [eye[3 * i:3 * i + 3] for i in range(3)]) for v in row], n_points=4)
+
+    run()
+
+
+def test_unverifiable_system_gets_infinite_radius():
+    a = bg.ball(torch.tensor([[1.0, 2.0], [2.0, 4.0 + 1e-6]], dtype=torch.float64), 1e-3)  # contains singular matrices
+    x = torch.linalg.solve(a, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert bool(torch.isinf(x.rad).all())

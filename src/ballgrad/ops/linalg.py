@@ -353,3 +353,121 @@ def _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd):
     rad = rounding.add_up(rounding.add_up(terms, residual), rounding.absolute_term(a64, _F64))
     rad = rad.expand(m.shape) if rad.shape != m.shape else rad
     return _finite_only(m, rounding.clean_rad(rad))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Linear systems: verified enclosures (Rump's residual iteration, one step)
+#
+# Lemma K (Krawczyk/Rump). Let R be any float64 matrix (an approximate inverse of mid A) and X~ any float64 approximate
+# solution. For every A and B in their balls, if beta = ||I - R A||_inf < 1 for all those A, then A is invertible
+# and the exact X = A^-1 B satisfies X - X~ = (I - R A)(X - X~) + R (B - A X~). With C >= |I - R A| and
+# Z >= |R (B - A X~)| (elementwise upper bounds from ball matrix products, which enclose the exact products for every
+# A, B in the balls), e_col = max_i Z_i / (1 - beta) bounds ||X - X~||_inf per column, and componentwise
+# |X - X~|_i <= Z_i + (C 1)_i e. So X lies in X~ +- (Z + rowsum(C) e), evaluated with upward rounding; the result is
+# re-centred on PyTorch's midpoint. Where beta >= 1 nothing is verified: +inf and a ``domain`` event.
+
+
+def _ball64(x):
+    from ballgrad.tensor import BallTensor
+
+    if isinstance(x, BallTensor):
+        return BallTensor(x.mid.detach().to(torch.float64), x.rad.to(torch.float64))
+    m = x.detach().to(torch.float64)
+    return BallTensor(m, torch.zeros_like(m))
+
+
+def _mm(x, y):
+    """Batched matrix product x @ y through ``bmm`` (torch.matmul is composite and does not decompose inside a
+    rule): batch dimensions broadcast, flattened, multiplied, restored."""
+    batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    n, k, m = x.shape[-2], x.shape[-1], y.shape[-1]
+    x3 = x.expand(*batch, n, k).contiguous().reshape(-1, n, k)
+    y3 = y.expand(*batch, k, m).contiguous().reshape(-1, k, m)
+    return torch.bmm(x3, y3).reshape(*batch, n, m)
+
+
+def _upper_abs(b):
+    """Elementwise upper bound of |x| over a float64 ball."""
+    return rounding.add_up(torch.abs(b.mid), b.rad)
+
+
+def _verified_solve(a, b):
+    """Float64 ball enclosing A^-1 B (lemma K) for float64 balls A [..., n, n], B [..., n, k]."""
+    from ballgrad import diagnostics
+    from ballgrad.ops.registry import current_op
+    from ballgrad.tensor import BallTensor
+
+    n = a.shape[-1]
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out_shape = (*batch, n, b.shape[-1])
+    if math.prod(out_shape) == 0 or math.prod(a.shape) == 0:  # nothing to solve: an empty result
+        empty = torch.zeros(out_shape, dtype=torch.float64)
+        return BallTensor(empty, torch.zeros_like(empty))
+    r, r_info = torch.linalg.inv_ex(a.mid)  # any matrix R will do; a failed inverse gives beta >= 1 below
+    r = torch.where((r_info == 0).unsqueeze(-1).unsqueeze(-1) & torch.isfinite(r), r, torch.zeros_like(r))
+    x0 = _mm(r, b.mid)
+    eye = torch.eye(n, dtype=torch.float64)
+    c_ball = BallTensor(eye.expand(a.shape).contiguous(), torch.zeros(a.shape, dtype=torch.float64)) - _mm(r, a)
+    z_ball = _mm(r, b - _mm(a, x0))
+    c_abs, z_abs = _upper_abs(c_ball), _upper_abs(z_ball)
+    row = rounding.clean_rad(rounding.up(torch.sum(c_abs, dim=-1, keepdim=True) * rounding.inflation_factor(
+        max(n, 1), torch.float64)))  # row sums of non-negative terms, rounded up (exact <= (1+u)^n fl)
+    beta = torch.amax(row, dim=-2, keepdim=True)  # [..., 1, 1]
+    ok = beta < 1
+    gap = rounding.sub_down(torch.ones_like(beta), beta)
+    e = rounding.div_up(torch.amax(z_abs, dim=-2, keepdim=True), torch.where(ok, gap, torch.ones_like(gap)))
+    rad = rounding.add_up(z_abs, rounding.mul_up(row, e))
+    rad = torch.where(ok, rad, torch.full_like(rad, math.inf))
+    if diagnostics.is_recording():
+        diagnostics.emit_mask("domain", current_op(), ~ok.expand(rad.shape), "||I - R A|| >= 1: the system is not "
+                              "verified (singular or ill-conditioned within the balls)")
+    return BallTensor(x0.expand(rad.shape), rounding.clean_rad(rad))
+
+
+def _recentre_on(m, enclosure):
+    from ballgrad.ops.common import recentre
+
+    return recentre(m, enclosure)
+
+
+def _inf_ball(m):
+    from ballgrad.tensor import BallTensor
+
+    if not m.is_floating_point():
+        return m
+    return BallTensor(m, torch.full_like(m, math.inf, dtype=rounding.rad_dtype(m.dtype)))
+
+
+@rule(aten._linalg_solve_ex.default)
+def linalg_solve_ex(func, a, b, *, left=True, check_errors=False):
+    """(X, LU, pivots, info) of A X = B (X A = B for left=False): X by lemma K, re-centred on PyTorch's X. The LU
+    factors are returned with radius +inf (no enclosure of the factorisation is computed: nothing is claimed about
+    them); pivots and info are PyTorch's integers."""
+    x_mid, lu, piv, info = func(_mid(a), _mid(b), left=left, check_errors=check_errors)
+    a64, b64 = _ball64(a), _ball64(b)
+    vector = b64.dim() == 1 or (b64.dim() == a64.dim() - 1 and b64.shape == a64.shape[:-1])
+    if not left:
+        a64 = a64.transpose(-2, -1)
+        b64 = b64.transpose(-2, -1) if not vector else b64
+    rhs = b64.unsqueeze(-1) if vector else b64
+    batch = torch.broadcast_shapes(a64.shape[:-2], rhs.shape[:-2])
+    n = a64.shape[-1]
+    enclosure = _verified_solve(a64.expand(*batch, n, n), rhs.expand(*batch, *rhs.shape[-2:]))
+    if vector:
+        enclosure = enclosure.squeeze(-1)
+    elif not left:
+        enclosure = enclosure.transpose(-2, -1)
+    return _recentre_on(x_mid, enclosure.reshape(x_mid.shape)), _inf_ball(lu), piv, info
+
+
+@rule(aten.linalg_inv_ex.default)
+def linalg_inv_ex(func, a, *, check_errors=False):
+    """(A^-1, info): lemma K with B = I, re-centred on PyTorch's inverse."""
+    inv_mid, info = func(_mid(a), check_errors=check_errors)
+    a64 = _ball64(a)
+    n = a64.shape[-1]
+    eye = torch.eye(n, dtype=torch.float64).expand(a64.shape).contiguous()
+    from ballgrad.tensor import BallTensor
+
+    enclosure = _verified_solve(a64, BallTensor(eye, torch.zeros_like(eye)))
+    return _recentre_on(inv_mid, enclosure), info
