@@ -148,6 +148,7 @@ def _pair(m, r):
     aten.block_diag.default,
     aten._unsafe_index.Tensor,
     aten.fill.Tensor,
+    aten.diagonal_backward.default,
 )
 def structural(func, *args, **kwargs):
     """Exact element movement: (f(mid), f(rad)). Padding and backward-of-slicing fill with exact zeros (radius 0).
