@@ -17,7 +17,7 @@ For each op and each of its CPU samples (``op.sample_inputs(device='cpu', dtype=
      (exact dyadic arithmetic / 256-bit roundings, no code shared with ``ballgrad.ops``), at the midpoints and, for
      radius balls, at an interior point;
    - ``float64 reference (weaker)``: float32 samples only, the op evaluated in float64 on the exactly widened
-     midpoints, |f64 - mid| <= rad + 2^-32 |f64| (the float64 result is not exact: this is evidence, not proof);
+     midpoints, |f64 - mid| <= rad + 2^-28 |f64| (the float64 result is not exact: this is evidence, not proof);
    - ``none``: nothing to compare with (float64 samples of ops neither mpmath nor the oracle can evaluate);
 5. backward, where the op supports autograd and the sample's input requires grad: ``torch.autograd.grad`` of the
    floating outputs with seeded plain cotangents, on balls and on plain tensors; the gradients must be balls with
@@ -54,9 +54,9 @@ DTYPES = (torch.float32, torch.float64)
 RADIUS_REL = 2.0**-12
 RADIUS_ABS = 2.0**-20
 # Relative slack of the float64 reference (weaker): PyTorch's own float64 special functions are not accurate to the
-# last bits (polygamma(1, x) near a pole is off by ~5e-12 relative; airy_ai/bessel_y1 by ~1e-8, which is why those
+# last bits (polygamma(1, x) is off by up to ~3e-10 relative; airy_ai/bessel_y1 by ~1e-8, which is why those
 # have mpmath references), so a tight slack reports false alarms against radii that mpmath confirms.
-WEAK_SLACK = 2.0**-32
+WEAK_SLACK = 2.0**-28
 MPMATH_PREC = 256
 MAX_CHECKED_ELEMENTS = 48
 
