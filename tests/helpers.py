@@ -91,7 +91,9 @@ def check_rule(op, args, exact_fn, *, kwargs=None, n_random=SAMPLES, seed=0, max
         options = []
         for a, pts in zip(args, per_arg):
             if pts is None:
-                options.append([a])  # Python scalar: exact
+                # Python scalar: its exact double as a Fraction (Fraction + float would round to a float)
+                options.append([Fraction(a) if isinstance(a, (int, float)) and not isinstance(a, bool)
+                                and math.isfinite(a) else a])
             elif pts[i] is None:
                 options.append(None)  # a non-finite input element: the output must be infinite
             else:

@@ -125,8 +125,10 @@ def test_to_dtype_narrowing_widens_radius():
     assert h.rad.dtype == torch.float32 and bool(h.contains([Fraction(0.1), Fraction(1 / 3)]).all())
     w = y.double()
     assert torch.equal(w.rad, y.rad.double())
-    with pytest.raises(bg.UnsupportedOpError):
-        x.to(torch.int64)
+    # to an integer dtype: a plain tensor where truncation is decided over the whole ball, else refused
+    assert torch.equal(x.to(torch.int64), torch.tensor([0, 0]))
+    with pytest.raises(bg.UndecidedComparisonError):
+        bg.ball(torch.tensor([2.5, 3.0]), 0.6).to(torch.int64)
 
 
 def test_save_load_weights_only_and_pickle_and_deepcopy(tmp_path):

@@ -253,3 +253,62 @@ def to_dtype_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return y
     went_down = y.to(x.dtype) < x
     return torch.where(went_down, up(y), y)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Error-free transformations: the *exact* rounding error of one float32/float64 operation (a posteriori F1).
+
+
+def exact_sum_error(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """|x + y - m| for floats x, y of ``m``'s dtype (float32/float64) and m = RN(x + y), exactly.
+
+    Knuth's TwoSum: s = fl(x + y), bb = fl(s - x), e = fl(fl(x - fl(s - bb)) + fl(y - bb)) gives x + y = s + e exactly
+    in round-to-nearest with gradual underflow (no condition on the ordering of |x|, |y|), unless an operation
+    overflows, which makes e NaN or inf (-> an infinite radius via ``clean_rad``). Where s == m the error is |e|;
+    otherwise (never for one correctly rounded addition, kept for safety) |s - m| + |e| rounded up.
+    """
+    s = x + y
+    bb = s - x
+    e = torch.abs((x - (s - bb)) + (y - bb))
+    return torch.where(s == m, e, add_up(up(torch.abs(s - m)), e))
+
+
+_VELTKAMP = {torch.float32: 4097.0, torch.float64: 134217729.0}  # 2^ceil(p/2) + 1
+_PRODUCT_SAFE = {  # |x|, |y| <= hi keeps the Veltkamp split from overflowing; |x y| >= lo keeps every partial exact
+    torch.float32: (2.0**115, 2.0**-100),
+    torch.float64: (2.0**995, 2.0**-968),
+}
+
+
+def exact_product_error(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """|x y - m| for floats x, y of ``m``'s dtype (float32/float64) and m = RN(x y): exactly where it can be computed,
+    else the F1 bound u|m| + eta/2 (rounded up).
+
+    float32: x y is exact in float64 (24 + 24 bits) and m lies within a factor 2 of it, so |m - x y| is an exact
+    float64 subtraction (Sterbenz), rounded up once into float32.
+    float64: Dekker's TwoProduct with Veltkamp splitting (x = xh + xl, 26 + 27 bits) gives
+    x y - fl(x y) = ((xh yh - p) + xh yl + xl yh) + xl yl exactly, provided nothing overflows (|x|, |y| <= 2^995)
+    and no partial product underflows (|x y| >= 2^-968); exact zeros (x = 0 or y = 0) are exact. Elsewhere the F1
+    bound is used.
+    """
+    dtype = m.dtype
+    if dtype == torch.float32:
+        exact = x.to(torch.float64) * y.to(torch.float64)
+        return to_dtype_up(torch.abs(m.to(torch.float64) - exact), torch.float32)
+    c = _VELTKAMP[dtype]
+    hi_lim, lo_lim = _PRODUCT_SAFE[dtype]
+
+    def split(t):
+        big = t * c
+        high = big - (big - t)
+        return high, t - high
+
+    p = x * y
+    xh, xl = split(x)
+    yh, yl = split(y)
+    e = torch.abs(((xh * yh - p) + xh * yl + xl * yh) + xl * yl)
+    e = torch.where(p == m, e, add_up(up(torch.abs(p - m)), e))
+    safe = (torch.abs(x) <= hi_lim) & (torch.abs(y) <= hi_lim) & (torch.abs(p) >= lo_lim)
+    exact_zero = ((x == 0) & torch.isfinite(y)) | ((y == 0) & torch.isfinite(x))  # 0 * finite = 0 exactly
+    fallback = add_up(mul_up(torch.abs(m), unit_roundoff(dtype)), eta(dtype))
+    return torch.where(exact_zero & (m == 0), torch.zeros_like(e), torch.where(safe, e, fallback))

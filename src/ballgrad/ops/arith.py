@@ -26,10 +26,22 @@ def _constants(dtype):
     return rounding.op_roundoff(dtype), rounding.op_underflow(dtype)
 
 
-def _add_rad(m, a, b, alpha):
-    """|x + alpha*y - m| for x in A, y in B, alpha a Python number.
+_SINGLE_ROUNDING = (torch.float32, torch.float64)  # kernels round once, in the midpoint dtype
 
-    alpha == 1: ra + rb + u|m| (F1 for the one rounded addition; no eta for +).
+
+def _exact_or_inflated(points: torch.Tensor, propagation: torch.Tensor, error: torch.Tensor, n_ops: int):
+    """``error`` (an exact rounding error) where both operands are points (``points``: both radii exactly 0 -- not
+    ``propagation == 0``, which a product of tiny radii can underflow to), else inflate(propagation + error, n_ops):
+    the exact error needs no inflation, the propagation terms do."""
+    return torch.where(points, error, rounding.inflate(propagation + error, n_ops))
+
+
+def _add_rad(m, a, b, alpha, sign=1):
+    """|x + sign*alpha*y - m| for x in A, y in B, alpha a Python number, sign = +1 (add) or -1 (sub, rsub).
+
+    alpha == 1: ra + rb + |ma +- mb - m|, the last term exact by TwoSum (``rounding.exact_sum_error``) for
+    float32/float64 (one rounding), else u|m| (F1 for the one rounded addition; no eta for +; float16/bfloat16
+    kernels round twice).
     otherwise, alpha' = the kernel's cast of alpha with |alpha - alpha'| <= ralpha (``operand``), m = RN(ma + RN(alpha' mb))
     or one FMA: |x + alpha y - m| <= ra + |alpha| rb + ralpha |mb| + u|m| + u(1+u)|alpha'||mb| + eta/2,
     bounded by ra + Aup rb + C|mb| + u|m| + eta with Aup >= |alpha'| + ralpha and C >= ralpha + 2u Aup rounded up
@@ -40,6 +52,9 @@ def _add_rad(m, a, b, alpha):
     u, eta = _constants(m.dtype)
     abs_m = torch.abs(m).to(ra.dtype)
     if alpha == 1:
+        if m.dtype in _SINGLE_ROUNDING:  # the exact rounding error (TwoSum) instead of u|m|
+            error = rounding.exact_sum_error(ma, mb * sign, m)
+            return _exact_or_inflated((ra == 0) & (rb == 0), ra + rb, error, 2)
         return rounding.inflate(ra + rb + abs_m * u, 3)
     mal, ral = operand(alpha, m.dtype)
     a_up = rounding.round_up_float(abs(float(mal)) + float(ral), ra.dtype)
@@ -72,24 +87,29 @@ def add(func, a, b, *, alpha=1):
 def sub(func, a, b, *, alpha=1):
     """x - alpha*y = x + (-alpha)*y: the add bound with |alpha| (negation is exact)."""
     m = func(_mid(a), _mid(b), alpha=alpha)
-    return result(m, _add_rad(m, a, b, alpha if alpha != 1 else 1))
+    return result(m, _add_rad(m, a, b, alpha, sign=-1))
 
 
 @rule(aten.rsub.Tensor, aten.rsub.Scalar)
 def rsub(func, a, b, *, alpha=1):
     """y - alpha*x: the add bound with the operands swapped."""
     m = func(_mid(a), _mid(b), alpha=alpha)
-    return result(m, _add_rad(m, b, a, alpha))
+    return result(m, _add_rad(m, b, a, alpha, sign=-1))
 
 
 @rule(aten.mul.Tensor, aten.mul.Scalar)
 def mul(func, a, b):
-    """|xy - m| <= |xy - ma mb| + |ma mb - m| <= |ma| rb + |mb| ra + ra rb + u|m| + eta/2 (F1); 8 operations."""
+    """|xy - m| <= |xy - ma mb| + |ma mb - m| <= |ma| rb + |mb| ra + ra rb + |ma mb - m|: the last term exact
+    (TwoProduct) for float32/float64 where computable, else u|m| + eta/2 (F1); inflated over the propagation sum."""
     m = func(_mid(a), _mid(b))
     if not m.is_floating_point():
         return _non_float(func, m, a, b, "logical_and")
     ma, ra = operand(a, m.dtype)
     mb, rb = operand(b, m.dtype)
+    if m.dtype in _SINGLE_ROUNDING:  # |ma mb - m| exactly (``rounding.exact_product_error``) instead of u|m| + eta
+        error = rounding.exact_product_error(ma, mb, m)
+        propagation = torch.abs(ma) * rb + torch.abs(mb) * ra + ra * rb
+        return result(m, _exact_or_inflated((ra == 0) & (rb == 0), propagation, error, 6))
     u, eta = _constants(m.dtype)
     c = torch.abs(ma) * rb + torch.abs(mb) * ra + ra * rb + torch.abs(m).to(ra.dtype) * u + eta
     return result(m, rounding.inflate(c, 8))
