@@ -125,6 +125,22 @@ def _sum_parts(x, out_dtype, dims, n):
     return s_r, s_m, th, g
 
 
+def _sum_radius(x, m, dim):
+    """The sum bound (kept-dim shape): theta (fl sum r) + g theta (fl sum |m|), plus the final rounding of
+    float16/bfloat16 results, inflated; shared by sum and nansum."""
+    dims = _dims(x.dim(), dim)
+    n = _count(x.shape, dims)
+    s_r, s_m, th, g = _sum_parts(x, m.dtype, dims, n)
+    wd = s_r.dtype
+    c = s_r * _up(th, wd) + s_m * _up(g * th, wd)
+    ops = 3
+    if m.dtype in rounding.REDUCED_DTYPES:
+        c = c + torch.abs(m).reshape(c.shape).to(wd) * rounding.unit_roundoff(m.dtype) + max(
+            rounding.eta(m.dtype), float(torch.finfo(wd).smallest_normal))
+        ops = 6
+    return inflate(c, ops)
+
+
 @rule(aten.sum.default, aten.sum.dim_IntList)
 def sum_(func, x, *args, **kwargs):
     """sum: rad >= theta (fl(sum r) + g fl(sum|m|)) [+ u_s|m| + eta_s/2 for float16/bfloat16], g = gamma_(n-1) of the
@@ -143,17 +159,7 @@ def sum_(func, x, *args, **kwargs):
     keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
     if func is aten.sum.default:
         dim, keepdim = None, False
-    dims = _dims(x.dim(), dim)
-    n = _count(x.shape, dims)
-    s_r, s_m, th, g = _sum_parts(x, m.dtype, dims, n)
-    wd = s_r.dtype
-    c = s_r * _up(th, wd) + s_m * _up(g * th, wd)
-    ops = 3
-    if m.dtype in rounding.REDUCED_DTYPES:
-        c = c + torch.abs(m).reshape(c.shape).to(wd) * rounding.unit_roundoff(m.dtype) + max(
-            rounding.eta(m.dtype), float(torch.finfo(wd).smallest_normal))
-        ops = 6
-    rad = inflate(c, ops)
+    rad = _sum_radius(x, m, dim)
     if not keepdim:
         rad = rad.reshape(m.shape)
     return result(m, _finite_only(m, rad))
@@ -670,17 +676,7 @@ def nansum(func, x, dim=None, keepdim=False, *, dtype=None):
     reduced elements gives +inf. Otherwise it is ``sum`` (same bound, PyTorch's nansum midpoint)."""
     _check_float_ball(func, x)
     m = func(x.mid, dim, keepdim, dtype=dtype)
-    dims = _dims(x.dim(), dim)
-    n = _count(x.shape, dims)
-    s_r, s_m, th, g = _sum_parts(x, m.dtype, dims, n)
-    wd = s_r.dtype
-    c = s_r * _up(th, wd) + s_m * _up(g * th, wd)
-    ops = 3
-    if m.dtype in rounding.REDUCED_DTYPES:
-        c = c + torch.abs(m).reshape(c.shape).to(wd) * rounding.unit_roundoff(m.dtype) + max(
-            rounding.eta(m.dtype), float(torch.finfo(wd).smallest_normal))
-        ops = 6
-    rad = inflate(c, ops)  # NaN midpoints make s_m NaN, hence +inf
+    rad = _sum_radius(x, m, dim)  # NaN midpoints make the |m| sum NaN, hence +inf
     if not keepdim:
         rad = rad.reshape(m.shape)
     return result(m, _finite_only(m, rad))
