@@ -18,17 +18,19 @@ Each ``Event`` has ``kind``, ``op`` (aten overload), ``module`` (the ``nn.Module
 affected), ``detail``, ``phase`` (``"forward"`` or ``"backward"``), ``total`` (elements of the op's output, when
 known) and ``thread`` (the name of the thread that ran the op). ``rec.summary()`` renders a table.
 
-Cancellation. Relative accuracy is ``BallTensor.rel_accuracy_bits`` (floor(log2(|mid|/rad))), capped at the dtype's
-precision p (24 for float32, 53 for float64, 11 for float16, 8 for bfloat16) so that exact inputs count as p bits.
-For an op tagged ``torch.Tag.pointwise`` (add, sub, mul, div, exp, log, where, ...), elementwise over the broadcast
-shape: ``drop = min over the floating ball inputs of their bits - the output's bits``; an element counts when
-``drop > cancellation_bits`` (default 10). The reference is the *least* accurate input, not the best one: the relative
+Cancellation. Relative accuracy is ``BallTensor.rel_accuracy_bits`` (floor(log2(|mid|/rad))). An exact input counts
+as p bits (the dtype's precision: 24 for float32, 53 for float64, 11 for float16, 8 for bfloat16); an inexact input
+counts with its actual bits, which can exceed p (x*x with its exact TwoProduct error); the output's bits are capped
+at p. For an op tagged ``torch.Tag.pointwise`` (add, sub, mul, div, exp, log, where, ...), elementwise over the
+broadcast shape: ``drop = b_in - max(b_out, 0)`` with b_in the least accurate floating ball input's bits, and an
+element counts when ``drop > cancellation_bits`` (default 10) and the output has fewer than p bits (an op cannot lose
+more bits than its inputs had, and an output still accurate to p bits lost nothing that matters). The reference is the *least* accurate input, not the best one: the relative
 accuracy of a product or quotient is limited by its least accurate factor, so comparing against the best input would
 flag every product of an accurate and an inaccurate factor; for a ± b the output keeps about min(bits) -
 log2(max(|a|, |b|)/|a ± b|) bits, so the drop measures the cancellation itself. Elements where an input ball already
 contains 0 (no relative accuracy), where the output radius is infinite (reported as overflow/domain/nan) or where
 the output is exact are not counted; an output ball that contains 0 while the inputs had bits counts (a drop of
-every bit). Reductions and contractions (sum, mm, conv, ...) are not checked: an output element has no single input
+every bit they had: a 3-bit input whose sum crosses 0 lost 3 bits, not "more than 10"). Reductions and contractions (sum, mm, conv, ...) are not checked: an output element has no single input
 element to compare with, and their worst-case rounding bound alone costs log2(k) bits for k terms, which this test
 would confuse with cancellation; the per-layer report (``ballgrad.report``) shows the bits they keep. In-place
 pointwise ops are compared with their inputs as they were before the op. Only the outermost op is scanned: the ball
@@ -350,6 +352,13 @@ def capped_bits(x) -> torch.Tensor:
     return torch.clamp_max(x.rel_accuracy_bits(), float(_PRECISION.get(x.dtype, 53)))
 
 
+def _input_bits(x) -> torch.Tensor:
+    """An input's relative accuracy for the cancellation test: p bits where it is exact, else its actual bits, *not*
+    capped at p (a rounded result whose exact error is tiny, like x*x from TwoProduct, really has more than p bits;
+    capping it would hide the bits a following subtraction cancels)."""
+    return torch.where(x.rad == 0, float(_PRECISION.get(x.dtype, 53)), x.rel_accuracy_bits())
+
+
 def _input_accuracy(args, kwargs):
     """Per element of the broadcast shape of the floating ball inputs: (least accurate input's bits, whether an input
     midpoint is NaN, whether every input is exact)."""
@@ -362,7 +371,7 @@ def _input_accuracy(args, kwargs):
     shape = torch.broadcast_shapes(*(a.shape for a in balls))
     worst = nan = exact = None
     for a in balls:
-        b = capped_bits(a).expand(shape)
+        b = _input_bits(a).expand(shape)
         n = torch.isnan(a.mid).expand(shape)
         e = (a.rad == 0).expand(shape)
         worst = b if worst is None else torch.minimum(worst, b)
@@ -375,10 +384,13 @@ def _emit_cancellation(name: str, bits_in: torch.Tensor, exact_in, out) -> None:
     """Cancellation amplifies errors the inputs already carry: elements whose inputs are all exact are skipped (their
     result is accurate to the op's own rounding, or to the underflow threshold for results near 0)."""
     bits_out = capped_bits(out)
-    counted = torch.isfinite(bits_in) & torch.isfinite(out.rad) & ~torch.isnan(out.mid)
+    p = float(_PRECISION.get(out.dtype, 53))
+    counted = torch.isfinite(bits_in) & torch.isfinite(out.rad) & ~torch.isnan(out.mid) & (bits_out < p)
     if exact_in is not None:
         counted &= ~exact_in
-    drop = torch.where(counted, bits_in - bits_out, torch.full_like(bits_out, -math.inf))
+    # an op cannot lose more bits than its inputs had: an output ball containing 0 (bits -inf) loses bits_in
+    lost_bits = bits_in - torch.clamp_min(bits_out, 0.0)
+    drop = torch.where(counted, lost_bits, torch.full_like(bits_out, -math.inf))
     worst = float(drop.max()) if drop.numel() else -math.inf
     if worst <= 0:
         return
@@ -389,7 +401,7 @@ def _emit_cancellation(name: str, bits_in: torch.Tensor, exact_in, out) -> None:
             i = int(torch.argmax(torch.where(over, drop, torch.full_like(drop, -math.inf)).reshape(-1)))
             before = float(bits_in.reshape(-1)[i])
             after = float(bits_out.reshape(-1)[i])
-            lost = "all" if math.isinf(after) else f"{before - after:.0f}"
+            lost = f"all {before:.0f}" if after <= 0 else f"{before - after:.0f}"
             tiny = torch.finfo(out.dtype).tiny
             underflow = ", underflow" if 0 < abs(float(out.mid.reshape(-1)[i])) < tiny else ""
             detail = (f"relative accuracy dropped by > {rec.cancellation_bits:g} bits "
