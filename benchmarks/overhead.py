@@ -25,7 +25,12 @@ the rule runs. We classify
 The profiler slows Python more than kernels, so the split is given in fractions of the profiled step and next to it
 the unprofiled plain/ball step times; the midpoint kernel time can be compared with the plain step.
 
-    python benchmarks/overhead.py [--model mlp-small ...] [--repeats 7] [--warmup 2] [--dtype float32] [--json out]
+    python benchmarks/overhead.py [--model mlp-small ...] [--repeats 7] [--warmup 2] [--dtype float32]
+                                  [--gemm-bound measured a-priori] [--json out]
+
+Both GEMM midpoint-error bounds are timed by default (``ballgrad.gemm_bound``): "measured" (the default, a float64
+reference GEMM per GEMM: tight, and on its own at least 1.5-3x a float32 GEMM, so GEMM-bound models cannot come near
+2x with it) and "a-priori" (gamma_k |A||B| with bfloat16 radius GEMMs: cheap, but far wider for long dot products).
 
 A benchmark, not a test: nothing here asserts a timing.
 """
@@ -245,20 +250,27 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--gemm-bound", nargs="+", default=["measured", "a-priori"], choices=ballgrad.GEMM_BOUNDS,
+                        help="GEMM midpoint-error bounds to time (ballgrad.gemm_bound): the tight default and the "
+                             "cheap one, each a separate table")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
     rows = []
-    for name in args.model:
-        row = measure(name, dtype, args.repeats, args.warmup, args.batch, memory=not args.no_memory)
-        rows.append(row)
-    print(f"{'model':18s} {'plain ms':>9s} {'ball ms':>9s} {'ratio':>7s} {'[min, max]':>15s} {'peak mem ratio':>15s}")
-    for r in rows:
-        mem = f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else "-"
-        print(f"{r['model']:18s} {r['plain_s'] * 1e3:9.2f} {r['ball_s'] * 1e3:9.2f} {r['ratio']:6.2f}x "
-              f"[{r['ratio_min']:5.2f}, {r['ratio_max']:5.2f}] {mem:>15s}")
+    for bound in args.gemm_bound:
+        with ballgrad.gemm_bound(bound):
+            bound_rows = [dict(measure(name, dtype, args.repeats, args.warmup, args.batch,
+                                       memory=not args.no_memory), gemm_bound=bound) for name in args.model]
+        rows += bound_rows
+        print(f"\ngemm_bound = {bound!r}")
+        print(f"{'model':18s} {'plain ms':>9s} {'ball ms':>9s} {'ratio':>7s} {'[min, max]':>15s} "
+              f"{'peak mem ratio':>15s}")
+        for r in bound_rows:
+            mem = f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else "-"
+            print(f"{r['model']:18s} {r['plain_s'] * 1e3:9.2f} {r['ball_s'] * 1e3:9.2f} {r['ratio']:6.2f}x "
+                  f"[{r['ratio_min']:5.2f}, {r['ratio_max']:5.2f}] {mem:>15s}")
 
     split_models = [m for m in SPLIT_DEFAULT if m in args.model] if args.split is None else args.split
     splits = []

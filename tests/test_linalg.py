@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import ballgrad as bg
 from ballgrad import guard, rounding
 from ballgrad.errors import NumericsGuardError
+from ballgrad.ops import linalg
 from ballgrad.ops.registry import RULES
 from ballgrad.tensor import BallTensor
 from helpers import EXAMPLES, assert_same_bits, assert_valid_radius
@@ -222,12 +223,25 @@ def _cases(examples):
 # ----------------------------------------------------------------------------------------------------------------------
 # Tests
 
+# Every GEMM test runs with each midpoint-error bound: "measured" (float64 reference, the default; its propagation
+# GEMMs stay in float32 to keep the radius within 2^-17 of the bound it computes) and "a-priori" (gamma_k |A||B|), with
+# radius GEMMs in bfloat16 where this CPU allows (Lemma B) and forced to float32 (the fallback elsewhere).
+GEMM_CONFIGS = ["measured", "a-priori", "a-priori-float32"]
+
+
+@pytest.fixture(params=GEMM_CONFIGS)
+def gemm_config(request, monkeypatch):
+    if request.param == "a-priori-float32":
+        monkeypatch.setattr(linalg, "_BF16_RADIUS", False)
+    with bg.gemm_bound(request.param.split("-float32")[0]):
+        yield request.param
+
 
 @pytest.mark.parametrize("examples", EXAMPLES)
 @pytest.mark.parametrize("modes", OPERAND_MODES, ids=lambda m: f"{m[0]}-{m[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("op", sorted(GEMM_OPS))
-def test_gemm_random(op, dtype, modes, examples):
+def test_gemm_random(op, dtype, modes, examples, gemm_config):
     gen = torch.Generator().manual_seed(hash((op, str(dtype), modes)) % 2**31)
     for case in range(_cases(examples)):
         k = K_CHOICES[case] if case < len(K_CHOICES) else int(torch.randint(0, 65, (1,), generator=gen))
@@ -240,7 +254,7 @@ def test_gemm_random(op, dtype, modes, examples):
 @pytest.mark.parametrize("examples", EXAMPLES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("op", ["mm", "bmm", "mv", "dot"])
-def test_gemm_reduced_dtypes(op, dtype, examples):
+def test_gemm_reduced_dtypes(op, dtype, examples, gemm_config):
     """float16/bfloat16 midpoints (oneDNN/AMX kernels for k >= 64), radii in float32."""
     gen = torch.Generator().manual_seed(7)
     for case, k in enumerate([1, 8, 64, 100][: max(2, examples // 6)]):
@@ -252,7 +266,7 @@ def test_gemm_reduced_dtypes(op, dtype, examples):
 
 
 @pytest.mark.parametrize("op", ["mm", "mv", "bmm"])
-def test_bfloat16_subnormal_inputs_read_as_zero(op):
+def test_bfloat16_subnormal_inputs_read_as_zero(op, gemm_config):
     """AMX reads bfloat16 subnormals as 0 (measured: 2^-130 * 2^20 terms vanish for k >= 64): the radius covers it."""
     k, n = 128, 64
     a = torch.full((n, k), 2.0 ** -130, dtype=torch.bfloat16)
@@ -267,7 +281,7 @@ def test_bfloat16_subnormal_inputs_read_as_zero(op):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_subnormal_products(dtype):
+def test_subnormal_products(dtype, gemm_config):
     """Products that round in the subnormal range: 3 eta * 0.5 = 1.5 eta rounds to 2 eta (an absolute error eta/2
     per product that no relative bound covers); exact k-term sums must stay inside."""
     eta = rounding.eta(dtype)
@@ -283,7 +297,7 @@ def test_subnormal_products(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_near_overflow_and_nonfinite(dtype):
+def test_near_overflow_and_nonfinite(dtype, gemm_config):
     big = float(torch.finfo(dtype).max)
     a = torch.tensor([[big / 4, big / 4, 1.0], [1.0, 2.0, 3.0], [-big / 2, big / 2, 0.5]], dtype=dtype)
     b = torch.tensor([[3.0, 3.0], [3.0, 0.5], [2.0, -1.0]], dtype=dtype)
@@ -307,7 +321,7 @@ def test_near_overflow_and_nonfinite(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_zero_radii_empty_dims(dtype):
+def test_zero_radii_empty_dims(dtype, gemm_config):
     a = torch.randn(3, 0, dtype=dtype)
     b = torch.randn(0, 4, dtype=dtype)
     out = check_gemm(torch.mm, [bg.ball(a), bg.ball(b)], exact_matmul)
@@ -332,7 +346,7 @@ ALPHA_BETA = [(1, 1), (0.5, 2), (0.1, -0.3), (0, 1), (1, 0), (-1, 3)]
 @pytest.mark.filterwarnings("ignore:An output with one or more elements was resized:UserWarning")
 @pytest.mark.parametrize("beta,alpha", ALPHA_BETA)
 @pytest.mark.parametrize("op", ["addmm", "baddbmm", "addmv"])
-def test_addmm_family(op, beta, alpha, dtype, examples):
+def test_addmm_family(op, beta, alpha, dtype, examples, gemm_config):
     gen = torch.Generator().manual_seed(11)
     for case in range(max(2, examples // 10)):
         k = [0, 1, 4, 33, 64][case % 5]
@@ -383,7 +397,7 @@ MATMUL_SHAPES = [((3,), (3,)), ((2, 3), (3,)), ((3,), (3, 4)), ((2, 3), (3, 4)),
 
 
 @pytest.mark.parametrize("shapes", MATMUL_SHAPES, ids=str)
-def test_matmul_shapes(shapes):
+def test_matmul_shapes(shapes, gemm_config):
     """torch.matmul for 1-D..4-D: dot, mv, mm, bmm after exact views (1-D @ N-D uses squeeze_ after mm)."""
     sa, sb = shapes
     if len(sa) == 1 and len(sb) == 2 and aten.squeeze_.dim not in RULES:
@@ -397,7 +411,7 @@ def test_matmul_shapes(shapes):
 
 @pytest.mark.parametrize("x_shape", [(4,), (2, 4), (3, 2, 4), (2, 2, 2, 4)], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear(x_shape, with_bias):
+def test_linear(x_shape, with_bias, gemm_config):
     """F.linear: mm / addmm (bias) after views; weight ball or input ball."""
     if len(x_shape) == 1 and not with_bias and aten.squeeze_.dim not in RULES:
         pytest.skip("1-D F.linear without bias ends with aten.squeeze_.dim, which has no rule yet")
@@ -414,9 +428,18 @@ def test_linear(x_shape, with_bias):
             check_gemm(F.linear, [x, w], lambda xx, ww: exact_matmul(xx, (ww[0].T, ww[1])), max_points=5)
 
 
-def test_negative_control_too_small_radius_is_caught():
-    """Scaling one computed mm radius by (1 - 2^-10) must make containment fail at the adversarial corner
-    (positive midpoints, upper end points): the checker would catch a too-small bound."""
+@pytest.mark.parametrize("radius_gemm,shrink_bits", [("float32", 10), ("bfloat16", 4)])
+def test_negative_control_too_small_radius_is_caught(radius_gemm, shrink_bits, monkeypatch):
+    """Scaling one computed mm radius by (1 - 2^-shrink_bits) must make containment fail at the adversarial corner
+    (positive midpoints, upper end points): the checker would catch a too-small bound. With float32 radius GEMMs the
+    bound is within 2^-10 of that corner; bfloat16 radius GEMMs (Lemma B) are up to about 3% wider (operands rounded
+    to 8 bits, 3 bfloat16 roundings in the constants), so there a 2^-4 shrink must already fail."""
+    if radius_gemm == "float32":
+        monkeypatch.setattr(linalg, "_BF16_RADIUS", False)
+    elif not linalg._bf16_radius_gemms():
+        pytest.skip("no fast bfloat16 GEMM on this CPU: radius GEMMs run in float32")
+    else:
+        monkeypatch.setattr(linalg, "_gemm_bound", "a-priori")  # bfloat16 radius GEMMs serve the a priori bound
     gen = torch.Generator().manual_seed(5)
     k = 32
     ma = torch.rand(4, k, generator=gen) + 0.5
@@ -425,7 +448,7 @@ def test_negative_control_too_small_radius_is_caught():
     b = bg.ball(mb, mb * 2.0 ** -6)
     out = check_gemm(torch.mm, [a, b], exact_matmul)
     shrunk = BallTensor(out.mid, out.rad.clone())
-    shrunk.rad[1, 2] = out.rad[1, 2] * (1 - 2.0 ** -10)
+    shrunk.rad[1, 2] = out.rad[1, 2] * (1 - 2.0 ** -shrink_bits)
     upper_a = [Fraction(v) + Fraction(r) for v, r in zip(ma[1].tolist(), a.rad[1].tolist())]
     upper_b = [Fraction(v) + Fraction(r) for v, r in zip(mb[:, 2].tolist(), b.rad[:, 2].tolist())]
     worst = sum(x * y for x, y in zip(upper_a, upper_b))
@@ -519,7 +542,7 @@ def test_precision_lowered_after_first_use_is_refused():
     torch.mm(bg.ball(torch.ones(2, 2)), torch.ones(2, 2))
 
 
-def test_linear_backward_gradients_contain_exact():
+def test_linear_backward_gradients_contain_exact(gemm_config):
     """Forward and backward of F.linear with ball parameters (mm, t, sum.dim_IntList in backward): the gradient balls
     contain the exact gradient of sum((x W^T + b)^2) at sampled parameter points, and their midpoints are PyTorch's."""
     gen = torch.Generator().manual_seed(8)

@@ -8,6 +8,7 @@ from ballgrad import ops  # noqa: F401  (registers the rules)
 from ballgrad.diagnostics import record
 from ballgrad.errors import NumericsGuardError, UndecidedComparisonError, UnsupportedOpError
 from ballgrad.guard import check_numerics
+from ballgrad.ops.linalg import GEMM_BOUNDS, gemm_bound, set_gemm_bound
 from ballgrad.nn import PlainGradientError, ballify, is_ballified, unballify
 from ballgrad.precision import precision_plan, report
 from ballgrad.tensor import BallTensor, ball, from_interval
@@ -26,6 +27,9 @@ __all__ = [
     "is_ballified",
     "PlainGradientError",
     "check_numerics",
+    "gemm_bound",
+    "GEMM_BOUNDS",
+    "set_gemm_bound",
     "UnsupportedOpError",
     "UndecidedComparisonError",
     "NumericsGuardError",

@@ -91,3 +91,44 @@ def _mkldnn_matmul_precision():
         return torch.backends.mkldnn.matmul.fp32_precision
     except AttributeError:
         return None
+
+
+_bf16_gemm_verdict: bool | None = None
+
+
+def bf16_gemm_accumulates_in_float32() -> bool:
+    """Whether this machine's CPU bfloat16 GEMMs (mm, addmm, bmm, mv) are fast and accumulate in float32 (linalg's
+    Lemma B assumes it).
+
+    Needs AMX or AVX512-BF16 (elsewhere bf16 GEMMs are emulated and slower than float32: radius GEMMs then stay in
+    float32). The probe: rows [1, 2^-9, ..., 2^-9] (k - 1 copies of 2^-9) times ones, for several shapes that reach
+    different kernels (short and long k, narrow and wide outputs); float32 accumulation gives 1 + (k - 1) 2^-9,
+    bfloat16 accumulation (ulp(1) = 2^-7) keeps 1. Exactness is not required (the result is rounded to bfloat16), only
+    that it stays within 2% of the float32 sum. Computed once per process.
+    """
+    global _bf16_gemm_verdict
+    if _bf16_gemm_verdict is None:
+        _bf16_gemm_verdict = _probe_bf16_gemm()
+    return _bf16_gemm_verdict
+
+
+def _probe_bf16_gemm() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    try:
+        fast = bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        fast = False
+    if not fast:
+        return False
+    for m, k, n in ((1, 64, 1), (7, 300, 5), (64, 1024, 96), (256, 4096, 512)):
+        a = torch.full((m, k), 2.0**-9, dtype=torch.bfloat16)
+        a[:, 0] = 1.0
+        b = torch.ones((k, n), dtype=torch.bfloat16)
+        expect = 1.0 + (k - 1) * 2.0**-9
+        for x, y in ((a, b), (a, b.t().contiguous().t()), (a.t().contiguous().t(), b)):
+            outs = [torch.mm(x, y), torch.addmm(torch.zeros(m, n, dtype=torch.bfloat16), x, y),
+                    torch.bmm(x.unsqueeze(0).expand(2, m, k), y.unsqueeze(0).expand(2, k, n))[1], torch.mv(x, y[:, 0])]
+            for out in outs:
+                if out.dtype != torch.bfloat16 or not bool(((out.float() - expect).abs() <= 0.02 * expect).all()):
+                    return False
+    return True

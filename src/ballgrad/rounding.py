@@ -223,14 +223,23 @@ def inflate(c: torch.Tensor, n_ops: int) -> torch.Tensor:
     inputs; no product feeds another product. Derivation: a computed sum of k additions satisfies
     exact <= (1+u)^k fl (F1 with no eta); a product of two such factors satisfies
     exact <= (1+u)^(k1+k2) ((1+u) fl(f1 f2) + eta/2) (F1); the outer additions add (1+u) factors only. Hence
-    exact <= (1+u)^n (c + n eta/2) <= phi c + n eta with phi >= (1+u)^n rounded up offline (n eta (1+u)^n / 2 <=
-    n eta). We return succ(fl(succ(fl(phi c)) + a)) with a = ``absolute_term(n eta)`` >= n eta: by F2 each succ
-    bounds its exact operation. NaN (which only arises from an infinite or NaN input) becomes +inf.
+    exact <= (1+u)^n (c + n eta/2). We return t = fl(fl(c phi) + a) with phi >= (1+u)^n/(1-u)^2 and
+    a >= (n+1) eta (1+u)^n/(1-u), both rounded up offline (``_inflation_constants``): fl(c phi) >= c phi (1-u) - eta/2
+    (F1) and the addition of non-negative terms loses at most a factor 1-u, so t >= c phi (1-u)^2 + (a - eta/2)(1-u)
+    >= (1+u)^n c + (1+u)^n n eta/2. Two vectorized passes (the second in place), no nextafter. NaN (which only arises
+    from an infinite or NaN input) becomes +inf.
     """
-    dtype = c.dtype
-    phi = inflation_factor(n_ops, dtype)
-    bound = up(torch.add(up(torch.mul(c, phi)), absolute_term(n_ops * Fraction(eta(dtype)), dtype)))
-    return clean_rad(bound)
+    phi, a = _inflation_constants(n_ops, c.dtype)
+    return torch.mul(c, phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+@functools.lru_cache(maxsize=1024)
+def _inflation_constants(n_ops: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(phi, a) of ``inflate``: phi >= (1+u)^n/(1-u)^2, a >= (n+1) eta (1+u)^n/(1-u) (at least realmin)."""
+    u = unit_roundoff_exact(dtype)
+    grow = (1 + u) ** n_ops
+    return (round_up_float(grow / (1 - u) ** 2, dtype),
+            absolute_term((n_ops + 1) * Fraction(eta(dtype)) * grow / (1 - u), dtype))
 
 
 def clean_rad(r: torch.Tensor) -> torch.Tensor:
@@ -312,3 +321,21 @@ def exact_product_error(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> to
     exact_zero = ((x == 0) & torch.isfinite(y)) | ((y == 0) & torch.isfinite(x))  # 0 * finite = 0 exactly
     fallback = add_up(mul_up(torch.abs(m), unit_roundoff(dtype)), eta(dtype))
     return torch.where(exact_zero & (m == 0), torch.zeros_like(e), torch.where(safe, e, fallback))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bfloat16 copies of non-negative float32 bounds, for radius GEMMs (linalg's Lemma B).
+
+REALMIN_32 = float(torch.finfo(torch.float32).smallest_normal)
+BF16_ROUNDING = 2.0**-8  # unit roundoff of bfloat16
+
+
+def to_bf16_normal(z: torch.Tensor) -> torch.Tensor:
+    """Z = max(RN_bf16(z), realmin_32) for float32 z >= 0 (or +inf; NaN stays NaN): Z >= z (1 - 2^-8) and Z >= realmin.
+
+    For z >= realmin the bfloat16 rounding (precision 8, same exponent range as float32) gives RN(z) >= z (1 - 2^-8);
+    for z < realmin, Z = realmin > z. No entry is subnormal, so a GEMM that reads subnormal inputs as zero (AMX) cannot
+    drop one; callers fold the factor 1/(1 - 2^-8) into their constants. One conversion and one in-place clamp on
+    the 2-byte copy; ``z`` is not modified.
+    """
+    return z.to(torch.bfloat16).clamp_min_(REALMIN_32)

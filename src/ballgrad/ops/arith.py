@@ -60,7 +60,10 @@ def _add_rad(m, a, b, alpha, sign=1):
     a_up = rounding.round_up_float(abs(float(mal)) + float(ral), ra.dtype)
     coef = rounding.round_up_float(Fraction(float(ral)) + Fraction(rounding.round_up_float(2 * u * a_up, ra.dtype)),
                                    ra.dtype)
-    c = ra + rb * a_up + torch.abs(mb) * coef + abs_m * u + eta
+    # c = |m| u + ra + a_up rb + coef |mb|, accumulated in place in the fresh |m| (3 products, 3 additions); the + eta
+    # is left to inflate, whose absolute term (n+1) eta (1+u)^n/(1-u) exceeds (1+u)^n (eta + n eta/2) for n >= 1
+    c = abs_m.mul_(u)
+    c.add_(ra).add_(rb, alpha=a_up).add_(torch.abs(mb).to(c.dtype), alpha=coef)
     return rounding.inflate(c, 7)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ballgrad import rounding
 from ballgrad.ops import nn as nn_rules
-from ballgrad.ops.common import mid_of, result
+from ballgrad.ops.common import mid_of, nan_where_not_finite, result
 from ballgrad.ops.nn import MEAN, finish, from_bounds, nan_to, pick, point, wide
 from ballgrad.ops.nonsmooth import _branch_hull, _emit_kink, _interval, _numeric_result, _python_double
 from ballgrad.ops.registry import rule
@@ -59,6 +59,8 @@ def threshold_backward(func, grad, s, threshold):
     nn.Threshold's input and is a kink: hull.) Radius by ``_branch_hull``."""
     m = func(mid_of(grad), mid_of(s), threshold)
     th = _python_double(threshold, "threshold")
+    if th == 0 and _same_layout(m, grad, s):
+        return _relu_backward_fast(m, grad, s)
     lo, hi, unknown = _interval(s, m.device)
     g_lo, g_hi, _ = _interval(grad, m.device)
     touch = (lo <= th) & (hi >= th)
@@ -68,6 +70,42 @@ def threshold_backward(func, grad, s, threshold):
     rad = _branch_hull(m, [(grad_possible, g_lo, g_hi), (lo <= th, zero, zero)])
     _emit_kink(touch & ~relu_inactive, m, "saved ball touches the threshold: hull of the one-sided derivatives {0, grad}")
     return _numeric_result(m, rad)
+
+
+def _same_layout(m, *args) -> bool:
+    """Balls or plain tensors of m's shape whose radius (if any) has m's radius dtype: the fast paths' operands."""
+    rd = rounding.rad_dtype(m.dtype)
+    for a in args:
+        if not isinstance(a, torch.Tensor) or a.shape != m.shape or a.dtype != m.dtype:
+            return False
+        if isinstance(a, BallTensor) and (a.rad.shape != m.shape or a.rad.dtype != rd):
+            return False
+    return True
+
+
+def _relu_backward_fast(m, grad, s):
+    """threshold_backward(G, S, 0) in the radius dtype, the same three cases as above decided by exact float
+    comparisons of S = (ms, rs): ms > rs (lo > 0): G, radius rG; -ms > rs (hi < 0) or the exact point 0 (relu's
+    inactive unit): exactly 0 = m, radius 0; otherwise (touching 0, or NaN): the hull of {0} and G, which lies within
+    max(|mG|, rG) of m = mG (ms > 0) and within |mG| + rG (rounded up, F2) of m = 0. A NaN or infinite midpoint gets
+    +inf (``result``)."""
+    gm, gr = (grad.mid, grad.rad) if isinstance(grad, BallTensor) else (grad, None)
+    sm, sr = (s.mid, s.rad) if isinstance(s, BallTensor) else (s, torch.zeros((), dtype=m.dtype))
+    above = sm > sr
+    exact_zero = (torch.neg(sm) > sr) | ((sm == 0) & (sr == 0))
+    touch = ~(above | exact_zero)
+    rd = rounding.rad_dtype(m.dtype)
+    # rG where above, else 0: a multiply by the mask (rG is finite or +inf; an infinite rG with a decided 0 branch
+    # would give inf * 0 = NaN -> +inf in ``result``: looser, still sound)
+    rad = gr * above if gr is not None else torch.zeros(m.shape, dtype=rd)
+    if bool(touch.any()):  # rare: the hull on the touching elements only
+        abs_g = torch.abs(gm[touch]).to(rd)
+        if gr is not None:
+            gr_t = gr[touch]
+            abs_g = torch.where(sm[touch] > 0, torch.maximum(abs_g, gr_t), rounding.add_up(abs_g, gr_t))
+        rad = rad.index_put_((touch,), abs_g)
+        _emit_kink(touch, m, "saved ball touches the threshold: hull of the one-sided derivatives {0, grad}")
+    return result(m, nan_where_not_finite(m, rad))
 
 
 @rule(aten.leaky_relu_backward.default)

@@ -86,6 +86,13 @@ def result(mid: torch.Tensor, rad: torch.Tensor) -> BallTensor:
     return BallTensor(mid, rad)
 
 
+def nan_where_not_finite(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
+    """rad + 0*m: exactly rad (>= 0) where m is finite (0*m = ±0), NaN where m is ±inf or NaN, which ``result`` turns
+    into +inf (a non-finite midpoint carries no information). Two vectorized passes instead of isfinite's four and a
+    where."""
+    return torch.add(rad, torch.mul(m, 0))
+
+
 def infinite_where(rad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``rad`` with +inf where ``mask`` holds."""
     return torch.where(mask, torch.full_like(rad, math.inf), rad)

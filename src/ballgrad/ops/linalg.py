@@ -55,6 +55,37 @@ rC = up(|m - R|) + theta_n fl([|mA|, rA] @ [rB; |mB| + rB]) (+ n eta) + g64 rows
 shortcuts (A point: |mA| @ rB; B point: rA @ |mB|; both: no propagation GEMM). One float64 GEMM replaces the a priori
 term; float64 midpoints keep the a priori bound (there is no wider hardware format).
 
+**Which midpoint-error bound** (``gemm_bound``): ``"measured"`` (the default) is the a posteriori bound above;
+``"a-priori"`` uses g|mA||mB| for every midpoint dtype, with its radius GEMMs in bfloat16 where Lemma B
+applies (below; the measured path keeps float32 radius GEMMs, whose result is within 2e-5 relative of the bound
+they compute, so that default radii are as tight as before). Measuring costs one float64 GEMM, 1.5-3x the float32 midpoint
+GEMM itself, which is noise next to the dispatch cost of small GEMMs but dominates large ones; the a priori bound is
+cheap but, for long dot products, thousands of times wider (mlp-wide's first-step weight gradients: relative radius
+4e-4 measured, 4.0 a priori, i.e. no certified bit). So the tight bound is the default and the cheap one is a choice
+(``ballgrad.gemm_bound("a-priori")``, a context manager, or ``set_gemm_bound``), never made silently.
+
+**Radius GEMMs in bfloat16 (Lemma B).** Where the a priori bracket's GEMM would run in float32 and this CPU's bfloat16
+GEMM is fast and accumulates in float32 (AMX / AVX512-BF16, probed once: ``guard.bf16_gemm_accumulates_in_float32``),
+the non-negative GEMMs run on bfloat16 copies of their operands (``rounding.to_bf16_normal``: Z = max(RN_bf16(z),
+realmin_32), so Z >= z (1 - 2^-8) and no entry is subnormal). Model of the kernel: every output is a float32
+accumulation of its exact-or-rounded products in any order and blocking, each operation rounding to float32
+faithfully (relative error < v = 2^-23, any rounding mode) or flushing a result below realmin_32 to zero (absolute
+error < realmin_32), with at most 3 faithful roundings to bfloat16 (w = 2^-7, again at most realmin_32 absolute) on
+any path: the conversion of the output, and for ``addmm(mm(X1, Y1), X2, Y2)`` (both operands balls) the first
+product's stored output and the addition. A path then has at most N = k + 2 float32 operations. For X, Y >= 0 every
+operation gives fl(z) >= z (1 - v) - realmin (or (1 - w)), so by induction over the summation tree the output
+Sh >= (1 - w)^3 (1 - v)^N S - (N + 3) realmin for S = sum_j X_j Y_j (all chains together). With (1 - v)^N >= 1 - N v:
+    S <= c1 Sh + c2,   c1 = 1/((1 - w)^3 (1 - N v)),   c2 = (N + 3) realmin c1.
+The exact bracket factors are bounded by the copies: |mA|, |mB|, rA, rB are exact, so <= Z/(1 - 2^-8); V = rB + g'|mB|
+(one ``add`` with alpha: an FMA or two roundings) and |mB| + rB take <= 2 round-to-nearest float32 operations, so
+V_exact <= (V + eta/2)/(1 - u)^2 <= max(V, realmin)(1 + u)/(1 - u)^2 (eta/2 <= u realmin), <= Z phi with
+phi = (1 + u)/((1 - u)^2 (1 - 2^-8)). The bracket is therefore <= mu (c1 Sh + c2) with mu = phi^2 (g/(1 - 2^-8)^2
+when both operands are points), and the float32 evaluation fl(fl(Sh C1) + C2) with C1 = RU(mu c1/(1 - u)^2),
+C2 = RU((mu c2 + extra + eta/2)/(1 - u)) is >= it plus ``extra`` (each of its two roundings loses at most a factor
+1 - u, the product's underflow eta/2). Operands are never 0, so an infinite entry gives +inf, not NaN. Where the probe
+fails or the hardware lacks AMX/AVX512-BF16, the radius GEMM stays in float32. Cost: a bfloat16 GEMM is 5-10x faster
+than float32 on AMX; each operand copy is one conversion and one clamp of the 2-byte copy.
+
 Non-finite midpoints (inf, NaN, or an overflowed sum) get an infinite radius; so do rows/columns meeting an infinite
 radius or midpoint in S (inf * 0 = NaN -> inf).
 """
@@ -111,12 +142,111 @@ def _daz_radius(m: torch.Tensor, r: torch.Tensor, mid_dtype: torch.dtype) -> tor
     return torch.where(sub, rounding.add_up(r, torch.abs(m)), r)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Which bound, and bfloat16 radius GEMMs (module docstring)
+
+GEMM_BOUNDS = ("measured", "a-priori")
+_gemm_bound = "measured"
+_BF16_RADIUS = None  # None: use bfloat16 radius GEMMs where the probe allows; False: never (tests force float32)
+
+
+def set_gemm_bound(mode: str) -> str:
+    """Choose the midpoint-error bound of float16/bfloat16/float32 GEMMs (module docstring): "measured" (a float64
+    reference GEMM: tightest, the default) or "a-priori" (gamma_k |A||B|: cheapest, far wider for long dot products).
+    Returns the previous mode."""
+    global _gemm_bound
+    if mode not in GEMM_BOUNDS:
+        raise ValueError(f"gemm bound must be one of {GEMM_BOUNDS}, got {mode!r}")
+    previous, _gemm_bound = _gemm_bound, mode
+    return previous
+
+
+class gemm_bound:  # noqa: N801 (used like torch.no_grad)
+    """Context manager: ``with ballgrad.gemm_bound("a-priori"): ...`` (see ``set_gemm_bound``)."""
+
+    def __init__(self, mode: str):
+        if mode not in GEMM_BOUNDS:
+            raise ValueError(f"gemm bound must be one of {GEMM_BOUNDS}, got {mode!r}")
+        self.mode = mode
+
+    def __enter__(self):
+        self.previous = set_gemm_bound(self.mode)
+        return self
+
+    def __exit__(self, *exc):
+        set_gemm_bound(self.previous)
+        return False
+
+
+def _measures(m: torch.Tensor, k: int) -> bool:
+    """Whether this GEMM's midpoint error is measured against float64 (narrow midpoints only; see gemm_bound)."""
+    return m.dtype != _F64 and _gemm_bound == "measured"
+
+
+def _bf16_radius_gemms() -> bool:
+    return _BF16_RADIUS is not False and guard.bf16_gemm_accumulates_in_float32()
+
+
+@functools.lru_cache(maxsize=1024)
+def _lemma_b_constants(k: int, mu: Fraction, extra: Fraction = Fraction(0)) -> tuple[float, float] | None:
+    """(C1, C2) of Lemma B for bfloat16 GEMMs of inner dimension k scaled by mu, plus an absolute term ``extra``,
+    rounded up to float32: N = k + 2 float32 operations and 3 bfloat16 roundings per path. None where N v >= 1/2
+    (then the radius GEMM stays in float32)."""
+    big_n, v, w = k + 2, Fraction(1, 2**23), Fraction(1, 2**7)
+    if big_n * v >= Fraction(1, 2):
+        return None
+    realmin, u = Fraction(rounding.REALMIN_32), rounding.unit_roundoff_exact(torch.float32)
+    denominator = (1 - w) ** 3 * (1 - big_n * v)
+    c1, c2 = 1 / denominator, (big_n + 3) * realmin / denominator
+    half_eta = Fraction(rounding.eta(torch.float32)) / 2
+    return (rounding.round_up_float(mu * c1 / (1 - u) ** 2, torch.float32),
+            rounding.round_up_float((mu * c2 + extra + half_eta) / (1 - u), torch.float32))
+
+
+_U32 = rounding.unit_roundoff_exact(torch.float32)
+_TO_BF16 = 1 / (1 - Fraction(rounding.BF16_ROUNDING))  # to_bf16_normal: z <= Z / (1 - 2^-8)
+_COMPUTED = (1 + _U32) / (1 - _U32) ** 2 * _TO_BF16  # a factor of <= 2 float32 RN operations, then to_bf16_normal
+
+
+def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point: bool, b_point: bool,
+                  extra: Fraction = Fraction(0)):
+    """The bracket of ``_bracket`` (float32 radii) plus ``extra`` from bfloat16 GEMMs (Lemma B in the module
+    docstring), or None where Lemma B's constants do not apply. Both balls: S = X1 Y1 + X2 Y2 as one bfloat16
+    addmm(mm(X1, Y1), X2, Y2) with X1 = |mA|, Y1 = rB + g'|mB|, X2 = rA, Y2 = |mB| + rB (inner dimension k each;
+    Lemma B's N = k + 2 and 3 bfloat16 roundings cover the two chains and the addition)."""
+    both_points = a_point and b_point
+    consts = _lemma_b_constants(k, g * _TO_BF16**2 if both_points else _COMPUTED**2, extra)
+    if consts is None:
+        return None
+    c1, c2 = consts
+    bf = rounding.to_bf16_normal
+    abs_ma, abs_mb = torch.abs(ma).to(torch.float32), torch.abs(mb).to(torch.float32)  # exact widening
+    g_w = rounding.round_up_float(g, torch.float32)
+    if both_points:
+        s = gemm(bf(abs_ma), bf(abs_mb))
+    elif a_point:
+        s = gemm(bf(abs_ma), bf(torch.add(rb, abs_mb, alpha=g_w)))  # rB + g'|mB|: <= 2 roundings
+    elif b_point:
+        s = gemm(bf(torch.add(ra, abs_ma, alpha=g_w)), bf(abs_mb))
+    else:
+        s = gemm(bf(abs_ma), bf(torch.add(rb, abs_mb, alpha=g_w)))
+        s = _BF16_ACCUMULATE[gemm](s, bf(ra).expand(abs_ma.shape), bf(abs_mb.add_(rb)).expand(abs_mb.shape))
+    return s.to(torch.float32).mul_(c1).add_(c2)
+
+
+_BF16_ACCUMULATE = {aten.mm.default: torch.addmm, aten.bmm.default: torch.baddbmm, aten.mv.default: torch.addmv}
+
+
 def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: torch.dtype) -> torch.Tensor:
     """An upper bound, elementwise, of |mA| rB + rA |mB| + rA rB + g |mA||mB| (exact real GEMMs); see the module
     docstring. ``gemm`` is the plain op (mm, bmm, mv, dot); ``b_dim`` is B's contraction dimension."""
     a_point, b_point = _is_point(ra), _is_point(rb)
     n = k if (a_point or b_point) else 2 * k
     wd = rounding.work_dtype(rad_dtype, n)
+    if wd == torch.float32 and gemm is not aten.dot.default and _bf16_radius_gemms():
+        bound = _bf16_bracket(gemm, ma, ra.to(wd), mb, rb.to(wd), k, g, b_dim, a_point, b_point)
+        if bound is not None:
+            return bound
     u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
     th = rounding.theta(n, u)
     abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
@@ -150,11 +280,6 @@ def _abs_product_bound(ma64: torch.Tensor, mb64: torch.Tensor, k: int, b_dim: in
     if ma64.dim() >= 2 and mb64.dim() >= 2:
         return rounding.up(rows.unsqueeze(-1) * cols.unsqueeze(-2))
     return rounding.up(rows * cols)
-
-
-def _uses_reference(mid_dtype: torch.dtype) -> bool:
-    """Midpoints narrower than float64 have their rounding error measured against a float64 GEMM."""
-    return mid_dtype != _F64
 
 
 def _checked_bracket(plain, m, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: torch.dtype, reference) -> torch.Tensor:
@@ -243,7 +368,7 @@ def gemm(func, a, b):
     ma, ra, mb, rb, k, b_dim = _operands(m, a, b)
     rd = rounding.rad_dtype(m.dtype)
     plain = _PLAIN_GEMM[func]
-    if _uses_reference(m.dtype):
+    if _measures(m, k):
         reference = plain(ma.to(_F64), mb.to(_F64))
         rad = _checked_bracket(plain, m, ma, ra, mb, rb, k, b_dim, rd, reference)
         return result(m, _finite_only(m, rounding.clean_rad(rad)))
@@ -275,7 +400,7 @@ def addmm(func, bias, a, b, *, beta=1, alpha=1):
     m = func(_mid(bias), _mid(a), _mid(b), beta=beta, alpha=alpha)
     ma, ra, mb, rb, k, b_dim = _operands(m, a, b)
     rd = rounding.rad_dtype(m.dtype)
-    if _uses_reference(m.dtype):
+    if _measures(m, k):
         return result(m, _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd))
     steps = k + 2
     g, abs_err = _mid_error(steps, m.dtype)

@@ -31,7 +31,7 @@ import torch
 
 from ballgrad import diagnostics, rounding
 from ballgrad.errors import UndecidedComparisonError, UnsupportedOpError
-from ballgrad.ops.common import infinite_where, result
+from ballgrad.ops.common import infinite_where, nan_where_not_finite, result
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.registry import current_op, rule
 from ballgrad.tensor import BallTensor
@@ -559,6 +559,8 @@ def relu(func, x):
     (result ball not a point) from "pre-activation strictly negative" (result exactly the point 0): see
     ``backward.threshold_backward``. A ``kink`` event counts the touching elements."""
     m = func(x.mid)
+    if x.rad.shape == m.shape and x.rad.dtype == rounding.rad_dtype(m.dtype):
+        return _relu_fast(m, x.mid, x.rad)
     lo, hi, unknown = _interval(x, m.device)
     zero = torch.zeros((), dtype=_F64, device=m.device)
     rad = _branch_hull(m, [(hi > 0, torch.maximum(lo, zero), hi), (lo <= 0, zero, zero)])
@@ -566,6 +568,27 @@ def relu(func, x):
     rad = torch.where(touch, torch.clamp_min(rad, rounding.eta(rounding.rad_dtype(m.dtype))), rad)
     _emit_kink(touch, m, "pre-activation ball touches 0 (relu's switch point)")
     return _numeric_result(m, rad)
+
+
+def _relu_fast(m, xm, xr):
+    """relu in the radius dtype, no float64 end points: relu is 1-Lipschitz and relu(xm) is computed exactly, so
+    |relu(t) - m| <= |t - xm| <= r for every t in the ball: radius r. Where the ball lies below 0 (xm + r < 0, decided
+    exactly by the float comparison -xm > r) every point gives exactly 0 = m: radius 0. Where it touches 0
+    (neither) the values fill [0, xm + r]: around m = xm >= 0 the radius is max(xm, r) = r, around m = 0 (xm < 0) it
+    is xm + r, rounded up (``_add_up``: exact sums stay exact); either way at least eta, the kink marker. A NaN or infinite midpoint gets +inf
+    (``result``)."""
+    below = torch.neg(xm) > xr
+    above = xm > xr
+    rad = xr * ~below  # (a multiply by the mask is 3x faster than torch.where on CPU; xr >= 0 is finite or +inf,
+    touch = ~(below | above)  # and +inf only where the ball touches 0, so inf * 0 never arises)
+    if bool(touch.any()):  # rare: gather the touching elements (hull and marker) instead of full-size passes
+        xm_t, xr_t = xm[touch], xr[touch]
+        hull = torch.where(xm_t < 0, _add_up(xm_t, xr_t), xr_t)
+        rad = rad.index_put_((touch,), torch.clamp_min(hull, rounding.eta(xr.dtype)))
+        if diagnostics.is_recording():
+            _emit_kink(touch & ~torch.isnan(xm) & ~torch.isinf(xr), m, "pre-activation ball touches 0 (relu's switch "
+                       "point)")
+    return result(m, nan_where_not_finite(m, rad))
 
 
 @rule(aten.threshold.default)
