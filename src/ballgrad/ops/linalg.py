@@ -292,9 +292,16 @@ def _checked_bracket(plain, m, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: to
     bound = rounding.up(torch.add(rounding.up(torch.mul(coarse, rounding.round_up_float(g64, _F64))),
                                   rounding.absolute_term(a64, _F64)))
     bound = rounding.add_up(bound, residual)
+    prop = _propagation_bound(plain, ma, ra, mb, rb, k, b_dim, rad_dtype)
+    return bound if prop is None else rounding.add_up(bound, prop)
+
+
+def _propagation_bound(plain, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: torch.dtype) -> torch.Tensor | None:
+    """Upper bound (float64) of |mA| rB + rA |mB| + rA rB (one non-negative GEMM in the radius dtype, F3 via theta_n),
+    or None when both operands are points (the bound is 0)."""
     a_point, b_point = _is_point(ra), _is_point(rb)
     if a_point and b_point:
-        return bound
+        return None
     n = k if (a_point or b_point) else 2 * k
     wd = rounding.work_dtype(rad_dtype, n)
     u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
@@ -311,7 +318,7 @@ def _checked_bracket(plain, m, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: to
         s = plain(left, right)
     prop = rounding.up(torch.add(rounding.up(torch.mul(s, rounding.round_up_float(th, wd))),
                                  rounding.absolute_term(th * n * eta, wd)))
-    return rounding.add_up(bound, prop.to(_F64))
+    return prop.to(_F64)
 
 
 def _finite_only(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
@@ -452,8 +459,7 @@ def _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd):
     doubles alpha, beta and the kernel's operands (mc its bias); |R - exact(mc, mA, mB)| <= g64 (|beta||mc| +
     |alpha||mA||mB|) + a64 ((g64, a64) = ``_mid_error(k + 2, float64)``, |mA||mB| by ``_abs_product_bound``).
     For points of the balls: |beta z + alpha xy - m| <= |m - R| + that + |beta| rc + |alpha| (|mA| rB + rA(|mB| + rB)),
-    the last factor from ``_checked_bracket``'s propagation GEMM (whose own reference term is zero here: it is passed
-    R' = fl(mA mB) computed in float64, adding only its g64 bound again, which is harmless)."""
+    the last factor from ``_propagation_bound``. One float64 GEMM (the reference addmm) per call."""
     alpha_f, beta_f = float(alpha), float(beta)
     plain = _PLAIN_GEMM[func]
     ma64, mb64 = ma.to(_F64), mb.to(_F64)
@@ -469,10 +475,11 @@ def _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd):
     else:
         reference = plain(ma64, mb64) * alpha_f if (alpha_f != 0 and k > 0) else torch.zeros_like(m, dtype=_F64)
     if alpha_f != 0 and k > 0:
-        product = plain(ma64, mb64)  # any float64 evaluation: only |alpha| x its *propagation* part is used below
-        gemm_part = _checked_bracket(plain, product, ma, ra, mb, rb, k, b_dim, rd, product)
         coarse = _abs_product_bound(ma64, mb64, k, b_dim)
-        gemm_part = rounding.add_up(gemm_part, rounding.mul_up(coarse, rounding.round_up_float(g64)))
+        gemm_part = rounding.mul_up(coarse, rounding.round_up_float(g64))
+        prop = _propagation_bound(plain, ma, ra, mb, rb, k, b_dim, rd)
+        if prop is not None:
+            gemm_part = rounding.add_up(gemm_part, prop)
         terms = rounding.add_up(terms, rounding.mul_up(gemm_part, abs(alpha_f)))
     residual = rounding.up(torch.abs(m.to(_F64) - reference))
     rad = rounding.add_up(rounding.add_up(terms, residual), rounding.absolute_term(a64, _F64))
