@@ -281,3 +281,15 @@ def test_fuzz_program_repr_is_readable():
     text = repr(prog)
     assert "v2 = exp(v1)" in text and "v3 = mm(v2, v0)" in text and "c=3.0" in text
     run_program(prog)
+
+
+def test_regression_gelu_far_left_tail_graph():
+    """Found by the long mode (seed 3, graph ~1,500): gelu at x = -23.3 (x = -p e^p from a chain of exp/neg/sum/mul).
+    The rule's ball (-0 ± 3.1e-119) was right; the oracle's 1 + erf(x/sqrt 2) cancelled ~400 bits at 256-bit
+    precision and reported noise (~1e-100) as the exact value. The oracle now uses erfc (see
+    test_verification.test_oracle_gelu_far_tails_do_not_cancel); this graph must check clean."""
+    prog = Program(torch.float64, [(1, 1)], [("exp", 0, 0, 0.5), ("neg", 2, 0, 0.5), ("neg", 3, 0, 0.5),
+                                             ("neg", 4, 0, 0.5), ("sum0", 5, 0, 0.5), ("sum0", 6, 0, 0.5),
+                                             ("sum0", 7, 0, 0.5), ("mul", 8, 0, 0.5), ("gelu", 9, 0, 0.5)],
+                   rad=0.0, seed=0)
+    run_program(prog)

@@ -425,3 +425,34 @@ def test_oracle_agrees_with_float64_pytorch_on_assorted_ops():
     assert _rel_max(ex["loss"], loss, float(loss.detach().abs())) < 1e-12
     for (n, _), g in zip(model.named_parameters(), grads):
         assert _rel_max(ex["grad"][n], g, scale) < 1e-10, n
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_oracle_gelu_far_tails_do_not_cancel(approximate):
+    """Regression (fuzzer, seed 3): the oracle computed gelu(x) = x/2 (1 + erf(x/sqrt 2)) and Phi(x) in its backward
+    as 1 + erf(...) at the working precision, which for x = -23.3 cancels ~400 bits and returned rounding noise
+    (~1e-100 instead of -3.1e-119): a correct ball was reported as not containing the "exact" value. Now erfc (and
+    2/(1 + exp(-2u)) for the tanh form) keep every bit; compared with mpmath at 600 digits."""
+    x = torch.tensor([-23.3217943063836, -12.0, -3.0, 0.5, 30.0], dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        y = torch.nn.functional.gelu(x, approximate=approximate)
+        return y, torch.autograd.grad(y.sum(), x)[0]
+
+    y, g = run_oracle(f, x)
+    with mpmath.workdps(600):
+        for i, xv in enumerate(x.detach().tolist()):
+            t = mpmath.mpf(xv)
+            if approximate == "none":
+                cdf = mpmath.erfc(-t / mpmath.sqrt(2)) / 2
+                val, der = t * cdf, cdf + t * mpmath.npdf(t)
+            else:
+                k = mpmath.sqrt(2 / mpmath.pi)
+                u = k * (t + mpmath.mpf("0.044715") * t**3)
+                one_plus = 2 / (1 + mpmath.exp(-2 * u))
+                sech2 = 4 / (mpmath.exp(u) + mpmath.exp(-u)) ** 2
+                val = t / 2 * one_plus
+                der = one_plus / 2 + t / 2 * sech2 * k * (1 + 3 * mpmath.mpf("0.044715") * t**2)
+            for got, want in ((y.fraction((i,)), val), (g.fraction((i,)), der)):
+                got = mpmath.mpf(got.numerator) / got.denominator
+                assert abs(got - want) <= abs(want) * mpmath.mpf(2) ** -200, (xv, got, want)

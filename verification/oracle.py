@@ -524,23 +524,34 @@ for _name, _test in [("gt", lambda s: s > 0), ("ge", lambda s: s >= 0), ("lt", l
     oracle_op(getattr(aten, _name).Tensor, getattr(aten, _name).Scalar)(_cmp(_test))
 
 
+def _one_plus_tanh(u, wp):
+    """1 + tanh(u) = 2/(1 + exp(-2u)), accurate to wp bits for every u (1 + tanh(-100) would cancel 288 bits)."""
+    return libmp.mpf_div(libmp.from_int(2), libmp.mpf_add(libmp.fone, libmp.mpf_exp(libmp.mpf_neg(libmp.mpf_shift(
+        u, 1)), wp), wp), wp)
+
+
+def _sech_squared(u, wp):
+    """sech(u)^2 = 1 - tanh(u)^2 = 4/(exp(u) + exp(-u))^2, accurate to wp bits for every u."""
+    d = libmp.mpf_add(libmp.mpf_exp(u, wp), libmp.mpf_exp(libmp.mpf_neg(u), wp), wp)
+    return libmp.mpf_div(libmp.from_int(4), libmp.mpf_mul(d, d, wp), wp)
+
+
 @oracle_op(aten.gelu.default)
 def _gelu(ctx, x, *, approximate="none"):
     wp = ctx.wp
     if approximate == "none":
-        def f(r):  # x/2 (1 + erf(x/sqrt 2))
+        def f(r):  # x/2 (1 + erf(x/sqrt 2)) = x/2 erfc(-x/sqrt 2): no cancellation for x << 0 (1 + erf(-16) ~ 1e-117)
             s2 = libmp.mpf_sqrt(libmp.from_int(2), wp + 16)
-            e = libmp.mpf_erf(libmp.mpf_div(r, s2, wp + 16), wp + 16)
-            return libmp.mpf_mul(libmp.mpf_shift(r, -1), libmp.mpf_add(libmp.fone, e, wp + 16), wp, "n")
+            e = libmp.mpf_erfc(libmp.mpf_neg(libmp.mpf_div(r, s2, wp + 16)), wp + 16)
+            return libmp.mpf_mul(libmp.mpf_shift(r, -1), e, wp, "n")
     else:
         c = libmp.from_rational(44715, 1000000, wp + 16)
 
-        def f(r):  # x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        def f(r):  # x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), 1 + tanh(u) = 2/(1 + exp(-2u)) (no cancellation)
             k = libmp.mpf_sqrt(libmp.mpf_div(libmp.from_int(2), libmp.mpf_pi(wp + 16), wp + 16), wp + 16)
             inner = libmp.mpf_mul(k, libmp.mpf_add(r, libmp.mpf_mul(c, libmp.mpf_pow_int(r, 3, wp + 16), wp + 16),
                                                    wp + 16), wp + 16)
-            return libmp.mpf_mul(libmp.mpf_shift(r, -1), libmp.mpf_add(libmp.fone, libmp.mpf_tanh(inner, wp + 16),
-                                                                       wp + 16), wp, "n")
+            return libmp.mpf_mul(libmp.mpf_shift(r, -1), _one_plus_tanh(inner, wp + 16), wp, "n")
     return mpf_map(f, x)
 
 
@@ -548,9 +559,9 @@ def _gelu(ctx, x, *, approximate="none"):
 def _gelu_backward(ctx, g, x, *, approximate="none"):
     wp = ctx.wp + 16
     if approximate == "none":
-        def f(r):  # Phi(x) + x phi(x)
+        def f(r):  # Phi(x) + x phi(x), Phi(x) = erfc(-x/sqrt 2)/2 (no cancellation for x << 0)
             s2 = libmp.mpf_sqrt(libmp.from_int(2), wp)
-            cdf = libmp.mpf_shift(libmp.mpf_add(libmp.fone, libmp.mpf_erf(libmp.mpf_div(r, s2, wp), wp), wp), -1)
+            cdf = libmp.mpf_shift(libmp.mpf_erfc(libmp.mpf_neg(libmp.mpf_div(r, s2, wp)), wp), -1)
             pdf = libmp.mpf_div(libmp.mpf_exp(libmp.mpf_neg(libmp.mpf_shift(libmp.mpf_mul(r, r), -1)), wp),
                                 libmp.mpf_sqrt(libmp.mpf_shift(libmp.mpf_pi(wp), 1), wp), wp)
             return libmp.mpf_add(cdf, libmp.mpf_mul(r, pdf, wp), ctx.wp, "n")
@@ -561,11 +572,10 @@ def _gelu_backward(ctx, g, x, *, approximate="none"):
             k = libmp.mpf_sqrt(libmp.mpf_div(libmp.from_int(2), libmp.mpf_pi(wp), wp), wp)
             x3 = libmp.mpf_pow_int(r, 3, wp)
             u = libmp.mpf_mul(k, libmp.mpf_add(r, libmp.mpf_mul(c, x3, wp), wp), wp)
-            t = libmp.mpf_tanh(u, wp)
             du = libmp.mpf_mul(k, libmp.mpf_add(libmp.fone, libmp.mpf_mul(libmp.mpf_mul(c, libmp.from_int(3), wp),
                                                                            libmp.mpf_mul(r, r, wp), wp), wp), wp)
-            sech2 = libmp.mpf_sub(libmp.fone, libmp.mpf_mul(t, t, wp), wp)
-            left = libmp.mpf_shift(libmp.mpf_add(libmp.fone, t, wp), -1)
+            sech2 = _sech_squared(u, wp)
+            left = libmp.mpf_shift(_one_plus_tanh(u, wp), -1)
             right = libmp.mpf_mul(libmp.mpf_shift(r, -1), libmp.mpf_mul(sech2, du, wp), wp)
             return libmp.mpf_add(left, right, ctx.wp, "n")
     return g * mpf_map(f, x)
