@@ -17,11 +17,13 @@ def test_overhead_smoke(tmp_path):
     )
     data = json.loads(out.read_text())
     assert {"torch", "threads", "rows", "cost_split"} <= set(data)
-    (row,) = data["rows"]
-    assert row["model"] == "mlp-small"
-    for key in ("plain_s", "ball_s", "ratio", "ratio_min", "ratio_max", "peak_bytes_plain", "peak_bytes_ball",
-                "memory_ratio", "repeats", "dtype", "batch"):
-        assert key in row
+    rows = data["rows"]  # one per GEMM bound (ballgrad.gemm_bound), measured first
+    assert [r["gemm_bound"] for r in rows] == ["measured", "a-priori"]
+    for row in rows:
+        assert row["model"] == "mlp-small"
+        for key in ("plain_s", "ball_s", "ratio", "ratio_min", "ratio_max", "peak_bytes_plain", "peak_bytes_ball",
+                    "memory_ratio", "repeats", "dtype", "batch"):
+            assert key in row
     (split,) = data["cost_split"]
     assert split["model"] == "mlp-small"
     assert set(split["fractions"]) == {"mid_kernels", "radius_kernels", "python_dispatch", "outside_rules"}
