@@ -456,3 +456,15 @@ def test_oracle_gelu_far_tails_do_not_cancel(approximate):
             for got, want in ((y.fraction((i,)), val), (g.fraction((i,)), der)):
                 got = mpmath.mpf(got.numerator) / got.denominator
                 assert abs(got - want) <= abs(want) * mpmath.mpf(2) ** -200, (xv, got, want)
+
+
+def test_oracle_gives_up_on_exponent_spans_it_cannot_afford():
+    """Regression (fuzzer, seed 1): exp of a difference near -1e6 next to exp(0) in one softmax made the oracle build
+    million-bit integers and stall for hours. It now raises OracleTooExpensive (check_model: status "unchecked")."""
+    from verification.dyadic import MAX_ALIGN_BITS, OracleTooExpensive
+
+    tiny = Dyadic(np.array([1], dtype=object), -(MAX_ALIGN_BITS + 10))
+    one = Dyadic(np.array([1], dtype=object), 0)
+    with pytest.raises(OracleTooExpensive):
+        tiny + one
+    assert (Dyadic(np.array([1], dtype=object), -1000) + one).fraction((0,)) == 1 + Fraction(1, 2**1000)

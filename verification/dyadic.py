@@ -27,7 +27,21 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("the oracle needs python-flint for exact integer matrix products: pip install python-flint") from exc
 
-__all__ = ["Dyadic", "matmul", "raw_array", "from_raw_array", "mpf_map", "NonFiniteError"]
+__all__ = ["Dyadic", "matmul", "raw_array", "from_raw_array", "mpf_map", "NonFiniteError", "OracleTooExpensive"]
+
+
+MAX_ALIGN_BITS = 1 << 22  # about 4 million bits: a shared exponent wider than this makes every integer that long
+
+
+class OracleTooExpensive(RuntimeError):
+    """Exact values whose exponents differ by more than ``MAX_ALIGN_BITS`` cannot share one exponent at a bounded cost
+    (exp(-1e6) next to exp(0) would need million-bit integers for every element, and a few more ops stall for hours).
+    The oracle gives up on such a graph instead of approximating: callers report it as not checked."""
+
+
+def _check_alignment(bits: int) -> None:
+    if bits > MAX_ALIGN_BITS:
+        raise OracleTooExpensive(f"exact values spanning 2^{bits} (more than 2^{MAX_ALIGN_BITS}) in one tensor")
 
 
 class NonFiniteError(ValueError):
@@ -160,6 +174,7 @@ class Dyadic:
     def align(*xs: "Dyadic"):
         """Integer arrays of ``xs`` at one common exponent (the smallest), and that exponent."""
         e = min(x.e for x in xs)
+        _check_alignment(max(x.e for x in xs) - e)
         return [x.m if x.e == e else x.m << (x.e - e) for x in xs], e
 
     def __add__(self, other):
@@ -302,6 +317,7 @@ def from_raw_array(raws: np.ndarray) -> Dyadic:
     if not finite:
         return Dyadic(np.zeros(raws.shape, dtype=object), 0)
     emin = min(finite)
+    _check_alignment(max(finite) - emin)
     m = np.empty(len(mans), dtype=object)
     m[:] = [v << (x - emin) if x is not None else 0 for v, x in zip(mans, exps)]
     return Dyadic(m.reshape(raws.shape), emin)
