@@ -1206,3 +1206,26 @@ def test_relu_kink_at_exact_zero_preactivation(dtype):
     # (smallest-normal) terms of the sum/mm rules
     tiny = float(torch.finfo(dtype).tiny) * 4
     assert float(model[0].bias.grad.rad[1]) <= tiny and float(model[0].weight.grad.rad[1].max()) <= tiny
+
+
+def test_relu_and_its_backward_gather_path_matches_the_full_size_path():
+    """relu and threshold_backward compute the hull of touching elements on a gathered copy when few touch, with
+    full-size passes otherwise: both paths must give the same radii (each element alone takes the full-size path)."""
+    gen = torch.Generator().manual_seed(3)
+    m = torch.randn(400, generator=gen, dtype=torch.float64)
+    m[::97] = 0.0  # exact zeros (the kink marker) and tiny values that touch
+    m[5::97] = 1e-4
+    r = torch.rand(400, generator=gen, dtype=torch.float64) * 1e-3
+    r[10::50] = 0.0
+    x = bg.ball(m, r)
+    g = bg.ball(torch.randn(400, generator=gen, dtype=torch.float64), torch.rand(400, generator=gen,
+                                                                                  dtype=torch.float64) * 1e-2)
+    y = torch.relu(x)
+    gx = torch.ops.aten.threshold_backward.default(g, y, 0)
+    assert 0 < int(((x.mid <= x.rad) & (-x.mid <= x.rad)).sum()) * 8 < 400  # the gather path ran
+    for i in range(400):
+        xi = bg.ball(m[i:i + 1], r[i:i + 1])
+        yi = torch.relu(xi)
+        gi = torch.ops.aten.threshold_backward.default(bg.ball(g.mid[i:i + 1], g.rad[i:i + 1]), yi, 0)
+        assert torch.equal(yi.rad, y.rad[i:i + 1]) and torch.equal(yi.mid, y.mid[i:i + 1]), i
+        assert torch.equal(gi.rad, gx.rad[i:i + 1]) and torch.equal(gi.mid, gx.mid[i:i + 1]), i

@@ -98,12 +98,15 @@ def _relu_backward_fast(m, grad, s):
     # rG where above, else 0: a multiply by the mask (rG is finite or +inf; an infinite rG with a decided 0 branch
     # would give inf * 0 = NaN -> +inf in ``result``: looser, still sound)
     rad = gr * above if gr is not None else torch.zeros(m.shape, dtype=rd)
-    if bool(touch.any()):  # rare: the hull on the touching elements only
-        abs_g = torch.abs(gm[touch]).to(rd)
+    n_touch = int(touch.sum())
+    if n_touch:  # the hull on the touching elements: gathered when few (usual), full-size passes when many
+        few = 8 * n_touch < touch.numel()
+        pick = (lambda t: t[touch]) if few else (lambda t: t)
+        abs_g = torch.abs(pick(gm)).to(rd)
         if gr is not None:
-            gr_t = gr[touch]
-            abs_g = torch.where(sm[touch] > 0, torch.maximum(abs_g, gr_t), rounding.add_up(abs_g, gr_t))
-        rad = rad.index_put_((touch,), abs_g)
+            gr_t = pick(gr)
+            abs_g = torch.where(pick(sm) > 0, torch.maximum(abs_g, gr_t), rounding.add_up(abs_g, gr_t))
+        rad = rad.index_put_((touch,), abs_g) if few else torch.where(touch, abs_g, rad)
         _emit_kink(touch, m, "saved ball touches the threshold: hull of the one-sided derivatives {0, grad}")
     return result(m, nan_where_not_finite(m, rad))
 

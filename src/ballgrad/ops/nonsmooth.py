@@ -581,10 +581,15 @@ def _relu_fast(m, xm, xr):
     above = xm > xr
     rad = xr * ~below  # (a multiply by the mask is 3x faster than torch.where on CPU; xr >= 0 is finite or +inf,
     touch = ~(below | above)  # and +inf only where the ball touches 0, so inf * 0 never arises)
-    if bool(touch.any()):  # rare: gather the touching elements (hull and marker) instead of full-size passes
-        xm_t, xr_t = xm[touch], xr[touch]
-        hull = torch.where(xm_t < 0, _add_up(xm_t, xr_t), xr_t)
-        rad = rad.index_put_((touch,), torch.clamp_min(hull, rounding.eta(xr.dtype)))
+    n_touch = int(touch.sum())
+    if n_touch:  # gather the touching elements when they are few (usual), full-size passes when they are many
+        if 8 * n_touch < touch.numel():
+            xm_t, xr_t = xm[touch], xr[touch]
+            hull = torch.where(xm_t < 0, _add_up(xm_t, xr_t), xr_t)
+            rad = rad.index_put_((touch,), torch.clamp_min(hull, rounding.eta(xr.dtype)))
+        else:
+            hull = torch.where(xm < 0, _add_up(xm, xr), xr)
+            rad = torch.where(touch, torch.clamp_min(hull, rounding.eta(xr.dtype)), rad)
         if diagnostics.is_recording():
             _emit_kink(touch & ~torch.isnan(xm) & ~torch.isinf(xr), m, "pre-activation ball touches 0 (relu's switch "
                        "point)")
