@@ -215,7 +215,7 @@ def div_down(a, b):
     return torch.clamp_min(down(torch.div(a, b)), 0)
 
 
-def inflate(c: torch.Tensor, n_ops: int) -> torch.Tensor:
+def inflate(c: torch.Tensor, n_ops: int, extra: Fraction | float = 0) -> torch.Tensor:
     """Upper bound for the exact value of a radius expression ``c`` computed in round-to-nearest.
 
     Valid when ``c`` is a sum of terms computed from non-negative floats with at most ``n_ops`` operations, each term
@@ -226,20 +226,21 @@ def inflate(c: torch.Tensor, n_ops: int) -> torch.Tensor:
     exact <= (1+u)^n (c + n eta/2). We return t = fl(fl(c phi) + a) with phi >= (1+u)^n/(1-u)^2 and
     a >= (n+1) eta (1+u)^n/(1-u), both rounded up offline (``_inflation_constants``): fl(c phi) >= c phi (1-u) - eta/2
     (F1) and the addition of non-negative terms loses at most a factor 1-u, so t >= c phi (1-u)^2 + (a - eta/2)(1-u)
-    >= (1+u)^n c + (1+u)^n n eta/2. Two vectorized passes (the second in place), no nextafter. NaN (which only arises
-    from an infinite or NaN input) becomes +inf.
+    >= (1+u)^n c + (1+u)^n n eta/2. An ``extra`` absolute term (>= 0) is folded into a (a >= ... + extra/(1-u)), so
+    the result also bounds exact(c) + extra. Two vectorized passes (the second in place), no nextafter. NaN (which
+    only arises from an infinite or NaN input) becomes +inf.
     """
-    phi, a = _inflation_constants(n_ops, c.dtype)
+    phi, a = _inflation_constants(n_ops, c.dtype, Fraction(extra))
     return torch.mul(c, phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
 @functools.lru_cache(maxsize=1024)
-def _inflation_constants(n_ops: int, dtype: torch.dtype) -> tuple[float, float]:
-    """(phi, a) of ``inflate``: phi >= (1+u)^n/(1-u)^2, a >= (n+1) eta (1+u)^n/(1-u) (at least realmin)."""
+def _inflation_constants(n_ops: int, dtype: torch.dtype, extra: Fraction = Fraction(0)) -> tuple[float, float]:
+    """(phi, a) of ``inflate``: phi >= (1+u)^n/(1-u)^2, a >= ((n+1) eta (1+u)^n + extra)/(1-u) (at least realmin)."""
     u = unit_roundoff_exact(dtype)
     grow = (1 + u) ** n_ops
     return (round_up_float(grow / (1 - u) ** 2, dtype),
-            absolute_term((n_ops + 1) * Fraction(eta(dtype)) * grow / (1 - u), dtype))
+            absolute_term(((n_ops + 1) * Fraction(eta(dtype)) * grow + extra) / (1 - u), dtype))
 
 
 def clean_rad(r: torch.Tensor) -> torch.Tensor:

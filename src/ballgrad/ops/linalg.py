@@ -100,7 +100,7 @@ import torch
 
 from ballgrad import guard, rounding
 from ballgrad.ops.common import mid_of as _mid
-from ballgrad.ops.common import operand, result
+from ballgrad.ops.common import nan_where_not_finite, operand, result
 from ballgrad.ops.registry import rule
 
 aten = torch.ops.aten
@@ -321,6 +321,87 @@ def _propagation_bound(plain, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: tor
     return prop.to(_F64)
 
 
+# -- the measured radius, combined in float32 (no float64 passes over the output beyond the residual) --------------
+
+_U64 = rounding.unit_roundoff_exact(_F64)
+_ETA32 = Fraction(rounding.eta(torch.float32))
+_RESIDUAL_FACTOR = rounding.round_up_float(1 / ((1 - _U32) * (1 - _U64)), torch.float32)
+
+
+def _residual32(m: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """e (float32) with |m - reference| <= (e + eta32/2)/((1 - u32)(1 - u64)): the float64 difference (m widened
+    exactly; one rounding, relative u64) then one round-to-nearest conversion to float32 (relative u32, or an absolute
+    eta32/2 below realmin; an overflow gives +inf). Three passes; the caller scales by ``_RESIDUAL_FACTOR`` and adds
+    the eta32/2 term to its absolute constant."""
+    return torch.sub(m, reference).abs_().to(torch.float32)
+
+
+def _row_col_bounds(ma: torch.Tensor, mb: torch.Tensor, k: int, b_dim: int, scale: Fraction):
+    """(rows, cols), float32, broadcasting to the output, with scale (|mA||mB|)_il <= rows_i cols_l exactly:
+    rows_i >= scale sum_j |mA_ij| (float64 sum of exact terms, F3 via theta_k, then scaled and rounded up: vectors,
+    so nextafter is cheap here) and cols_l = max_j |mB_jl| (exact). None when k == 0 (the product is exactly 0)."""
+    if k == 0:
+        return None
+    th = rounding.round_up_float(rounding.theta(k, _U64) * scale, _F64)
+    rows = rounding.to_dtype_up(rounding.up(torch.mul(torch.sum(torch.abs(ma), dim=-1, dtype=_F64), th)),
+                                torch.float32)
+    cols = torch.amax(torch.abs(mb), dim=b_dim).to(torch.float32)
+    if ma.dim() >= 2 and mb.dim() >= 2:
+        return rows.unsqueeze(-1), cols.unsqueeze(-2)
+    return rows, cols
+
+
+def _propagation_gemm(plain, ma, ra, mb, rb, k: int, b_dim: int):
+    """(s, n) with |mA| rB + rA |mB| + rA rB <= theta_n (s + n eta32) (F3 for one non-negative float32 GEMM of inner
+    dimension n), or None when both operands are points. Float32 radii only (``work_dtype`` float32)."""
+    a_point, b_point = _is_point(ra), _is_point(rb)
+    if a_point and b_point:
+        return None
+    n = k if (a_point or b_point) else 2 * k
+    f32 = torch.float32
+    abs_ma, abs_mb = torch.abs(ma).to(f32), torch.abs(mb).to(f32)
+    if a_point:
+        return plain(abs_ma, rb.to(f32).expand(abs_mb.shape)), n
+    if b_point:
+        return plain(ra.to(f32).expand(abs_ma.shape), abs_mb), n
+    left = torch.cat([abs_ma, ra.to(f32).expand(abs_ma.shape)], dim=-1)
+    right = torch.cat([rb.to(f32).expand(abs_mb.shape), rounding.up(abs_mb.add_(rb))], dim=b_dim)  # >= |mB| + rB
+    return plain(left, right), n
+
+
+def _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=1.0, bias_terms=()):
+    """Float32 upper bound of |m - R| + g64 |alpha| |mA||mB| + a64 + |alpha| (|mA| rB + rA |mB| + rA rB) + sum of
+    ``bias_terms`` (pairs (t, c): c t with t >= 0 float32 exact, c a Fraction), where R is the float64 reference.
+
+    t = e C_e + s C_s + rows cols + sum t_j C_j + A with e = ``_residual32``, (s, n) = ``_propagation_gemm``, rows and
+    cols from ``_row_col_bounds`` (scale g64 |alpha|), constants rounded up: C_e >= 1/((1 - u32)(1 - u64)),
+    C_s >= |alpha| theta_n, C_j >= c_j, and the absolute A = eta32/2 C_e + a64 + |alpha| theta_n n eta32 passed to
+    ``inflate`` as its ``extra``. Every term of t is a product of two non-negative floats, so ``inflate(t, n_ops,
+    extra=A)`` (its lemma) bounds the rounding of t's evaluation plus A: n_ops counts the first multiplication and
+    one multiplication and one addition per further term. The result is >= the exact bound term by term."""
+    f32 = torch.float32
+    t = _residual32(m, reference)
+    t = t.expand(m.shape).clone() if t.shape != m.shape else t
+    t.mul_(_RESIDUAL_FACTOR)
+    absolute = _ETA32 / 2 * Fraction(_RESIDUAL_FACTOR) + a64
+    n_ops = 1
+    prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim) if k > 0 and alpha != 0 else None
+    if prop is not None:
+        s, n = prop
+        th = rounding.theta(n, _U32) * abs(Fraction(alpha))
+        t.add_(s, alpha=rounding.round_up_float(th, f32))
+        absolute += th * n * _ETA32
+        n_ops += 2
+    bounds = _row_col_bounds(ma, mb, k, b_dim, g64 * abs(Fraction(alpha))) if alpha != 0 else None
+    if bounds is not None:
+        t.addcmul_(*bounds)
+        n_ops += 2
+    for term, coef in bias_terms:
+        t.add_(term.to(f32), alpha=rounding.round_up_float(coef, f32))
+        n_ops += 2
+    return rounding.inflate(t, n_ops, extra=absolute)
+
+
 def _finite_only(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
     """+inf where the midpoint is not finite (an overflowed or NaN result carries no information)."""
     # rad + 0*m: exactly rad (>= 0) where m is finite (0*m = ±0), NaN where m is ±inf or NaN, and the NaN becomes +inf
@@ -377,6 +458,10 @@ def gemm(func, a, b):
     plain = _PLAIN_GEMM[func]
     if _measures(m, k):
         reference = plain(ma.to(_F64), mb.to(_F64))
+        g64, a64 = _mid_error(k, _F64)
+        if rounding.work_dtype(rd, 2 * k) == torch.float32:
+            rad = _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64)
+            return result(m, nan_where_not_finite(m, rad))
         rad = _checked_bracket(plain, m, ma, ra, mb, rb, k, b_dim, rd, reference)
         return result(m, _finite_only(m, rounding.clean_rad(rad)))
     g, abs_err = _mid_error(k, m.dtype)
@@ -464,6 +549,20 @@ def _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd):
     plain = _PLAIN_GEMM[func]
     ma64, mb64 = ma.to(_F64), mb.to(_F64)
     g64, a64 = _mid_error(k + 2, _F64)
+    if rounding.work_dtype(rd, 2 * k) == torch.float32:
+        bias_terms = []
+        if beta_f != 0:
+            mc, rc = operand(bias, m.dtype)
+            rc = _daz_radius(mc, rc, m.dtype)
+            mc64 = mc.to(_F64)
+            reference = (func(mc64, ma64, mb64, beta=beta_f, alpha=alpha_f) if (alpha_f != 0 and k > 0)
+                         else mc64 * beta_f)
+            bias_terms = [(rc, abs(Fraction(beta_f))), (torch.abs(mc), g64 * abs(Fraction(beta_f)))]
+        else:
+            reference = plain(ma64, mb64) * alpha_f if (alpha_f != 0 and k > 0) else torch.zeros_like(m, dtype=_F64)
+        rad = _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64,
+                                   alpha=alpha_f if k > 0 else 0.0, bias_terms=bias_terms)
+        return nan_where_not_finite(m, rad)
     terms = torch.zeros((), dtype=_F64)
     if beta_f != 0:
         mc, rc = operand(bias, m.dtype)
