@@ -89,8 +89,14 @@ def result(mid: torch.Tensor, rad: torch.Tensor) -> BallTensor:
 def nan_where_not_finite(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
     """rad + 0*m: exactly rad (>= 0) where m is finite (0*m = ±0), NaN where m is ±inf or NaN, which ``result`` turns
     into +inf (a non-finite midpoint carries no information). Two vectorized passes instead of isfinite's four and a
-    where."""
+    where. (A 0-d radius is expanded first: a 0-d float64 would otherwise be demoted to a dimensioned m's dtype.)"""
+    rad = rad.expand(m.shape) if rad.dim() == 0 and m.dim() > 0 else rad
     return torch.add(rad, torch.mul(m, 0))
+
+
+def finite_only(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
+    """``rad`` with +inf where the midpoint is not finite (``nan_where_not_finite``, then NaN -> +inf)."""
+    return rounding.clean_rad(nan_where_not_finite(m, rad))
 
 
 def infinite_where(rad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,7 @@ import torch
 
 from ballgrad import guard, rounding
 from ballgrad.ops.common import mid_of as _mid
+from ballgrad.ops.common import finite_only as _finite_only
 from ballgrad.ops.common import nan_where_not_finite, operand, result
 from ballgrad.ops.registry import rule
 
@@ -297,28 +298,17 @@ def _checked_bracket(plain, m, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: to
 
 
 def _propagation_bound(plain, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: torch.dtype) -> torch.Tensor | None:
-    """Upper bound (float64) of |mA| rB + rA |mB| + rA rB (one non-negative GEMM in the radius dtype, F3 via theta_n),
-    or None when both operands are points (the bound is 0)."""
-    a_point, b_point = _is_point(ra), _is_point(rb)
-    if a_point and b_point:
+    """Upper bound (float64) of |mA| rB + rA |mB| + rA rB: ``_propagation_gemm``'s theta_n (s + n eta), rounded up
+    (F2), or None when both operands are points (the bound is 0)."""
+    prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim, rad_dtype)
+    if prop is None:
         return None
-    n = k if (a_point or b_point) else 2 * k
-    wd = rounding.work_dtype(rad_dtype, n)
-    u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
-    th = rounding.theta(n, u)
-    abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
-    ra, rb = ra.to(wd), rb.to(wd)
-    if a_point:
-        s = plain(abs_ma, rb.expand(abs_mb.shape))
-    elif b_point:
-        s = plain(ra.expand(abs_ma.shape), abs_mb)
-    else:
-        left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
-        right = torch.cat([rb.expand(abs_mb.shape), rounding.up(torch.add(abs_mb, rb))], dim=b_dim)
-        s = plain(left, right)
-    prop = rounding.up(torch.add(rounding.up(torch.mul(s, rounding.round_up_float(th, wd))),
-                                 rounding.absolute_term(th * n * eta, wd)))
-    return prop.to(_F64)
+    s, n = prop
+    wd = s.dtype
+    th = rounding.theta(n, rounding.unit_roundoff_exact(wd))
+    bound = rounding.up(torch.add(rounding.up(torch.mul(s, rounding.round_up_float(th, wd))),
+                                  rounding.absolute_term(th * n * Fraction(rounding.eta(wd)), wd)))
+    return bound.to(_F64)
 
 
 # -- the measured radius, combined in float32 (no float64 passes over the output beyond the residual) --------------
@@ -351,21 +341,22 @@ def _row_col_bounds(ma: torch.Tensor, mb: torch.Tensor, k: int, b_dim: int, scal
     return rows, cols
 
 
-def _propagation_gemm(plain, ma, ra, mb, rb, k: int, b_dim: int):
-    """(s, n) with |mA| rB + rA |mB| + rA rB <= theta_n (s + n eta32) (F3 for one non-negative float32 GEMM of inner
-    dimension n), or None when both operands are points. Float32 radii only (``work_dtype`` float32)."""
+def _propagation_gemm(plain, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: torch.dtype = torch.float32):
+    """(s, n) with |mA| rB + rA |mB| + rA rB <= theta_n (s + n eta) (F3 for one non-negative GEMM of inner dimension
+    n in ``work_dtype(rad_dtype, n)``, s's dtype), or None when both operands are points."""
     a_point, b_point = _is_point(ra), _is_point(rb)
     if a_point and b_point:
         return None
     n = k if (a_point or b_point) else 2 * k
-    f32 = torch.float32
-    abs_ma, abs_mb = torch.abs(ma).to(f32), torch.abs(mb).to(f32)
+    wd = rounding.work_dtype(rad_dtype, n)
+    abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
+    ra, rb = ra.to(wd), rb.to(wd)
     if a_point:
-        return plain(abs_ma, rb.to(f32).expand(abs_mb.shape)), n
+        return plain(abs_ma, rb.expand(abs_mb.shape)), n
     if b_point:
-        return plain(ra.to(f32).expand(abs_ma.shape), abs_mb), n
-    left = torch.cat([abs_ma, ra.to(f32).expand(abs_ma.shape)], dim=-1)
-    right = torch.cat([rb.to(f32).expand(abs_mb.shape), rounding.up(abs_mb.add_(rb))], dim=b_dim)  # >= |mB| + rB
+        return plain(ra.expand(abs_ma.shape), abs_mb), n
+    left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
+    right = torch.cat([rb.expand(abs_mb.shape), rounding.up(abs_mb.add_(rb))], dim=b_dim)  # >= |mB| + rB
     return plain(left, right), n
 
 
@@ -400,15 +391,6 @@ def _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64
         t.add_(term.to(f32), alpha=rounding.round_up_float(coef, f32))
         n_ops += 2
     return rounding.inflate(t, n_ops, extra=absolute)
-
-
-def _finite_only(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
-    """+inf where the midpoint is not finite (an overflowed or NaN result carries no information)."""
-    # rad + 0*m: exactly rad (>= 0) where m is finite (0*m = ±0), NaN where m is ±inf or NaN, and the NaN becomes +inf
-    # in clean_rad. Two vectorized passes instead of isfinite's four, a full_like and a where.
-    # (A 0-d radius is expanded first: a 0-d float64 would otherwise be demoted to a dimensioned m's dtype.)
-    rad = rad.expand(m.shape) if rad.dim() == 0 and m.dim() > 0 else rad
-    return rounding.clean_rad(torch.add(rad, torch.mul(m, 0)))
 
 
 def _check_fp32_gemm_precision() -> None:

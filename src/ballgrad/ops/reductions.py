@@ -31,6 +31,7 @@ import torch
 from ballgrad import diagnostics, rounding
 from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops import arith
+from ballgrad.ops.common import finite_only as _finite_only
 from ballgrad.ops.common import operand, recentre, result
 from ballgrad.rounding import growth, inflate, theta, work_dtype
 from ballgrad.ops.registry import current_op, rule
@@ -62,15 +63,6 @@ def _count(shape, dims) -> int:
     for d in dims:
         n *= shape[d] if len(shape) else 1
     return n
-
-
-def _finite_only(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
-    """+inf where the midpoint is not finite."""
-    # rad + 0*m: exactly rad (>= 0) where m is finite (0*m = ±0), NaN where m is ±inf or NaN, and the NaN becomes +inf
-    # in clean_rad. Two vectorized passes instead of isfinite's four, a full_like and a where.
-    # (A 0-d radius is expanded first: a 0-d float64 would otherwise be demoted to a dimensioned m's dtype.)
-    rad = rad.expand(m.shape) if rad.dim() == 0 and m.dim() > 0 else rad
-    return rounding.clean_rad(torch.add(rad, torch.mul(m, 0)))
 
 
 def _up(value: Fraction, dtype: torch.dtype) -> float:
