@@ -1,4 +1,4 @@
-"""CNN rules: convolution (+ backward), batch norm (+ backward), max/avg/adaptive pooling, nearest upsampling
+"""CNN rules: convolution (+ backward), max/avg/adaptive pooling, nearest upsampling
 (DESIGN.md §2 F3/F4, §4 "fused kernels" and "kinks"; issue 5).
 
 **Convolutions are GEMMs** (``convolution``, ``convolution_backward``). Every output element of a convolution, and
@@ -31,25 +31,7 @@ lowered oneDNN float32 conv precision (``torch.backends.mkldnn.conv.fp32_precisi
 (cuDNN chooses FFT/Winograd algorithms at will). oneDNN convolutions are called by PyTorch with
 ``algorithm::convolution_direct``.
 
-**Batch norm** (``native_batch_norm`` and the ``_native_batch_norm_legit*`` forms, ``native_batch_norm_backward``)
-is a fused kernel, bounded from primitives: the arguments are widened exactly to float64 balls and the op's
-real-number formula is evaluated with ball rules (mean and biased variance through the ``var_mean`` rule, which
-keeps the dependency between x and its mean; the variance ball clipped at 0; ``rsqrt``; sub/mul/add with the
-channel broadcast), then every output is re-centred on the kernel's own midpoint (``common.recentre``: radius =
-enclosure radius + |mid - centre|, so the kernel's summation order, opmath and fused affine need no model).
-
-*Running statistics* (training mode, the in-place forms): the kernel updates the buffers it is given, which are the
-buffers' midpoints, so ``running_mean``/``running_var`` midpoints stay bit-identical to plain PyTorch.
-- Ball buffers (``ballify(model, buffers=True)``): their radii are updated in place with ball arithmetic,
-  new = (1 - momentum) old + momentum * stat (momentum and 1 - momentum exact, the unbiased variance as
-  var * n / (n - 1)), re-centred on the kernel's new midpoint; the BallTensor objects, their ``mid`` and ``rad``
-  storages (and any views of them) are kept.
-- Plain buffers: updated with the midpoints' statistics exactly as plain PyTorch does, and they carry no radius:
-  running statistics are then NOT certified. Nothing false is recorded -- no output of the op depends on them in
-  training mode, and in eval mode the (plain) buffers are used as the exact constants they are, so eval outputs are
-  certified *relative to the stored statistics*.
-``_native_batch_norm_legit_functional`` returns the new statistics as outputs: they are always balls (old plain
-statistics count as exact points).
+**Batch norm** lives in ``normalization`` (with layer norm).
 
 **Max pooling** (``max_pool2d/3d_with_indices`` and backward; max_pool1d reaches the 2-d op). The value is a max
 over the window: monotone in every element, so with outward end points lo <= x <= hi the exact value lies in
@@ -86,10 +68,10 @@ import torch.nn.functional as F
 from ballgrad import diagnostics, rounding
 from ballgrad.errors import NumericsGuardError, UnsupportedOpError
 from ballgrad.ops.common import mid_of as _mid
-from ballgrad.ops.common import operand, recentre, result
+from ballgrad.ops.common import operand, result
 from ballgrad.ops.linalg import _check_fp32_gemm_precision, _daz_radius, _finite_only, _is_point, _mid_error
 from ballgrad.ops.nonsmooth import _abs_diff_up
-from ballgrad.ops.reductions import _from_bounds, _sum_up
+from ballgrad.ops.reductions import _sum_up
 from ballgrad.ops.registry import current_op, rule
 from ballgrad.tensor import BallTensor
 
@@ -114,6 +96,11 @@ def _conv_precision():
         return torch.backends.mkldnn.conv.fp32_precision
     except AttributeError:
         return None
+
+
+def _check_float_input(func, x):
+    if isinstance(x, BallTensor) and not x.is_floating_point():
+        raise UnsupportedOpError(func, "bool (comparison) balls are not numeric")
 
 
 def _check_conv(x, w, bias, stride, padding, dilation, transposed, output_padding, groups, *, backward=False):
@@ -343,191 +330,6 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
         s = _sum_up(t, dims, False, n)
         rad = rounding.up(torch.add(s, rounding.absolute_term(abs_err, s.dtype)))
         balls[2] = result(gb_m, _finite_only(gb_m, rounding.clean_rad(rad).reshape(gb_m.shape)))
-    return tuple(balls)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Batch norm
-
-
-def _wide(x):
-    """An argument as a float64 ball (exact widening; a plain tensor is an exact point), or None. Copies, so that
-    later in-place updates of the argument do not reach it."""
-    if x is None:
-        return None
-    if isinstance(x, BallTensor):
-        m = x.mid.detach().to(_F64, copy=True)
-        r = x.rad.to(_F64, copy=True)
-        return BallTensor(m, r.expand(m.shape).contiguous() if r.shape != m.shape else r)
-    m = x.detach().to(_F64, copy=True)
-    return BallTensor(m, torch.zeros_like(m))
-
-
-def _per_channel(v: BallTensor, ndim: int) -> BallTensor:
-    return v.reshape(_channel_shape(ndim))
-
-
-def _bn_dims(ndim: int) -> list[int]:
-    return [0] + list(range(2, ndim))
-
-
-def _bn_statistics(xb: BallTensor, eps: float):
-    """(mean, var, invstd) enclosures (float64, keepdim) of the batch statistics of every x in the ball: mean and
-    biased variance by the ``var_mean`` rule, the variance ball clipped at 0 (var >= 0), invstd = rsqrt(var + eps)."""
-    var, mean = torch.var_mean(xb, _bn_dims(xb.dim()), correction=0, keepdim=True)
-    var = _from_bounds(torch.clamp_min(var.lower(), 0), var.upper())
-    return mean, var, torch.rsqrt(var + eps)
-
-
-def _normalise(xb: BallTensor, mean: BallTensor, invstd: BallTensor, weight, bias) -> BallTensor:
-    """(x - mean) * (invstd * w) + b, the per-channel factor formed first (three full-size ball ops)."""
-    scale = invstd if weight is None else invstd * _per_channel(_wide(weight), xb.dim())
-    y = (xb - mean) * scale
-    return y if bias is None else y + _per_channel(_wide(bias), xb.dim())
-
-
-def _recentre_flat(m: torch.Tensor, enclosure: BallTensor) -> BallTensor:
-    return recentre(m, BallTensor(enclosure.mid.reshape(m.shape), enclosure.rad.reshape(m.shape)))
-
-
-def _running_update(old: BallTensor, stat: BallTensor, momentum: float) -> BallTensor:
-    """(1 - momentum) old + momentum stat, with 1 - momentum enclosed exactly (the double momentum is exact)."""
-    one = BallTensor(torch.ones((), dtype=_F64, device=old.device), torch.zeros((), dtype=_F64, device=old.device))
-    return old * (one - momentum) + stat * momentum
-
-
-def _bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum, eps, old_stats=None):
-    """Balls for (out, save_mean, save_invstd[, new_running_mean, new_running_var]) given the kernel's outputs
-    ``outs``; ``old_stats`` = the running statistics as float64 balls before the kernel updated them."""
-    out_m, mean_m, invstd_m = outs[:3]
-    xb = _wide(x)
-    c = x.shape[1]
-    if training:
-        mean, var, invstd = _bn_statistics(xb, eps)
-        y = _normalise(xb, mean, invstd, weight, bias)
-    else:
-        rm, rv = _per_channel(_wide(running_mean), x.dim()), _per_channel(_wide(running_var), x.dim())
-        y = _normalise(xb, rm, torch.rsqrt(rv + eps), weight, bias)
-    balls = [recentre(out_m, y)]
-    if training:
-        balls += [_recentre_flat(mean_m, mean), _recentre_flat(invstd_m, invstd)]
-    else:  # eval: the kernel returns empty saved statistics
-        balls += [result(m_, torch.zeros(m_.shape, device=m_.device)) for m_ in (mean_m, invstd_m)]
-    if old_stats is None:
-        return balls
-    old_mean, old_var = old_stats
-    if training:
-        n = xb.numel() // max(c, 1)
-        unbiased = var.reshape(c) * float(n) / float(n - 1)
-        new_stats = [_running_update(old_mean, mean.reshape(c), momentum) if old_mean is not None else None,
-                     _running_update(old_var, unbiased, momentum) if old_var is not None else None]
-    else:
-        new_stats = [old_mean, old_var]
-    return balls, new_stats
-
-
-def _snapshot(running_mean, running_var, training):
-    """The running statistics as float64 balls before the kernel updates them (training mode only)."""
-    if not training:
-        return None
-    return _wide(running_mean), _wide(running_var)
-
-
-def _store_running(buffer, new_mid_holder: torch.Tensor, enclosure: BallTensor | None) -> None:
-    """Ball buffer: rad <- radius of the enclosure re-centred on the kernel's new midpoint (already in buffer.mid)."""
-    if isinstance(buffer, BallTensor) and enclosure is not None:
-        buffer.rad.copy_(recentre(new_mid_holder, enclosure).rad.expand(buffer.rad.shape))
-
-
-def _check_float_input(func, x):
-    if isinstance(x, BallTensor) and not x.is_floating_point():
-        raise UnsupportedOpError(func, "bool (comparison) balls are not numeric")
-
-
-@rule(aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
-def native_batch_norm(func, x, weight, bias, running_mean, running_var, training, momentum, eps):
-    """(out, save_mean, save_invstd): bounded from primitives and re-centred (module docstring). Training mode with
-    running statistics: the kernel updates the buffers' midpoints in place; ball buffers get their radii updated in
-    place (ball arithmetic, unbiased variance), plain buffers are updated as plain PyTorch does (not certified)."""
-    _check_float_input(func, x)
-    old = _snapshot(running_mean, running_var, training)
-    outs = func(_mid(x), _mid(weight), _mid(bias), _mid(running_mean), _mid(running_var), training, momentum, eps)
-    if old is None:
-        return tuple(_bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum, eps))
-    balls, (new_mean, new_var) = _bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum,
-                                             eps, old)
-    if isinstance(running_mean, BallTensor):
-        _store_running(running_mean, running_mean.mid, new_mean)
-    if isinstance(running_var, BallTensor):
-        _store_running(running_var, running_var.mid, new_var)
-    return tuple(balls)
-
-
-@rule(aten._native_batch_norm_legit.no_stats)
-def native_batch_norm_no_stats(func, x, weight, bias, training, momentum, eps):
-    """Batch norm without running statistics: as ``native_batch_norm``."""
-    _check_float_input(func, x)
-    outs = func(_mid(x), _mid(weight), _mid(bias), training, momentum, eps)
-    return tuple(_bn_forward(outs, x, weight, bias, None, None, training, momentum, eps))
-
-
-@rule(aten._native_batch_norm_legit_no_training.default)
-def native_batch_norm_no_training(func, x, weight, bias, running_mean, running_var, momentum, eps):
-    """Eval-mode batch norm: (x - running_mean) rsqrt(running_var + eps) w + b, re-centred."""
-    _check_float_input(func, x)
-    outs = func(_mid(x), _mid(weight), _mid(bias), _mid(running_mean), _mid(running_var), momentum, eps)
-    return tuple(_bn_forward(outs, x, weight, bias, running_mean, running_var, False, momentum, eps))
-
-
-@rule(aten._native_batch_norm_legit_functional.default)
-def native_batch_norm_functional(func, x, weight, bias, running_mean, running_var, training, momentum, eps):
-    """Functional form: (out, save_mean, save_invstd, new_running_mean, new_running_var); the new statistics are
-    balls (ball arithmetic from the old ones, plain old statistics being exact points), re-centred on the kernel's."""
-    _check_float_input(func, x)
-    old = (_wide(running_mean), _wide(running_var))
-    outs = func(_mid(x), _mid(weight), _mid(bias), _mid(running_mean), _mid(running_var), training, momentum, eps)
-    balls, new_stats = _bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum, eps, old)
-    return tuple(balls) + tuple(_recentre_flat(m, enc) for m, enc in zip(outs[3:], new_stats))
-
-
-@rule(aten.native_batch_norm_backward.default)
-def native_batch_norm_backward(func, grad_out, x, weight, running_mean, running_var, save_mean, save_invstd, train,
-                               eps, output_mask):
-    """(grad_input, grad_weight, grad_bias) of batch norm, the kernel's formula evaluated with ball rules in float64
-    and re-centred. With d = x - mean, S = sum gy, D = sum gy d over N and the spatial dims (n elements):
-    training (mean, invstd = the saved statistics, balls containing the exact batch statistics):
-        grad_input = (gy - S/n - d D invstd^2/n) invstd w,  grad_weight = D invstd,  grad_bias = S;
-    eval (mean = running_mean, invstd = rsqrt(running_var + eps)): grad_input = gy invstd w, the others as above.
-    Any point of the argument balls (the exact x with its exact statistics among them) gives a value inside."""
-    _check_float_input(func, x)
-    gx_m, gw_m, gb_m = func(_mid(grad_out), _mid(x), _mid(weight), _mid(running_mean), _mid(running_var),
-                            _mid(save_mean), _mid(save_invstd), train, eps, output_mask)
-    nd = x.dim()
-    dims = _bn_dims(nd)
-    gy, xb = _wide(grad_out), _wide(x)
-    c = x.shape[1]
-    n = xb.numel() // max(c, 1)
-    if train:
-        mean, invstd = _per_channel(_wide(save_mean), nd), _per_channel(_wide(save_invstd), nd)
-    else:
-        mean = _per_channel(_wide(running_mean), nd)
-        invstd = torch.rsqrt(_per_channel(_wide(running_var), nd) + eps)
-    need_dot = gw_m is not None or (train and gx_m is not None)
-    d = xb - mean if need_dot else None
-    dot = torch.sum(gy * d, dims, keepdim=True) if need_dot else None
-    s = torch.sum(gy, dims, keepdim=True) if (gb_m is not None or (train and gx_m is not None)) else None
-    balls = [None, None, None]
-    if gx_m is not None:
-        scale = invstd if weight is None else invstd * _per_channel(_wide(weight), nd)
-        if train:
-            gx = (gy - s / float(n) - d * (dot * invstd * invstd / float(n))) * scale
-        else:
-            gx = gy * scale
-        balls[0] = recentre(gx_m, gx)
-    if gw_m is not None:
-        balls[1] = _recentre_flat(gw_m, dot * invstd)
-    if gb_m is not None:
-        balls[2] = _recentre_flat(gb_m, s)
     return tuple(balls)
 
 

@@ -1,7 +1,9 @@
-"""Transformer rules: layer norm, embedding, fused CPU attention, safe softmax, dropout (DESIGN.md §2 "fused kernels",
+"""Transformer rules: embedding, fused CPU attention, safe softmax, dropout (DESIGN.md §2 "fused kernels",
 §4).
 
-The fused kernels (``native_layer_norm``, ``_scaled_dot_product_flash_attention_for_cpu`` and their backward ops) are
+(Layer norm, which transformers reach as ``native_layer_norm``/``_backward``, is in ``normalization`` with batch norm.)
+
+The fused kernels (``_scaled_dot_product_flash_attention_for_cpu`` and its backward op) are
 not bounded as black boxes. Each rule computes its midpoints with the fused kernel itself (bit-identical to plain
 PyTorch), encloses the exact real result by composing ball rules on float64 balls (the inputs widened exactly: every
 supported dtype is a subset of float64), and re-centres each output on the kernel's midpoint (``common.recentre``:
@@ -33,6 +35,7 @@ from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import mids, recentre, result
 from ballgrad.ops.linalg import _mid_error
+from ballgrad.ops.normalization import layer_norm_enclosure
 from ballgrad.ops.registry import RULES, rule
 from ballgrad.tensor import BallTensor
 
@@ -129,80 +132,6 @@ def _finish(mid: torch.Tensor | None, enclosure: BallTensor):
         return None
     enclosure = BallTensor(enclosure.mid.reshape(mid.shape), enclosure.rad.reshape(mid.shape))
     return recentre(mid, enclosure)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Layer norm
-
-
-def _layer_norm_enclosure(xb: BallTensor, k: int, weight, bias, eps: float):
-    """(y, mu, rstd) float64 balls of layer norm over the last ``k`` dims of the float64 ball ``xb``; see
-    ``native_layer_norm``."""
-    axes = list(range(xb.dim() - k, xb.dim()))
-    mu = torch.mean(xb, dim=axes, keepdim=True)
-    var = torch.var(xb, dim=axes, correction=0, keepdim=True)
-    var = _hull(torch.clamp_min(var.lower(), 0), var.upper())
-    rs = torch.rsqrt(var + float(eps))
-    y = (xb - mu) * rs
-    if weight is not None:
-        y = y * _ball64(weight)
-    if bias is not None:
-        y = y + _ball64(bias)
-    return y, mu, rs
-
-
-@rule(aten.native_layer_norm.default)
-def native_layer_norm(func, x, normalized_shape, weight, bias, eps):
-    """(out, mean, rstd) over the last ``len(normalized_shape)`` dims: out = (x - mu) * rstd * w + b with
-    mu = mean(x), rstd = 1/sqrt(var(x) + eps), var the biased variance; eps is an exact double.
-
-    Enclosure from primitives, in float64 balls (``_layer_norm_enclosure``): mu by the ``mean`` rule; var by the
-    ``var`` rule (correction 0), whose perturbation bound keeps the dependency between x and its mean
-    (|var(x) - var(m)| <= (2 sum|d_i| r_i + sum r_i^2) / n, reductions.py), clipped at 0 (an exact variance is >= 0,
-    so eps alone bounds rstd for constant rows); rstd by the monotone ``rsqrt`` rule on var + eps; then sub, mul, add.
-    Each output is re-centred on the kernel's.
-    """
-    out, mean, rstd = func(_mid(x), normalized_shape, _mid(weight), _mid(bias), eps)
-    y, mu, rs = _layer_norm_enclosure(_ball64(x), len(normalized_shape), weight, bias, eps)
-    return _finish(out, y), _finish(mean, mu), _finish(rstd, rs)
-
-
-@rule(aten.native_layer_norm_backward.default)
-def native_layer_norm_backward(func, grad_out, x, normalized_shape, mean, rstd, weight, bias, output_mask):
-    """(grad_input, grad_weight, grad_bias) of layer norm, from the formula the kernel implements (any algebraic form
-    of it: PyTorch's a*g + b*x + c expands to this identically, with no use of sum(xhat) = 0):
-
-        xhat = (x - mu) * rstd,  g = grad_out * w,  n = numel(normalized_shape)
-        grad_input  = rstd / n * (n g - sum(g) - xhat * sum(g xhat))      (sums over the normalized dims)
-        grad_weight = sum over the leading dims of grad_out * xhat;   grad_bias = the same sum of grad_out.
-
-    ``mean`` and ``rstd`` are inputs of the op (the saved forward balls, containing the exact forward values). For mu
-    we use the hull of the ``mean`` ball and the mean of x recomputed by the ``mean`` rule, so the enclosure holds
-    whether the exact gradient is read with the saved mean or with the exact mean of x. Ball rules in float64, each
-    output re-centred on the kernel's.
-    """
-    outs = func(*mids((grad_out, x, normalized_shape, mean, rstd, weight, bias, output_mask)))
-    k = len(normalized_shape)
-    axes = list(range(x.dim() - k, x.dim()))
-    lead = list(range(x.dim() - k))
-    n = math.prod(int(s) for s in normalized_shape)
-    gy, xb = _ball64(grad_out), _ball64(x)
-    stat_shape = tuple(x.shape[:x.dim() - k]) + (1,) * k
-    mu = _hull_of(_reshaped(_ball64(mean), stat_shape), torch.mean(xb, dim=axes, keepdim=True))
-    rs = _reshaped(_ball64(rstd), stat_shape)
-    xhat = (xb - mu) * rs
-    g = gy * _ball64(weight) if weight is not None else gy
-    gx = gw = gb = None
-    if outs[0] is not None:
-        sum_g = torch.sum(g, dim=axes, keepdim=True)
-        sum_gx = torch.sum(g * xhat, dim=axes, keepdim=True)
-        gx = _finish(outs[0], (rs / n) * (g * n - sum_g - xhat * sum_gx))
-    if outs[1] is not None:
-        prod = gy * xhat
-        gw = _finish(outs[1], torch.sum(prod, dim=lead) if lead else prod)
-    if outs[2] is not None:
-        gb = _finish(outs[2], torch.sum(gy, dim=lead) if lead else gy)
-    return gx, gw, gb
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -586,8 +515,9 @@ def native_multi_head_attention(func, query, key, value, embed_dim, num_head, qk
 def transformer_encoder_layer_fwd(func, src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
                                   use_gelu, norm_first, eps, norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2,
                                   ffn_weight_1, ffn_bias_1, ffn_weight_2, ffn_bias_2, mask=None, mask_type=None):
-    """One fast-path encoder layer, composed of the enclosures above (``_mha_enclosure``, ``_layer_norm_enclosure``,
-    ``_linear``, the relu / exact-gelu rules) in float64 and re-centred on the kernel's output:
+    """One fast-path encoder layer, composed of the enclosures above (``_mha_enclosure``, ``_linear``,
+    ``normalization.layer_norm_enclosure``, the relu / exact-gelu rules) in float64 and re-centred on the kernel's
+    output:
         norm_first: x = src + MHA(LN1(src)); out = x + FFN(LN2(x))
         otherwise:  x = LN1(src + MHA(src)); out = LN2(x + FFN(x)),   FFN(x) = W2 act(W1 x + b1) + b2."""
     args = (src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first, eps,
@@ -604,7 +534,7 @@ def transformer_encoder_layer_fwd(func, src, embed_dim, num_heads, qkv_weight, q
                               func)[0]
 
     def norm(h, w, b):
-        return _layer_norm_enclosure(h, 1, w, b, eps)[0]
+        return layer_norm_enclosure(h, 1, w, b, eps)
 
     def ffn(h):
         h = _linear(h, _ball64(ffn_weight_1), _ball64(ffn_bias_1))

@@ -1,0 +1,640 @@
+"""Normalization rules: batch norm and layer norm, forward and backward (DESIGN.md §4 "fused kernels"; issues 5, 8).
+
+Both ops normalise every element x_i of a *group* (batch norm: one channel over the batch and spatial dims; layer
+norm: one row over the normalized dims) with the group's exact statistics
+
+    mu = mean x,   var = mean (x - mu)^2  (biased),   s = 1 / sqrt(var + eps),   y_i = (x_i - mu) s w_i + b_i,
+
+eps the exact double given. The kernels are fused (their summation order, opmath and affine folding are their own),
+so each rule computes the midpoints with the kernel itself, a float64 enclosure of the exact real result, and
+re-centres the enclosure on the kernel's midpoint (``common.recentre``'s argument: |exact - mid| <= rad + |c - mid|).
+
+**How the enclosures are written.** Not as a composition of ball rules (a dozen dispatched ops of ~15 kernels each)
+but once, by hand, as a float64 centre plus a radius expression:
+- *Group quantities* (mean, variance bounds, rstd, the backward's sums): small tensors, one element per group, as
+  ``_Ball`` (centre, radius) with every radius operation rounded outward (F2: ``rounding.add_up`` ...).
+- *Full-size quantities*: a centre computed in round-to-nearest and a radius that is a sum of non-negative terms,
+  each a product of at most two factors (an exact float, an outward-rounded coefficient, or a sum of such), bounded
+  by a single ``rounding.inflate`` with the operation count stated beside the call.
+- *Sums over a group* of non-negative terms: ``_sum_up`` / ``_sum_down`` (F1 per term, F3 for the sum).
+The midpoint rounding of a centre (a few float64 roundings, relative 2^-53) is bounded a priori; the centres of the
+group mean and of the variance are checked a posteriori (``_statistics``), which keeps the bounds tight when |mean|
+is much larger than the spread (cancellation).
+
+**Batch norm** (``native_batch_norm``, the ``_native_batch_norm_legit*`` forms, ``native_batch_norm_backward``).
+*Running statistics* (training mode, the in-place forms): the kernel updates the buffers it is given, which are the
+buffers' midpoints, so ``running_mean``/``running_var`` midpoints stay bit-identical to plain PyTorch.
+- Ball buffers (``ballify(model, buffers=True)``): their radii are updated in place with ball arithmetic,
+  new = (1 - momentum) old + momentum * stat (momentum and 1 - momentum exact, the unbiased variance as
+  var * n / (n - 1)), re-centred on the kernel's new midpoint; the BallTensor objects, their ``mid`` and ``rad``
+  storages (and any views of them) are kept.
+- Plain buffers: updated with the midpoints' statistics exactly as plain PyTorch does, and they carry no radius:
+  running statistics are then NOT certified. Nothing false is recorded -- no output of the op depends on them in
+  training mode, and in eval mode the (plain) buffers are used as the exact constants they are, so eval outputs are
+  certified *relative to the stored statistics*.
+``_native_batch_norm_legit_functional`` returns the new statistics as outputs: they are always balls (old plain
+statistics count as exact points).
+
+**Layer norm** (``native_layer_norm``, ``native_layer_norm_backward``) over the last ``len(normalized_shape)`` dims,
+with an elementwise weight and bias over those dims.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import NamedTuple
+
+import torch
+
+from ballgrad import rounding
+from ballgrad.ops.common import mid_of as _mid
+from ballgrad.ops.common import mids, recentre, result
+from ballgrad.ops.conv import _channel_shape, _check_float_input
+from ballgrad.ops.elementwise import _rsqrt_enclose
+from ballgrad.ops.reductions import _from_bounds
+from ballgrad.ops.registry import rule
+from ballgrad.tensor import BallTensor
+
+aten = torch.ops.aten
+
+_F64 = torch.float64
+_U = rounding.unit_roundoff(_F64)  # u = 2^-53
+_UF = Fraction(_U)
+_ETA = rounding.eta(_F64)  # smallest positive subnormal; any eta/2 below is bounded by eta
+_ONE_PLUS_U = rounding.round_up_float(1 + _UF)
+_TWO_ONE_PLUS_U = rounding.round_up_float(2 * (1 + _UF))
+_THREE_U = 3 * _U  # exact
+_FOUR_U = 4 * _U  # exact
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Float64 balls on raw tensors (no dispatch), outward rounding by F2
+
+
+class _Ball(NamedTuple):
+    """|exact - c| <= r elementwise (broadcasting): a float64 centre and an outward-rounded float64 radius."""
+
+    c: torch.Tensor
+    r: torch.Tensor
+
+
+def _as_ball(x, shape=None) -> _Ball | None:
+    """An argument as a float64 ``_Ball`` (exact widening; a plain tensor is an exact point), reshaped if asked."""
+    if x is None:
+        return None
+    if isinstance(x, BallTensor):
+        c, r = x.mid.detach().to(_F64), x.rad.to(_F64)
+    else:
+        c = x.detach().to(_F64)
+        r = torch.zeros((), dtype=_F64, device=c.device)
+    if shape is not None:
+        c = c.reshape(shape)
+        r = r.reshape(shape) if r.dim() else r
+    return _Ball(c, r)
+
+
+def _is_point(x) -> bool:
+    return not isinstance(x, BallTensor) or not bool(x.rad.any())
+
+
+def _centre_error(c: torch.Tensor) -> torch.Tensor:
+    """u|c| + eta >= the F1 error of the one rounded operation that produced ``c`` (outward rounded)."""
+    return rounding.add_up(rounding.mul_up(torch.abs(c), _U), _ETA)
+
+
+def _mul(a: _Ball, b: _Ball) -> _Ball:
+    """a b: centre fl(a.c b.c); |xy - a.c b.c| <= |a.c| b.r + a.r (|b.c| + b.r), plus F1 for the centre."""
+    c = a.c * b.c
+    spread = rounding.add_up(rounding.mul_up(torch.abs(a.c), b.r),
+                             rounding.mul_up(a.r, rounding.add_up(torch.abs(b.c), b.r)))
+    return _Ball(c, rounding.add_up(spread, _centre_error(c)))
+
+
+def _div_count(a: _Ball, n: int) -> _Ball:
+    """a / n for a positive integer n <= 2^53 (exact as a double): the radius divided upward, plus F1."""
+    c = a.c / float(n)
+    return _Ball(c, rounding.add_up(rounding.div_up(a.r, float(n)), _centre_error(c)))
+
+
+def _hull(a: _Ball, b: _Ball) -> _Ball:
+    """A ball containing both (the hull of their outward end points)."""
+    lo = torch.minimum(rounding.sub_down(a.c, a.r), rounding.sub_down(b.c, b.r))
+    hi = torch.maximum(rounding.add_up(a.c, a.r), rounding.add_up(b.c, b.r))
+    h = _from_bounds(lo, hi)
+    return _Ball(h.mid, h.rad)
+
+
+def _rstd(var_lo: torch.Tensor, var_hi: torch.Tensor, eps: float) -> _Ball:
+    """1/sqrt(var + eps) for every var in [var_lo, var_hi]: decreasing in var, so it lies in
+    [rsqrt_lower(up(var_hi + eps)), rsqrt_upper(down(var_lo + eps))] (the rsqrt rule's enclosure, lemma C); a lower
+    end point <= 0 gives +inf (NaN end points: an infinite radius)."""
+    device_type = var_lo.device.type
+    lo = _rsqrt_enclose(rounding.add_up(var_hi, eps), device_type)[0]
+    hi = _rsqrt_enclose(rounding.add_down(var_lo, eps), device_type)[1]
+    b = _from_bounds(torch.clamp_min(lo, 0), hi)
+    return _Ball(b.mid, b.rad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sums over a group
+
+
+def _theta(n: int) -> Fraction:
+    return rounding.theta(max(n - 1, 0), _UF)
+
+
+def _sum_up(s: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Upper bound of the exact sum of n non-negative terms whose computed sum is ``s``, each term computed from exact
+    non-negative floats with k roundings: k - 1 additions inside the factors and at most one product last. Per term
+    exact <= (1+u)^k fl + eta (F1: additions have no eta, the product adds eta/2 (1+u)^(k-1)); the sum in any order
+    has exact <= theta_(n-1) fl (F3). So the sum <= (1+u)^k theta_(n-1) s + n eta."""
+    factor = rounding.round_up_float((1 + _UF) ** k * _theta(n))
+    return rounding.add_up(rounding.mul_up(s, factor), float(n) * _ETA if k else 0.0)
+
+
+def _sum_down(s: torch.Tensor, n: int) -> torch.Tensor:
+    """Lower bound (>= 0) of the exact sum of n squares or products t_i = p q of exact floats whose computed sum is
+    ``s``: t_i >= (fl(t_i) - eta/2)/(1 + u) (F1) and sum fl(t_i) >= s / (1 + gamma_(n-1)) (F3), so
+    sum t_i >= s / ((1 + u)(1 + gamma_(n-1))) - n eta."""
+    g = Fraction(rounding.gamma(n - 1, _F64)) if n > 1 else Fraction(0)
+    factor = rounding.round_down_float(1 / ((1 + _UF) * (1 + g)))
+    return torch.clamp_min(rounding.sub_down(rounding.mul_down(s, factor), float(n) * _ETA), 0)
+
+
+def _gsum(t: torch.Tensor, dims) -> torch.Tensor:
+    return torch.sum(t, dim=dims, keepdim=True)
+
+
+def _sum_ball(g: _Ball, dims, n: int) -> _Ball:
+    """sum of the balls g over ``dims`` (keepdim): centre the computed sum of the centres,
+    radius sum r + gamma_(n-1) sum |c| (F3), both sums bounded by ``_sum_up``."""
+    c = _gsum(g.c, dims)
+    r = _sum_up(_gsum(g.r.expand(g.c.shape), dims), n, 0) if g.r.dim() else rounding.mul_up(g.r, float(n))
+    if n > 1:
+        spread = rounding.mul_up(_sum_up(_gsum(torch.abs(g.c), dims), n, 0), rounding.gamma(n - 1, _F64))
+        r = rounding.add_up(r, spread)
+    return _Ball(c, r)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+class _Centred(NamedTuple):
+    """x - mu for every x in the input ball and mu in the mean ball: centre d = fl(m - mu.c) (full size, |d| = a) and
+    |z - d| <= r + mu.r + u a (F1 for the subtraction; ``shift`` = r + mu.r, full size or broadcast)."""
+
+    d: torch.Tensor
+    a: torch.Tensor
+    shift: torch.Tensor
+
+
+def _centred(m: torch.Tensor, r: torch.Tensor | None, mu: _Ball) -> _Centred:
+    d = m - mu.c
+    shift = mu.r if r is None else r + mu.r  # rounded: inflate's operation count includes this addition
+    return _Centred(d, torch.abs(d), shift)
+
+
+class _Stats(NamedTuple):
+    mean: _Ball
+    var_lo: torch.Tensor
+    var_hi: torch.Tensor
+    rstd: _Ball
+    z: _Centred
+
+
+def _statistics(m: torch.Tensor, r: torch.Tensor | None, dims, n: int, eps: float) -> _Stats:
+    """Batch statistics (keepdim, per group) of every x in the ball m +- r (r None: a point), float64.
+
+    Mean: centre c = the computed mean; d_i = fl(m_i - c), a_i = |d_i|. A posteriori, with d*_i = m_i - c exact,
+    |d*_i - d_i| <= u a_i (F1), so e = |mean m - c| = |sum d*|/n <= (|fl(sum d)| + (u + gamma_(n-1)) sum a)/n (F3), and
+    the mean of x lies within e + mean r of c.
+
+    Variance (biased): x = m + e_x, |e_x| <= r. With d'_i = m_i - mean m (sum d' = 0; reductions._var_enclosure),
+    var x = var m + (2 sum d'_i e_i + sum f_i^2)/n, sum f_i^2 <= sum r^2, |d'_i| <= (1+u) a_i + e, so
+    |var x - var m| <= P = (2(1+u) sum a r + 2 e sum r + sum r^2)/n. var m = (1/n) sum d*^2 - e'^2 with |e'| <= e and
+    (1-u)^2 d_i^2 <= d*_i^2 <= (1+u)^2 d_i^2; sum d^2 by ``_sum_up``/``_sum_down``. Hence
+    var in [max(0, (1-u)^2 L/n - e^2 - P), (1+u)^2 U/n + P] with L <= sum d^2 <= U; then rstd by ``_rstd``.
+    """
+    c = torch.mean(m, dim=dims, keepdim=True)
+    d = m - c
+    a = torch.abs(d)
+    sum_a = _sum_up(_gsum(a, dims), n, 0)
+    g = Fraction(rounding.gamma(n - 1, _F64)) if n > 1 else Fraction(0)
+    spread = rounding.mul_up(sum_a, rounding.round_up_float(_UF + g))
+    e = rounding.div_up(rounding.add_up(torch.abs(_gsum(d, dims)), spread), float(n))
+    sq = _gsum(d * d, dims)
+    upper = rounding.div_up(rounding.mul_up(_sum_up(sq, n, 1), rounding.round_up_float((1 + _UF) ** 2)), float(n))
+    lower = rounding.div_down(rounding.mul_down(_sum_down(sq, n), rounding.round_down_float((1 - _UF) ** 2)), float(n))
+    lower = rounding.sub_down(lower, rounding.mul_up(e, e))
+    if r is None:
+        mean_r = e
+        perturbation = torch.zeros_like(e)
+    else:
+        sum_r = _sum_up(_gsum(r, dims), n, 0)
+        mean_r = rounding.add_up(e, rounding.div_up(sum_r, float(n)))
+        sum_ar = _sum_up(_gsum(a * r, dims), n, 1)
+        sum_rr = _sum_up(_gsum(r * r, dims), n, 1)
+        perturbation = rounding.div_up(
+            rounding.add_up(rounding.add_up(rounding.mul_up(sum_ar, _TWO_ONE_PLUS_U),
+                                            rounding.mul_up(rounding.mul_up(e, 2.0), sum_r)), sum_rr), float(n))
+    var_hi = rounding.add_up(upper, perturbation)
+    var_lo = torch.clamp_min(rounding.sub_down(lower, perturbation), 0)
+    mean = _Ball(c, mean_r)
+    z = _Centred(d, a, mean.r if r is None else r + mean.r)
+    return _Stats(mean, var_lo, var_hi, _rstd(var_lo, var_hi, eps), z)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward output and backward input gradient (full size)
+
+
+def _inflated(expr: torch.Tensor, n_ops: int, extra: float = 0.0) -> torch.Tensor:
+    return rounding.inflate(expr, n_ops, extra)
+
+
+def _affine_terms(z: _Centred, scale: _Ball, bias: _Ball | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, expr) for y = z * scale + b (scale = s w, or s): a float64 centre c and an expression, computed in
+    round-to-nearest with 5 rounded operations, whose exact value bounds |y - c| (``inflate`` it).
+
+    Centre c = fl(fl(d F) + b.c) with F = scale.c: |c - (d F + b.c)| <= u|fl(d F)| + eta/2 + u|c|
+    <= 3u a|F| + 2u|b.c| + eta (F1 twice, |fl(d F)| <= (1+u) a |F| + eta/2). Spread: with |z - d| <= rho = shift + u a,
+    |z S - d F| <= a scale.r + rho (|F| + scale.r), |b - b.c| <= b.r. So, with H = |F| + scale.r,
+    |y - c| <= a (scale.r + u H + 3u|F|) + shift H + b.r + 2u|b.c| + eta; the coefficients are outward rounded
+    (``inflate``), the expression has 5 rounded operations (a*G, the addition inside shift, shift*H, two additions)."""
+    f = scale.c
+    h = _inflated(torch.abs(f) + scale.r, 1)
+    g = _inflated(scale.r + h * _U + torch.abs(f) * _THREE_U, 4)
+    c = z.d * f
+    if bias is not None:
+        c = c + bias.c
+        j = _inflated(bias.r + torch.abs(bias.c) * (2 * _U), 2, _ETA)
+    else:
+        j = _ETA
+    expr = z.a * g
+    expr += z.shift * h
+    expr += j
+    return c, expr
+
+
+def _affine_output(mid: torch.Tensor, z: _Centred, scale: _Ball, bias: _Ball | None) -> BallTensor:
+    """``_affine_terms`` re-centred on the kernel's ``mid``: rad = inflate(expr + |c - mid|, 5 + 2) (the subtraction
+    and the addition), the ``recentre`` argument folded into the same ``inflate``."""
+    c, expr = _affine_terms(z, scale, bias)
+    expr += torch.abs(c - mid.to(_F64))
+    return result(mid, _inflated(expr, 7))
+
+
+def layer_norm_enclosure(xb: BallTensor, k: int, weight, bias, eps: float) -> BallTensor:
+    """Layer norm over the last ``k`` dims of the float64 ball ``xb`` as a float64 ball, for rules that compose it
+    (the eval-mode encoder-layer fast path in ``transformer``): ``_statistics`` and ``_affine_terms``."""
+    nd = xb.dim()
+    dims = list(range(nd - k, nd))
+    n = math.prod(int(t) for t in xb.shape[nd - k:])
+    m = xb.mid.to(_F64)
+    stats = _statistics(m, _radius_of(xb, m), dims, n, eps)
+    w = _as_ball(weight)
+    c, expr = _affine_terms(stats.z, stats.rstd if w is None else _mul(stats.rstd, w), _as_ball(bias))
+    return BallTensor(c, rounding.clean_rad(_inflated(expr, 5)))
+
+
+def _gradient_input(mid: torch.Tensor, g: _Ball, z: _Centred | None, k1: _Ball, k2: _Ball | None,
+                    k3: _Ball | None) -> BallTensor:
+    """gx = K1 g - K2 - K3 z (K's per group, g and z full size), re-centred on the kernel's ``mid``.
+
+    Centre c = fl(fl(fl(K1.c g.c) - fl(K3.c d)) - K2.c): |c - (K1.c g.c - K3.c d - K2.c)|
+    <= 4u (|K1.c||g.c| + |K3.c| a) + 2u|K2.c| + 3 eta (F1 four times; 4u >= (3u + 3u^2 + u^3)(1+u)).
+    Spread: |K1 g - K1.c g.c| <= |g.c| K1.r + g.r (|K1.c| + K1.r); |K3 z - K3.c d| <= a K3.r + rho (|K3.c| + K3.r) with
+    rho = shift + u a; |K2 - K2.c| <= K2.r. Collected:
+    rad = |g.c| (K1.r + 4u|K1.c|) + g.r (|K1.c| + K1.r) + a (K3.r + u H3 + 4u|K3.c|) + shift H3
+          + K2.r + 2u|K2.c| + 3 eta + |c - mid|,   H3 = |K3.c| + K3.r,
+    coefficients outward rounded, then one ``inflate`` of the 11 rounded operations (4 products, 1 addition inside
+    shift, 5 additions, the subtraction c - mid)."""
+    c = g.c * k1.c
+    abs_k1 = torch.abs(k1.c)
+    expr = torch.abs(g.c) * _inflated(k1.r + abs_k1 * _FOUR_U, 2)
+    expr += g.r * _inflated(abs_k1 + k1.r, 1)
+    n_ops = 3
+    extra = _ETA
+    if k3 is not None:
+        c -= z.d * k3.c
+        abs_k3 = torch.abs(k3.c)
+        h3 = _inflated(abs_k3 + k3.r, 1)
+        expr += z.a * _inflated(k3.r + h3 * _U + abs_k3 * _FOUR_U, 4)
+        expr += z.shift * h3
+        n_ops += 5
+    if k2 is not None:
+        c -= k2.c
+        expr += _inflated(k2.r + torch.abs(k2.c) * (2 * _U), 2)
+        n_ops += 1
+        extra = 3 * _ETA
+    expr += torch.abs(c - mid.to(_F64))
+    return result(mid, _inflated(expr, n_ops + 2, extra))
+
+
+def _dot_ball(g: _Ball, z: _Centred, dims, n: int) -> _Ball:
+    """D = sum g z over a group: centre the computed sum of fl(g.c d). With rho = shift + u a:
+    |sum g z - sum g.c d| <= sum (|g.c| + g.r) shift + (1+u) sum a g.r + u sum a |g.c|, and the centre's rounding
+    (F1 per product, F3 for the sum) adds (u + gamma_(n-1))(1+u) sum a |g.c| + n eta: so
+    D.r = sum (|g.c| + g.r) shift + (1+u) sum a g.r + kappa sum a |g.c| + n eta, kappa = u + (u + gamma_(n-1))(1+u)."""
+    c = _gsum(g.c * z.d, dims)
+    abs_g = torch.abs(g.c)
+    gam = Fraction(rounding.gamma(n - 1, _F64)) if n > 1 else Fraction(0)
+    kappa = rounding.round_up_float(_UF + (_UF + gam) * (1 + _UF))
+    r = rounding.add_up(rounding.mul_up(_sum_up(_gsum(z.a * abs_g, dims), n, 1), kappa), float(n) * _ETA)
+    shift = z.shift.expand(z.d.shape) if z.shift.shape != z.d.shape else z.shift
+    if g.r.dim() or bool(g.r):
+        r = rounding.add_up(r, rounding.mul_up(_sum_up(_gsum(z.a * g.r, dims), n, 1), _ONE_PLUS_U))
+        weight = abs_g + g.r
+        r = rounding.add_up(r, _sum_up(_gsum(weight * shift, dims), n, 3))
+    else:
+        r = rounding.add_up(r, _sum_up(_gsum(abs_g * shift, dims), n, 2))
+    return _Ball(c, r)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batch norm
+
+
+def _wide(x):
+    """An argument as a float64 BallTensor (exact widening; a plain tensor is an exact point), or None. Copies, so that
+    later in-place updates of the argument (the kernel's running-statistics update) do not reach it."""
+    if x is None:
+        return None
+    if isinstance(x, BallTensor):
+        m = x.mid.detach().to(_F64, copy=True)
+        r = x.rad.to(_F64, copy=True)
+        return BallTensor(m, r.expand(m.shape).contiguous() if r.shape != m.shape else r)
+    m = x.detach().to(_F64, copy=True)
+    return BallTensor(m, torch.zeros_like(m))
+
+
+def _bn_dims(ndim: int) -> list[int]:
+    return [0] + list(range(2, ndim))
+
+
+def _radius_of(x, m: torch.Tensor) -> torch.Tensor | None:
+    """The full-size float64 radius of a ball argument, None for an exact point."""
+    if _is_point(x):
+        return None
+    r = x.rad.to(_F64)
+    return r.expand(m.shape) if r.shape != m.shape else r
+
+
+def _gradient_ball(grad_out, gc: torch.Tensor) -> _Ball:
+    """grad_output as a float64 ``_Ball`` with centre ``gc`` (its widened midpoint); a point has a 0-d zero radius."""
+    r = _radius_of(grad_out, gc)
+    return _Ball(gc, r if r is not None else torch.zeros((), dtype=_F64, device=gc.device))
+
+
+def _recentre_ball(mid: torch.Tensor, b: _Ball) -> BallTensor:
+    return recentre(mid, BallTensor(b.c.reshape(mid.shape), b.r.expand(b.c.shape).reshape(mid.shape)))
+
+
+def _running_update(old: BallTensor, stat: BallTensor, momentum: float) -> BallTensor:
+    """(1 - momentum) old + momentum stat, with 1 - momentum enclosed exactly (the double momentum is exact)."""
+    one = BallTensor(torch.ones((), dtype=_F64, device=old.device), torch.zeros((), dtype=_F64, device=old.device))
+    return old * (one - momentum) + stat * momentum
+
+
+def _bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum, eps, old_stats=None):
+    """Balls for (out, save_mean, save_invstd[, new_running_mean, new_running_var]) given the kernel's outputs
+    ``outs``; ``old_stats`` = the running statistics as float64 balls before the kernel updated them.
+    Training: ``_statistics`` over the batch and spatial dims; eval: mu = running_mean, s from running_var (``_rstd``
+    on its end points). Then y = (x - mu) (s w) + b by ``_affine_output``."""
+    out_m, mean_m, invstd_m = outs[:3]
+    nd = x.dim()
+    shape = _channel_shape(nd)
+    c = x.shape[1]
+    m = _mid(x).detach().to(_F64)
+    r = _radius_of(x, m)
+    n = m.numel() // max(c, 1)
+    if training:
+        stats = _statistics(m, r, _bn_dims(nd), n, eps)
+        mean, invstd, z = stats.mean, stats.rstd, stats.z
+    else:
+        mean = _as_ball(running_mean, shape)
+        var = _as_ball(running_var, shape)
+        invstd = _rstd(rounding.sub_down(var.c, var.r), rounding.add_up(var.c, var.r), eps)
+        z = _centred(m, r, mean)
+    w = _as_ball(weight, shape)
+    scale = invstd if w is None else _mul(invstd, w)
+    balls = [_affine_output(out_m, z, scale, _as_ball(bias, shape))]
+    if training:
+        balls += [_recentre_ball(mean_m, mean), _recentre_ball(invstd_m, invstd)]
+    else:  # eval: the kernel returns empty saved statistics
+        balls += [result(m_, torch.zeros(m_.shape, device=m_.device)) for m_ in (mean_m, invstd_m)]
+    if old_stats is None:
+        return balls
+    old_mean, old_var = old_stats
+    if training:
+        mean_ball = BallTensor(mean.c.reshape(c), mean.r.expand(mean.c.shape).reshape(c))
+        var_ball = _from_bounds(stats.var_lo.reshape(c), stats.var_hi.reshape(c))
+        unbiased = var_ball * float(n) / float(n - 1)
+        new_stats = [_running_update(old_mean, mean_ball, momentum) if old_mean is not None else None,
+                     _running_update(old_var, unbiased, momentum) if old_var is not None else None]
+    else:
+        new_stats = [old_mean, old_var]
+    return balls, new_stats
+
+
+def _snapshot(running_mean, running_var, training):
+    """The running statistics as float64 balls before the kernel updates them (training mode only)."""
+    if not training:
+        return None
+    return _wide(running_mean), _wide(running_var)
+
+
+def _store_running(buffer, new_mid_holder: torch.Tensor, enclosure: BallTensor | None) -> None:
+    """Ball buffer: rad <- radius of the enclosure re-centred on the kernel's new midpoint (already in buffer.mid)."""
+    if isinstance(buffer, BallTensor) and enclosure is not None:
+        buffer.rad.copy_(recentre(new_mid_holder, enclosure).rad.expand(buffer.rad.shape))
+
+
+@rule(aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
+def native_batch_norm(func, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """(out, save_mean, save_invstd): the float64 enclosure of ``_bn_forward``, re-centred (module docstring).
+    Training mode with running statistics: the kernel updates the buffers' midpoints in place; ball buffers get their
+    radii updated in place (ball arithmetic, unbiased variance), plain buffers are updated as plain PyTorch does (not
+    certified)."""
+    _check_float_input(func, x)
+    old = _snapshot(running_mean, running_var, training)
+    outs = func(_mid(x), _mid(weight), _mid(bias), _mid(running_mean), _mid(running_var), training, momentum, eps)
+    if old is None:
+        return tuple(_bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum, eps))
+    balls, (new_mean, new_var) = _bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum,
+                                             eps, old)
+    if isinstance(running_mean, BallTensor):
+        _store_running(running_mean, running_mean.mid, new_mean)
+    if isinstance(running_var, BallTensor):
+        _store_running(running_var, running_var.mid, new_var)
+    return tuple(balls)
+
+
+@rule(aten._native_batch_norm_legit.no_stats)
+def native_batch_norm_no_stats(func, x, weight, bias, training, momentum, eps):
+    """Batch norm without running statistics: as ``native_batch_norm``."""
+    _check_float_input(func, x)
+    outs = func(_mid(x), _mid(weight), _mid(bias), training, momentum, eps)
+    return tuple(_bn_forward(outs, x, weight, bias, None, None, training, momentum, eps))
+
+
+@rule(aten._native_batch_norm_legit_no_training.default)
+def native_batch_norm_no_training(func, x, weight, bias, running_mean, running_var, momentum, eps):
+    """Eval-mode batch norm: (x - running_mean) rsqrt(running_var + eps) w + b, re-centred."""
+    _check_float_input(func, x)
+    outs = func(_mid(x), _mid(weight), _mid(bias), _mid(running_mean), _mid(running_var), momentum, eps)
+    return tuple(_bn_forward(outs, x, weight, bias, running_mean, running_var, False, momentum, eps))
+
+
+@rule(aten._native_batch_norm_legit_functional.default)
+def native_batch_norm_functional(func, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Functional form: (out, save_mean, save_invstd, new_running_mean, new_running_var); the new statistics are
+    balls (ball arithmetic from the old ones, plain old statistics being exact points), re-centred on the kernel's."""
+    _check_float_input(func, x)
+    old = (_wide(running_mean), _wide(running_var))
+    outs = func(_mid(x), _mid(weight), _mid(bias), _mid(running_mean), _mid(running_var), training, momentum, eps)
+    balls, new_stats = _bn_forward(outs, x, weight, bias, running_mean, running_var, training, momentum, eps, old)
+    return tuple(balls) + tuple(recentre(m, BallTensor(enc.mid.reshape(m.shape), enc.rad.reshape(m.shape)))
+                                for m, enc in zip(outs[3:], new_stats))
+
+
+@rule(aten.native_batch_norm_backward.default)
+def native_batch_norm_backward(func, grad_out, x, weight, running_mean, running_var, save_mean, save_invstd, train,
+                               eps, output_mask):
+    """(grad_input, grad_weight, grad_bias) of batch norm, from the kernel's formula. With z = x - mean,
+    S = sum gy, D = sum gy z over the batch and spatial dims (n elements per channel):
+    training (mean, invstd = the saved statistics, balls containing the exact batch statistics):
+        grad_input = (gy - S/n - z D invstd^2/n) invstd w,  grad_weight = D invstd,  grad_bias = S;
+    eval (mean = running_mean, invstd = rsqrt(running_var + eps)): grad_input = gy invstd w, the others as above.
+    grad_input = K1 gy - K2 - K3 z with K1 = invstd w, K2 = K1 S/n, K3 = K1 invstd^2 D/n (``_gradient_input``),
+    D by ``_dot_ball``, S by ``_sum_ball``; every point of the argument balls (each x with its exact statistics among
+    them) gives a value inside."""
+    _check_float_input(func, x)
+    gx_m, gw_m, gb_m = func(_mid(grad_out), _mid(x), _mid(weight), _mid(running_mean), _mid(running_var),
+                            _mid(save_mean), _mid(save_invstd), train, eps, output_mask)
+    nd = x.dim()
+    dims = _bn_dims(nd)
+    shape = _channel_shape(nd)
+    c = x.shape[1]
+    m = _mid(x).detach().to(_F64)
+    n = m.numel() // max(c, 1)
+    gc = _mid(grad_out).detach().to(_F64)
+    g = _gradient_ball(grad_out, gc)
+    if train:
+        mean, invstd = _as_ball(save_mean, shape), _as_ball(save_invstd, shape)
+    else:
+        mean = _as_ball(running_mean, shape)
+        var = _as_ball(running_var, shape)
+        invstd = _rstd(rounding.sub_down(var.c, var.r), rounding.add_up(var.c, var.r), eps)
+    need_dot = gw_m is not None or (train and gx_m is not None)
+    z = _centred(m, _radius_of(x, m), mean) if need_dot else None
+    dot = _dot_ball(g, z, dims, n) if need_dot else None
+    total = _sum_ball(g, dims, n) if (gb_m is not None or (train and gx_m is not None)) else None
+    balls = [None, None, None]
+    if gx_m is not None:
+        w = _as_ball(weight, shape)
+        k1 = invstd if w is None else _mul(invstd, w)
+        k2 = k3 = None
+        if train:
+            k2 = _mul(k1, _div_count(total, n))
+            k3 = _mul(_mul(k1, _mul(invstd, invstd)), _div_count(dot, n))
+        balls[0] = _gradient_input(gx_m, g, z, k1, k2, k3)
+    if gw_m is not None:
+        balls[1] = _recentre_ball(gw_m, _mul(dot, invstd))
+    if gb_m is not None:
+        balls[2] = _recentre_ball(gb_m, total)
+    return tuple(balls)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layer norm
+
+
+def _ln_geometry(x, normalized_shape):
+    k = len(normalized_shape)
+    nd = x.dim()
+    dims = list(range(nd - k, nd))
+    n = math.prod(int(s) for s in normalized_shape)
+    stat_shape = tuple(x.shape[:nd - k]) + (1,) * k
+    return dims, n, stat_shape
+
+
+@rule(aten.native_layer_norm.default)
+def native_layer_norm(func, x, normalized_shape, weight, bias, eps):
+    """(out, mean, rstd) over the last ``len(normalized_shape)`` dims: out = (x - mu) * rstd * w + b with
+    mu = mean(x), rstd = 1/sqrt(var(x) + eps), var the biased variance; eps is an exact double.
+    Statistics by ``_statistics`` (the variance clipped at 0: an exact variance is >= 0, so eps alone bounds rstd for
+    constant rows), the output by ``_affine_output`` with scale = rstd w (elementwise ball products, ``_mul``); each
+    output re-centred on the kernel's."""
+    out, mean, rstd = func(_mid(x), normalized_shape, _mid(weight), _mid(bias), eps)
+    dims, n, _ = _ln_geometry(x, normalized_shape)
+    m = _mid(x).detach().to(_F64)
+    if n == 0:
+        return tuple(result(t, torch.full(t.shape, math.inf)) for t in (out, mean, rstd))
+    stats = _statistics(m, _radius_of(x, m), dims, n, eps)
+    w = _as_ball(weight)
+    scale = stats.rstd if w is None else _mul(stats.rstd, w)
+    y = _affine_output(out, stats.z, scale, _as_ball(bias))
+    return y, _recentre_ball(mean, stats.mean), _recentre_ball(rstd, stats.rstd)
+
+
+def _mean_ball(m: torch.Tensor, r: torch.Tensor | None, dims, n: int) -> _Ball:
+    """mean x over ``dims`` for every x in the ball: centre the computed mean c, radius e + mean r with
+    e >= |mean m - c| bounded a posteriori as in ``_statistics``."""
+    c = torch.mean(m, dim=dims, keepdim=True)
+    d = m - c
+    gam = Fraction(rounding.gamma(n - 1, _F64)) if n > 1 else Fraction(0)
+    sum_a = _sum_up(_gsum(torch.abs(d), dims), n, 0)
+    e = rounding.div_up(rounding.add_up(torch.abs(_gsum(d, dims)),
+                                        rounding.mul_up(sum_a, rounding.round_up_float(_UF + gam))), float(n))
+    if r is not None:
+        e = rounding.add_up(e, rounding.div_up(_sum_up(_gsum(r, dims), n, 0), float(n)))
+    return _Ball(c, e)
+
+
+@rule(aten.native_layer_norm_backward.default)
+def native_layer_norm_backward(func, grad_out, x, normalized_shape, mean, rstd, weight, bias, output_mask):
+    """(grad_input, grad_weight, grad_bias) of layer norm, from the formula the kernel implements (any algebraic form
+    of it: PyTorch's a*g + b*x + c expands to this identically, with no use of sum(xhat) = 0):
+
+        z = x - mu,  xhat = z rstd,  g = grad_out * w,  n = numel(normalized_shape)
+        grad_input  = rstd g - rstd mean(g) - rstd^3 z mean(g z)       (means over the normalized dims)
+        grad_weight = sum over the leading dims of grad_out * xhat;   grad_bias = the same sum of grad_out.
+
+    ``mean`` and ``rstd`` are inputs of the op (the saved forward balls, containing the exact forward values). For mu
+    we use the hull of the ``mean`` ball and the mean of x recomputed (``_mean_ball``), so the enclosure holds whether
+    the exact gradient is read with the saved mean or with the exact mean of x. grad_input by ``_gradient_input``
+    with K1 = rstd, K2 = rstd mean(g), K3 = rstd^3 mean(g z) (g the elementwise ball product, ``_mul``); grad_weight
+    from the ball products gy * (z rstd) summed by ``_sum_ball``. Each output re-centred on the kernel's.
+    """
+    outs = func(*mids((grad_out, x, normalized_shape, mean, rstd, weight, bias, output_mask)))
+    dims, n, stat_shape = _ln_geometry(x, normalized_shape)
+    lead = list(range(x.dim() - len(normalized_shape)))
+    m = _mid(x).detach().to(_F64)
+    r = _radius_of(x, m)
+    gc = _mid(grad_out).detach().to(_F64)
+    gy = _gradient_ball(grad_out, gc)
+    if n == 0:
+        return tuple(None if t is None else result(t, torch.full(t.shape, math.inf)) for t in outs)
+    mu = _hull(_as_ball(mean, stat_shape), _mean_ball(m, r, dims, n))
+    s = _as_ball(rstd, stat_shape)
+    z = _centred(m, r, mu)
+    gx = gw = gb = None
+    if outs[0] is not None:
+        w = _as_ball(weight)
+        g = gy if w is None else _mul(gy, w)
+        k2 = _mul(s, _div_count(_sum_ball(g, dims, n), n))
+        k3 = _mul(_mul(s, _mul(s, s)), _div_count(_dot_ball(g, z, dims, n), n))
+        gx = _gradient_input(outs[0], g, z, s, k2, k3)
+    rows = m.numel() // max(n, 1)
+    if outs[1] is not None:
+        xhat = _mul(_Ball(z.d, _inflated(z.a * _U + z.shift, 3)), s)  # |z - d| <= shift + u a (``_Centred``)
+        prod = _mul(gy, xhat)
+        total = _sum_ball(prod, lead, rows) if lead else prod
+        gw = _recentre_ball(outs[1], total)
+    if outs[2] is not None:
+        total = _sum_ball(gy, lead, rows) if lead else gy
+        gb = _recentre_ball(outs[2], total)
+    return gx, gw, gb

@@ -1,0 +1,180 @@
+"""ballgrad.ops.normalization: adversarial (hypothesis) containment of batch norm and layer norm, forward and backward,
+and the bounds' building blocks. The seeded per-feature tests of these rules (running statistics, eval mode, the
+_legit variants, masks, modules) are with their model families in test_conv.py (batch norm) and test_transformer.py
+(layer norm); they share the mpmath oracles imported here."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+
+import ballgrad as bg
+from ballgrad.ops import normalization
+from ballgrad.tensor import BallTensor
+from ballgrad.testing import balls
+from helpers import EXAMPLES, assert_same_bits, assert_valid_radius
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from test_conv import _bcast, assert_contains, exact_bn_stats, exact_bn_train, joint_points, mp
+from test_transformer import check, exact_layer_norm, exact_layer_norm_backward
+
+aten = torch.ops.aten
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def _finite(b: BallTensor) -> bool:
+    return bool(torch.isfinite(b.mid).all()) and bool(torch.isfinite(b.rad).all())
+
+
+def _shifted(b: BallTensor, offset: float) -> BallTensor:
+    """The ball moved by ``offset`` (exactly representable sums only: the test then drops the example otherwise)."""
+    return bg.ball((b.mid.double() + offset).to(b.dtype), b.rad)
+
+
+# magnitudes from subnormal to 1e6 offsets: a large common offset makes the variance cancel (mean >> spread)
+OFFSETS = st.sampled_from([0.0, 1.0, -3.5, 1e3, 1e6])
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_batch_norm_training_adversarial(examples):
+    """Training-mode forward and backward on adversarial balls (signed zeros, subnormals, wide radii, a common offset
+    that makes the variance cancel): midpoints bit-identical, every point's exact outputs inside."""
+    settings(max_examples=examples, deadline=None)(
+        given(dtype=st.sampled_from(DTYPES), data=st.data(), offset=OFFSETS,
+              eps=st.sampled_from([1e-5, 0.0, 0.5]))(_batch_norm_case))()
+
+
+def _batch_norm_case(dtype, data, offset, eps):
+    x = _shifted(data.draw(balls(dtype, (2, 2, 3), allow_nonfinite=False, allow_inf_radius=False,
+                                 max_magnitude=1e4)), offset)
+    w = data.draw(balls(dtype, (2,), allow_nonfinite=False, allow_inf_radius=False, max_magnitude=1e3))
+    b = data.draw(balls(dtype, (2,), allow_nonfinite=False, allow_inf_radius=False, max_magnitude=1e3))
+    gy = data.draw(balls(dtype, (2, 2, 3), allow_nonfinite=False, allow_inf_radius=False, max_magnitude=1e3))
+    assume(_finite(x))
+    out, mean, invstd = aten.native_batch_norm.default(x, w, b, None, None, True, 0.1, eps)
+    ref = aten.native_batch_norm.default(x.mid, w.mid, b.mid, None, None, True, 0.1, eps)
+    for o, r in zip((out, mean, invstd), ref):
+        assert_same_bits(o.mid, r)
+        assert_valid_radius(o)
+    grads = aten.native_batch_norm_backward.default(gy, x, w, None, None, mean, invstd, True, eps, [True] * 3)
+    ref_g = aten.native_batch_norm_backward.default(gy.mid, x.mid, w.mid, None, None, ref[1], ref[2], True, eps,
+                                                    [True] * 3)
+    for o, r in zip(grads, ref_g):
+        assert_same_bits(o.mid, r)
+        assert_valid_radius(o)
+    nd = x.dim()
+    for p, (xp, wp, bp, gyp) in enumerate(joint_points([x, w, b, gy], n_random=1)):
+        try:
+            stats = exact_bn_stats(xp, eps)
+        except ZeroDivisionError:
+            continue  # eps = 0 and a constant channel: 1/sqrt(0) is undefined at this point
+        y, _ = exact_bn_train(xp, wp, bp, eps)
+        assert_contains(out, y, f"point {p} out")
+        assert_contains(mean, [s[0] for s in stats], f"point {p} mean")
+        assert_contains(invstd, [s[2] for s in stats], f"point {p} invstd")
+        invs = [s[2] for s in stats]
+        xhat = (np.vectorize(mp, otypes=[object])(xp) - _bcast([mp(s[0]) for s in stats], nd)) * _bcast(invs, nd)
+        g = np.vectorize(mp, otypes=[object])(gyp)
+        axes = (0, 2)
+        sum_g, sum_gx = np.sum(g, axis=axes), np.sum(g * xhat, axis=axes)
+        n = x.numel() // x.shape[1]
+        exact_gx = (_bcast([mp(v) for v in wp], nd) * _bcast(invs, nd) / n
+                    * (g * n - _bcast(sum_g, nd) - xhat * _bcast(sum_gx, nd)))
+        assert_contains(grads[0], exact_gx, f"point {p} grad_input")
+        assert_contains(grads[1], list(sum_gx), f"point {p} grad_weight")
+        assert_contains(grads[2], list(sum_g), f"point {p} grad_bias")
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_layer_norm_adversarial(examples):
+    """Layer norm forward and backward (saved statistics and the recomputed mean) on adversarial balls."""
+    settings(max_examples=examples, deadline=None)(
+        given(dtype=st.sampled_from(DTYPES), data=st.data(), offset=OFFSETS, affine=st.booleans())(
+            _layer_norm_case))()
+
+
+def _layer_norm_case(dtype, data, offset, affine):
+    x = _shifted(data.draw(balls(dtype, (2, 4), allow_nonfinite=False, allow_inf_radius=False,
+                                 max_magnitude=1e4)), offset)
+    assume(_finite(x))
+    w = data.draw(balls(dtype, (4,), allow_nonfinite=False, allow_inf_radius=False, max_magnitude=1e3))
+    b = data.draw(balls(dtype, (4,), allow_nonfinite=False, allow_inf_radius=False, max_magnitude=1e3))
+    gy = data.draw(balls(dtype, (2, 4), allow_nonfinite=False, allow_inf_radius=False, max_magnitude=1e3))
+    w, b = (w, b) if affine else (None, None)
+    eps = 1e-5
+    check(aten.native_layer_norm.default, (x, [4], w, b, eps),
+          lambda x_, s_, w_, b_, e_: exact_layer_norm(x_, 1, w_, b_, e_))
+    _, mean, rstd = aten.native_layer_norm.default(x, [4], w, b, eps)
+    mask = [True, affine, affine]
+    for recompute in (False, True):
+        check(aten.native_layer_norm_backward.default, (gy, x, [4], mean, rstd, w, b, mask),
+              lambda g_, x_, s_, m_, r_, w_, b_, o_: exact_layer_norm_backward(g_, x_, m_, r_, w_, 1, recompute))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_groups_get_infinite_radii_and_others_stay_finite(dtype):
+    """A NaN, an inf or an infinite radius in one group (a channel / a row) makes that group's outputs unknown
+    (radius +inf, never NaN); the other groups keep finite radii."""
+    for bad_mid, bad_rad in ((math.nan, 0.0), (math.inf, 0.0), (1.0, math.inf)):
+        x = bg.ball(torch.arange(12, dtype=dtype).reshape(2, 2, 3) / 7, 2.0 ** -30)
+        x.mid[1, 1, 2] = bad_mid
+        x.rad[1, 1, 2] = bad_rad
+        out, mean, invstd = aten.native_batch_norm.default(x, None, None, None, None, True, 0.1, 1e-5)
+        for o in (out, mean, invstd):
+            assert_valid_radius(o)
+        assert bool(torch.isinf(out.rad[:, 1]).all())
+        assert bool(torch.isfinite(out.rad[:, 0]).all())
+        xl = bg.ball(torch.arange(8, dtype=dtype).reshape(2, 4) / 7, 2.0 ** -30)
+        xl.mid[1, 3] = bad_mid
+        xl.rad[1, 3] = bad_rad
+        y, mu, rs = aten.native_layer_norm.default(xl, [4], None, None, 1e-5)
+        assert bool(torch.isinf(y.rad[1]).all()) and bool(torch.isfinite(y.rad[0]).all())
+        gy = bg.ball(torch.ones(2, 4, dtype=dtype))
+        gx, _, _ = aten.native_layer_norm_backward.default(gy, xl, [4], mu, rs, None, None, [True, False, False])
+        assert_valid_radius(gx)
+        assert bool(torch.isinf(gx.rad[1]).all()) and bool(torch.isfinite(gx.rad[0]).all())
+
+
+def test_cancelling_statistics_stay_tight():
+    """A channel at 1e6 + O(1e-2) spread (float64): the a-posteriori mean error keeps the output radius near the
+    kernel's own error instead of the 1e6-relative a-priori bound (gamma_n sum |m|), which would be ~1e-10 of 1e6."""
+    g = torch.Generator().manual_seed(0)
+    x = bg.ball(1e6 + 1e-2 * torch.randn(16, 1, 8, dtype=torch.float64, generator=g))
+    out, mean, invstd = aten.native_batch_norm.default(x, None, None, None, None, True, 0.1, 1e-5)
+    exact_stats = exact_bn_stats(np.vectorize(Fraction, otypes=[object])(x.mid.numpy()), 1e-5)
+    assert float(mean.rad[0]) <= 1e-9  # ~ulp(1e6) = 1.2e-10
+    assert float(invstd.rad[0]) <= 1e-6 * float(mpmath.mpf(exact_stats[0][2]))
+    assert float(out.rad.max()) <= 1e-6
+
+
+def test_sum_bounds_hold_for_adversarial_sums():
+    """``_sum_up`` / ``_sum_down`` bracket exact sums of products (Fractions), including subnormal products."""
+    g = torch.Generator().manual_seed(1)
+    for scale in (1.0, 1e-160, 1e150):
+        a = torch.rand(5, 37, dtype=torch.float64, generator=g) * scale
+        b = torch.rand(5, 37, dtype=torch.float64, generator=g) * 1e-160
+        s = torch.sum(a * b, dim=1, keepdim=True)
+        hi = normalization._sum_up(s, 37, 1)
+        lo = normalization._sum_down(s, 37)
+        for i in range(5):
+            exact = sum(Fraction(float(p)) * Fraction(float(q)) for p, q in zip(a[i], b[i]))
+            assert Fraction(float(lo[i, 0])) <= exact <= Fraction(float(hi[i, 0]))
+
+
+def test_layer_norm_enclosure_matches_the_rule():
+    """The composable enclosure (eval-mode encoder fast path) contains what the rule's ball contains: the same
+    statistics and output expression, before re-centring."""
+    g = torch.Generator().manual_seed(2)
+    x = bg.ball(torch.randn(3, 5, generator=g), 2.0 ** -20)
+    w = bg.ball(torch.rand(5, generator=g) + 0.5, 2.0 ** -22)
+    enc = normalization.layer_norm_enclosure(BallTensor(x.mid.double(), x.rad.double()), 1, w, None, 1e-5)
+    y, _, _ = aten.native_layer_norm.default(x, [5], w, None, 1e-5)
+    # the rule's radius = the enclosure's radius + |c - mid|, up to the final conversion to float32
+    assert bool((y.rad.double() >= enc.rad * (1 - 2.0 ** -20)).all())
+    assert bool(((enc.mid - y.mid.double()).abs() <= y.rad.double()).all())
