@@ -41,6 +41,7 @@ with an elementwise weight and bias over those dims.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 from typing import NamedTuple
@@ -64,6 +65,8 @@ _UF = Fraction(_U)
 _ETA = rounding.eta(_F64)  # smallest positive subnormal; any eta/2 below is bounded by eta
 _ONE_PLUS_U = rounding.round_up_float(1 + _UF)
 _TWO_ONE_PLUS_U = rounding.round_up_float(2 * (1 + _UF))
+_ONE_PLUS_U_SQUARED = rounding.round_up_float((1 + _UF) ** 2)
+_ONE_MINUS_U_SQUARED = rounding.round_down_float((1 - _UF) ** 2)
 _THREE_U = 3 * _U  # exact
 _FOUR_U = 4 * _U  # exact
 
@@ -140,8 +143,25 @@ def _rstd(var_lo: torch.Tensor, var_hi: torch.Tensor, eps: float) -> _Ball:
 # Sums over a group
 
 
-def _theta(n: int) -> Fraction:
-    return rounding.theta(max(n - 1, 0), _UF)
+@functools.lru_cache(maxsize=256)
+def _gamma(n: int) -> Fraction:
+    """gamma_(n-1) of a sum of n terms (0 for one term), exact."""
+    return Fraction(rounding.gamma(n - 1, _F64)) if n > 1 else Fraction(0)
+
+
+@functools.lru_cache(maxsize=256)
+def _sum_up_factor(n: int, k: int) -> float:
+    return rounding.round_up_float((1 + _UF) ** k * rounding.theta(max(n - 1, 0), _UF))
+
+
+@functools.lru_cache(maxsize=256)
+def _sum_down_factor(n: int) -> float:
+    return rounding.round_down_float(1 / ((1 + _UF) * (1 + _gamma(n))))
+
+
+@functools.lru_cache(maxsize=256)
+def _up(value: Fraction) -> float:
+    return rounding.round_up_float(value)
 
 
 def _sum_up(s: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -149,7 +169,7 @@ def _sum_up(s: torch.Tensor, n: int, k: int) -> torch.Tensor:
     non-negative floats with k roundings: k - 1 additions inside the factors and at most one product last. Per term
     exact <= (1+u)^k fl + eta (F1: additions have no eta, the product adds eta/2 (1+u)^(k-1)); the sum in any order
     has exact <= theta_(n-1) fl (F3). So the sum <= (1+u)^k theta_(n-1) s + n eta."""
-    factor = rounding.round_up_float((1 + _UF) ** k * _theta(n))
+    factor = _sum_up_factor(n, k)
     return rounding.add_up(rounding.mul_up(s, factor), float(n) * _ETA if k else 0.0)
 
 
@@ -157,8 +177,7 @@ def _sum_down(s: torch.Tensor, n: int) -> torch.Tensor:
     """Lower bound (>= 0) of the exact sum of n squares or products t_i = p q of exact floats whose computed sum is
     ``s``: t_i >= (fl(t_i) - eta/2)/(1 + u) (F1) and sum fl(t_i) >= s / (1 + gamma_(n-1)) (F3), so
     sum t_i >= s / ((1 + u)(1 + gamma_(n-1))) - n eta."""
-    g = Fraction(rounding.gamma(n - 1, _F64)) if n > 1 else Fraction(0)
-    factor = rounding.round_down_float(1 / ((1 + _UF) * (1 + g)))
+    factor = _sum_down_factor(n)
     return torch.clamp_min(rounding.sub_down(rounding.mul_down(s, factor), float(n) * _ETA), 0)
 
 
@@ -172,7 +191,7 @@ def _sum_ball(g: _Ball, dims, n: int) -> _Ball:
     c = _gsum(g.c, dims)
     r = _sum_up(_gsum(g.r.expand(g.c.shape), dims), n, 0) if g.r.dim() else rounding.mul_up(g.r, float(n))
     if n > 1:
-        spread = rounding.mul_up(_sum_up(_gsum(torch.abs(g.c), dims), n, 0), rounding.gamma(n - 1, _F64))
+        spread = rounding.mul_up(_sum_up(_gsum(torch.abs(g.c), dims), n, 0), float(_gamma(n)))
         r = rounding.add_up(r, spread)
     return _Ball(c, r)
 
@@ -221,12 +240,11 @@ def _statistics(m: torch.Tensor, r: torch.Tensor | None, dims, n: int, eps: floa
     d = m - c
     a = torch.abs(d)
     sum_a = _sum_up(_gsum(a, dims), n, 0)
-    g = Fraction(rounding.gamma(n - 1, _F64)) if n > 1 else Fraction(0)
-    spread = rounding.mul_up(sum_a, rounding.round_up_float(_UF + g))
+    spread = rounding.mul_up(sum_a, _up(_UF + _gamma(n)))
     e = rounding.div_up(rounding.add_up(torch.abs(_gsum(d, dims)), spread), float(n))
     sq = _gsum(d * d, dims)
-    upper = rounding.div_up(rounding.mul_up(_sum_up(sq, n, 1), rounding.round_up_float((1 + _UF) ** 2)), float(n))
-    lower = rounding.div_down(rounding.mul_down(_sum_down(sq, n), rounding.round_down_float((1 - _UF) ** 2)), float(n))
+    upper = rounding.div_up(rounding.mul_up(_sum_up(sq, n, 1), _ONE_PLUS_U_SQUARED), float(n))
+    lower = rounding.div_down(rounding.mul_down(_sum_down(sq, n), _ONE_MINUS_U_SQUARED), float(n))
     lower = rounding.sub_down(lower, rounding.mul_up(e, e))
     if r is None:
         mean_r = e
@@ -282,8 +300,8 @@ def _affine_output(mid: torch.Tensor, z: _Centred, scale: _Ball, bias: _Ball | N
     """``_affine_terms`` re-centred on the kernel's ``mid``: rad = inflate(expr + |c - mid|, 5 + 2) (the subtraction
     and the addition), the ``recentre`` argument folded into the same ``inflate``."""
     c, expr = _affine_terms(z, scale, bias)
-    expr += torch.abs(c - mid.to(_F64))
-    return result(mid, _inflated(expr, 7))
+    expr += c.sub_(mid).abs_()
+    return BallTensor(mid, rounding.inflate_to(expr, 7, rounding.rad_dtype(mid.dtype)))
 
 
 def layer_norm_enclosure(xb: BallTensor, k: int, weight, bias, eps: float) -> BallTensor:
@@ -329,8 +347,8 @@ def _gradient_input(mid: torch.Tensor, g: _Ball, z: _Centred | None, k1: _Ball, 
         expr += _inflated(k2.r + torch.abs(k2.c) * (2 * _U), 2)
         n_ops += 1
         extra = 3 * _ETA
-    expr += torch.abs(c - mid.to(_F64))
-    return result(mid, _inflated(expr, n_ops + 2, extra))
+    expr += c.sub_(mid).abs_()
+    return BallTensor(mid, rounding.inflate_to(expr, n_ops + 2, rounding.rad_dtype(mid.dtype), extra))
 
 
 def _dot_ball(g: _Ball, z: _Centred, dims, n: int) -> _Ball:
@@ -340,8 +358,7 @@ def _dot_ball(g: _Ball, z: _Centred, dims, n: int) -> _Ball:
     D.r = sum (|g.c| + g.r) shift + (1+u) sum a g.r + kappa sum a |g.c| + n eta, kappa = u + (u + gamma_(n-1))(1+u)."""
     c = _gsum(g.c * z.d, dims)
     abs_g = torch.abs(g.c)
-    gam = Fraction(rounding.gamma(n - 1, _F64)) if n > 1 else Fraction(0)
-    kappa = rounding.round_up_float(_UF + (_UF + gam) * (1 + _UF))
+    kappa = _up(_UF + (_UF + _gamma(n)) * (1 + _UF))
     r = rounding.add_up(rounding.mul_up(_sum_up(_gsum(z.a * abs_g, dims), n, 1), kappa), float(n) * _ETA)
     shift = z.shift.expand(z.d.shape) if z.shift.shape != z.d.shape else z.shift
     if g.r.dim() or bool(g.r):
@@ -585,10 +602,9 @@ def _mean_ball(m: torch.Tensor, r: torch.Tensor | None, dims, n: int) -> _Ball:
     e >= |mean m - c| bounded a posteriori as in ``_statistics``."""
     c = torch.mean(m, dim=dims, keepdim=True)
     d = m - c
-    gam = Fraction(rounding.gamma(n - 1, _F64)) if n > 1 else Fraction(0)
     sum_a = _sum_up(_gsum(torch.abs(d), dims), n, 0)
-    e = rounding.div_up(rounding.add_up(torch.abs(_gsum(d, dims)),
-                                        rounding.mul_up(sum_a, rounding.round_up_float(_UF + gam))), float(n))
+    e = rounding.div_up(rounding.add_up(torch.abs(_gsum(d, dims)), rounding.mul_up(sum_a, _up(_UF + _gamma(n)))),
+                        float(n))
     if r is not None:
         e = rounding.add_up(e, rounding.div_up(_sum_up(_gsum(r, dims), n, 0), float(n)))
     return _Ball(c, e)

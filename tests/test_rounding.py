@@ -1,0 +1,65 @@
+"""ballgrad.rounding: the one-pass upper bounds (``inflate``, ``inflate_to``) against exact rational arithmetic, on
+adversarial non-negative inputs (zeros, subnormals of both dtypes, values near overflow)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from ballgrad import rounding
+from helpers import EXAMPLES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+NONNEG = st.one_of(
+    st.sampled_from([0.0, 5e-324, 2.0 ** -1022, 1.4e-45, 1.2e-38, 1.0, 3.4e38, 1e300, 1.7e308]),
+    st.floats(0.0, 1e300, allow_nan=False, allow_infinity=False),
+    st.floats(0.0, 1e-300, allow_nan=False, allow_infinity=False),
+    st.floats(1e-50, 1e-30, allow_nan=False, allow_infinity=False),
+)
+
+
+def _expression(a, b, c, d):
+    """a * b + c * d + a, evaluated in float64 round-to-nearest: 5 rounded operations, products of two inputs."""
+    return a * b + c * d + a
+
+
+def _exact(a, b, c, d):
+    fa, fb, fc, fd = (Fraction(float(t)) for t in (a, b, c, d))
+    return fa * fb + fc * fd + fa
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_inflate_and_inflate_to_bound_the_exact_value(examples):
+    @settings(max_examples=examples * 4, deadline=None)
+    @given(st.lists(st.tuples(NONNEG, NONNEG, NONNEG, NONNEG), min_size=1, max_size=8),
+           st.sampled_from([0.0, 1e-40, 3.0]))
+    def run(rows, extra):
+        a, b, c, d = (torch.tensor([r[i] for r in rows], dtype=torch.float64) for i in range(4))
+        expr = _expression(a, b, c, d)
+        wide = rounding.inflate(expr, 5, extra)
+        narrow = rounding.inflate_to(expr, 5, torch.float32, extra)
+        assert narrow.dtype == torch.float32
+        for i, row in enumerate(rows):
+            exact = _exact(*row) + Fraction(extra)
+            for bound in (wide[i], narrow[i]):
+                v = float(bound)
+                assert v == math.inf or Fraction(v) >= exact, (row, extra, v)
+
+    run()
+
+
+def test_inflate_to_turns_nan_into_inf_and_keeps_zero_small():
+    t = torch.tensor([math.nan, math.inf, 0.0, 1.0], dtype=torch.float64)
+    out = rounding.inflate_to(t, 3, torch.float32)
+    assert out[0] == math.inf and out[1] == math.inf
+    assert 0 < float(out[2]) <= 2.0 ** -125  # only the absolute term: tiny, and a normal float32 at most
+    assert 1.0 < float(out[3]) <= 1.0 + 2.0 ** -20  # a few float32 ulps above 1
+
+
+def test_inflate_to_same_dtype_is_inflate():
+    t = torch.tensor([0.5, 3.0], dtype=torch.float32)
+    assert torch.equal(rounding.inflate_to(t, 4, torch.float32), rounding.inflate(t, 4))
