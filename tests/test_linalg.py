@@ -226,14 +226,19 @@ def _cases(examples):
 # Every GEMM test runs with each midpoint-error bound: "measured" (float64 reference, the default; its propagation
 # GEMMs stay in float32 to keep the radius within 2^-17 of the bound it computes) and "a-priori" (gamma_k |A||B|), with
 # radius GEMMs in bfloat16 where this CPU allows (Lemma B) and forced to float32 (the fallback elsewhere).
-GEMM_CONFIGS = ["measured", "a-priori", "a-priori-float32"]
+# "measured-bfloat16" forces the measured bound's bfloat16 propagation GEMMs (``_BF16_PROPAGATION_MIN_MACS``), which
+# otherwise only GEMMs far larger than these tests' take.
+GEMM_CONFIGS = ["measured", "measured-bfloat16", "a-priori", "a-priori-float32"]
 
 
 @pytest.fixture(params=GEMM_CONFIGS)
 def gemm_config(request, monkeypatch):
     if request.param == "a-priori-float32":
         monkeypatch.setattr(linalg, "_BF16_RADIUS", False)
-    with bg.gemm_bound(request.param.split("-float32")[0]):
+    if request.param == "measured-bfloat16":
+        monkeypatch.setattr(linalg, "_BF16_PROPAGATION_MIN_MACS", 0)
+    with bg.gemm_bound(request.param.split("-")[0] if request.param.startswith("measured") else
+                       request.param.split("-float32")[0]):
         yield request.param
 
 

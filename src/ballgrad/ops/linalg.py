@@ -129,6 +129,11 @@ def _mid_error(steps: int, mid_dtype: torch.dtype) -> tuple[Fraction, Fraction]:
 
 
 def _is_point(r: torch.Tensor) -> bool:
+    """Whether every radius is exactly 0 (the operand is an exact point). A large contiguous radius is first probed on
+    a short prefix: one non-zero there decides "not a point" without scanning (a trained parameter's radius is non-zero
+    nearly everywhere); only an all-zero prefix leads to the full scan, so "point" is always a full-scan answer."""
+    if r.numel() > 4096 and r.is_contiguous() and bool(r.reshape(-1)[:256].any()):
+        return False
     return not bool(r.any())
 
 
@@ -231,11 +236,11 @@ def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point
         s = gemm(bf(torch.add(ra, abs_ma, alpha=g_w)), bf(abs_mb))
     else:
         s = gemm(bf(abs_ma), bf(torch.add(rb, abs_mb, alpha=g_w)))
-        s = _BF16_ACCUMULATE[gemm](s, bf(ra).expand(abs_ma.shape), bf(abs_mb.add_(rb)).expand(abs_mb.shape))
+        s = _ACCUMULATE[gemm](s, bf(ra).expand(abs_ma.shape), bf(abs_mb.add_(rb)).expand(abs_mb.shape))
     return s.to(torch.float32).mul_(c1).add_(c2)
 
 
-_BF16_ACCUMULATE = {aten.mm.default: torch.addmm, aten.bmm.default: torch.baddbmm, aten.mv.default: torch.addmv}
+_ACCUMULATE = {aten.mm.default: torch.addmm, aten.bmm.default: torch.baddbmm, aten.mv.default: torch.addmv}
 
 
 def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: torch.dtype) -> torch.Tensor:
@@ -303,9 +308,9 @@ def _propagation_bound(plain, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: tor
     prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim, rad_dtype)
     if prop is None:
         return None
-    s, n = prop
+    s, n, scale = prop
     wd = s.dtype
-    th = rounding.theta(n, rounding.unit_roundoff_exact(wd))
+    th = rounding.theta(n, rounding.unit_roundoff_exact(wd)) * scale
     bound = rounding.up(torch.add(rounding.up(torch.mul(s, rounding.round_up_float(th, wd))),
                                   rounding.absolute_term(th * n * Fraction(rounding.eta(wd)), wd)))
     return bound.to(_F64)
@@ -342,8 +347,13 @@ def _row_col_bounds(ma: torch.Tensor, mb: torch.Tensor, k: int, b_dim: int, scal
 
 
 def _propagation_gemm(plain, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: torch.dtype = torch.float32):
-    """(s, n) with |mA| rB + rA |mB| + rA rB <= theta_n (s + n eta) (F3 for one non-negative GEMM of inner dimension
-    n in ``work_dtype(rad_dtype, n)``, s's dtype), or None when both operands are points."""
+    """(s, n, scale) with |mA| rB + rA |mB| + rA rB <= scale theta_n (s + n eta) (F3 for non-negative GEMMs of inner
+    dimension n in ``work_dtype(rad_dtype, n)``, s's dtype), or None when both operands are points.
+
+    Two balls: |mA| rB + rA (|mB| + rB), 2k non-negative products. mm/bmm/mv accumulate the second product onto the
+    first with their add-form (addmm/baddbmm/addmv: some summation order of the 2k products, which F3 covers with
+    n = 2k); other ops take one GEMM of concatenated operands. |mB| + rB is rounded to nearest, and an addition of
+    non-negative floats loses at most a factor (1 - u) (no underflow), so scale = 1/(1 - u); otherwise scale = 1."""
     a_point, b_point = _is_point(ra), _is_point(rb)
     if a_point and b_point:
         return None
@@ -352,12 +362,27 @@ def _propagation_gemm(plain, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: torc
     abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
     ra, rb = ra.to(wd), rb.to(wd)
     if a_point:
-        return plain(abs_ma, rb.expand(abs_mb.shape)), n
+        return plain(abs_ma, rb.expand(abs_mb.shape)), n, Fraction(1)
     if b_point:
-        return plain(ra.expand(abs_ma.shape), abs_mb), n
-    left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
-    right = torch.cat([rb.expand(abs_mb.shape), rounding.up(abs_mb.add_(rb))], dim=b_dim)  # >= |mB| + rB
-    return plain(left, right), n
+        return plain(ra.expand(abs_ma.shape), abs_mb), n, Fraction(1)
+    first = rb.expand(abs_mb.shape)
+    accumulate = _ACCUMULATE.get(plain)
+    if accumulate is not None:
+        s = accumulate(plain(abs_ma, first), ra.expand(abs_ma.shape), abs_mb.add_(rb))
+    else:
+        left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
+        s = plain(left, torch.cat([first, abs_mb.add_(rb)], dim=b_dim))
+    return s, n, 1 / (1 - rounding.unit_roundoff_exact(wd))
+
+
+# Radius GEMMs of the measured bound run in bfloat16 (Lemma B) from this many multiply-adds (m n k) on, where the
+# GEMMs dominate the cost; smaller ones keep float32 (the bfloat16 operands make the propagated radius up to ~3%
+# wider, which costs nothing measurable to avoid on small GEMMs).
+_BF16_PROPAGATION_MIN_MACS = 2**26
+
+
+def _bf16_propagation(plain, m: torch.Tensor, k: int) -> bool:
+    return (plain in _ACCUMULATE and m.numel() * k >= _BF16_PROPAGATION_MIN_MACS and _bf16_radius_gemms())
 
 
 def _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=1.0, bias_terms=()):
@@ -376,10 +401,21 @@ def _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64
     t.mul_(_RESIDUAL_FACTOR)
     absolute = _ETA32 / 2 * Fraction(_RESIDUAL_FACTOR) + a64
     n_ops = 1
-    prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim) if k > 0 and alpha != 0 else None
+    prop = None
+    if k > 0 and alpha != 0 and _bf16_propagation(plain, m, k):
+        a_point, b_point = _is_point(ra), _is_point(rb)
+        if not (a_point and b_point):
+            bound = _bf16_bracket(plain, ma, ra.to(f32), mb, rb.to(f32), k, Fraction(0), b_dim, a_point, b_point)
+            if bound is not None:  # Lemma B: an upper bound of the propagation term itself
+                t.add_(bound, alpha=rounding.round_up_float(abs(Fraction(alpha)), f32))
+                n_ops += 2
+            else:
+                prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim)
+    elif k > 0 and alpha != 0:
+        prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim)
     if prop is not None:
-        s, n = prop
-        th = rounding.theta(n, _U32) * abs(Fraction(alpha))
+        s, n, scale = prop
+        th = rounding.theta(n, _U32) * abs(Fraction(alpha)) * scale
         t.add_(s, alpha=rounding.round_up_float(th, f32))
         absolute += th * n * _ETA32
         n_ops += 2

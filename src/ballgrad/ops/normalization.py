@@ -53,6 +53,7 @@ from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import mids, recentre, result
 from ballgrad.ops.conv import _channel_shape, _check_float_input
 from ballgrad.ops.elementwise import _rsqrt_enclose
+from ballgrad.ops.linalg import _is_point as linalg_is_point
 from ballgrad.ops.reductions import _from_bounds
 from ballgrad.ops.registry import rule
 from ballgrad.tensor import BallTensor
@@ -98,7 +99,7 @@ def _as_ball(x, shape=None) -> _Ball | None:
 
 
 def _is_point(x) -> bool:
-    return not isinstance(x, BallTensor) or not bool(x.rad.any())
+    return not isinstance(x, BallTensor) or linalg_is_point(x.rad)
 
 
 def _centre_error(c: torch.Tensor) -> torch.Tensor:
