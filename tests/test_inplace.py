@@ -1,6 +1,7 @@
 """In-place ops, lerp and _foreach_* ops: midpoints identical to PyTorch's in-place kernels, balls contain the
 exact results."""
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -107,3 +108,55 @@ def test_foreach_inplace_returns_none_and_updates():
     L = [bg.ball(torch.ones(2), 0.0), bg.ball(torch.full((2,), 2.0), 0.0)]
     torch._foreach_add_(L, 0.1)
     assert bool(L[0].contains([Fraction(11, 10)] * 2).all()) and bool(L[1].contains([Fraction(21, 10)] * 2).all())
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+@pytest.mark.parametrize("op", ["add_", "sub_"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_scaled_add_in_place_fast_path(op, dtype, examples):
+    """x.add_(y, alpha=a) (the optimizer step) updates the radius in place (``inplace._scaled_add_in_place``): the
+    midpoint is PyTorch's, the ball contains x + a y (x - a y) for every point, and the radius equals the general
+    path's (functional rule, then written back) up to the order of the same six rounded operations."""
+
+    @settings(max_examples=examples, deadline=None)
+    @given(balls(dtype, (5,), allow_inf_radius=False), balls(dtype, (5,), allow_inf_radius=False),
+           st.sampled_from([-1e-3, 0.1, -3.0, 2.0 ** -30, 1e30, 0.0]))
+    def run(x, y, alpha):
+        plain = x.mid.clone()
+        getattr(plain, op)(y.mid, alpha=alpha)
+        general = getattr(torch, op.rstrip("_"))(x, y, alpha=alpha)
+        fast = bg.ball(x.mid.clone(), x.rad.clone())
+        storages = (fast.mid.data_ptr(), fast.rad.data_ptr())
+        getattr(fast, op)(y, alpha=alpha)
+        assert storages == (fast.mid.data_ptr(), fast.rad.data_ptr())
+        assert_same_bits(fast.mid, plain)
+        finite = torch.isfinite(general.rad) & torch.isfinite(fast.rad)
+        assert bool((torch.isinf(fast.rad) == torch.isinf(general.rad)).all())
+        assert bool((fast.rad[finite] <= general.rad[finite] * (1 + 2.0 ** -20) + 1e-300).all())
+        sign = 1 if op == "add_" else -1
+        for i in range(5):
+            values = [float(t[i]) for t in (x.mid, x.rad, y.mid, y.rad, fast.rad)]
+            if not all(map(math.isfinite, values)):
+                continue
+            xm, xr, ym, yr, r = map(Fraction, values)
+            for sx, sy in ((-1, 1), (1, -1), (0, 0), (1, 1)):  # exact corner points of the two balls
+                exact = xm + sx * xr + sign * Fraction(alpha) * (ym + sy * yr)
+                assert abs(exact - Fraction(float(fast.mid[i]))) <= r
+
+    run()
+
+
+def test_scaled_add_in_place_aliasing_and_broadcasting_take_the_general_path():
+    """x.add_(x, alpha=2), a broadcast operand and an expanded (stride-0) radius all go through the general rule."""
+    x = bg.ball(torch.tensor([1.0, -2.0, 3.0]), 2.0 ** -20)
+    x.add_(x, alpha=2.0)
+    assert_same_bits(x.mid, torch.tensor([3.0, -6.0, 9.0]))
+    assert bool((x.rad >= 3 * 2.0 ** -20).all())
+    y = bg.ball(torch.tensor([1.0, 2.0, 3.0]), 2.0 ** -20)
+    y.add_(bg.ball(torch.tensor(0.5), 2.0 ** -10), alpha=-2.0)
+    assert_same_bits(y.mid, torch.tensor([0.0, 1.0, 2.0]))
+    assert bool((y.rad >= 2.0 ** -9).all())
+    z = bg.BallTensor(torch.tensor([1.0, 2.0]), torch.zeros(()).expand(2))
+    z.add_(bg.ball(torch.tensor([1.0, 1.0]), 2.0 ** -12), alpha=0.5)
+    assert_same_bits(z.mid, torch.tensor([1.5, 2.5]))
+    assert bool((z.rad >= 2.0 ** -13).all())

@@ -234,6 +234,12 @@ def inflate(c: torch.Tensor, n_ops: int, extra: Fraction | float = 0) -> torch.T
     return torch.mul(c, phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
+def inflate_(c: torch.Tensor, n_ops: int, extra: Fraction | float = 0) -> torch.Tensor:
+    """``inflate`` in place (c is overwritten with the bound; same constants and proof)."""
+    phi, a = _inflation_constants(n_ops, c.dtype, Fraction(extra))
+    return c.mul_(phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
 @functools.lru_cache(maxsize=1024)
 def _inflation_constants(n_ops: int, dtype: torch.dtype, extra: Fraction = Fraction(0)) -> tuple[float, float]:
     """(phi, a) of ``inflate``: phi >= (1+u)^n/(1-u)^2, a >= ((n+1) eta (1+u)^n + extra)/(1-u) (at least realmin)."""

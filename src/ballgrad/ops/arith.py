@@ -8,6 +8,7 @@ Every radius expression is a sum of pairwise products of non-negative inputs, tu
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -56,15 +57,24 @@ def _add_rad(m, a, b, alpha, sign=1):
             error = rounding.exact_sum_error(ma, mb * sign, m)
             return _exact_or_inflated((ra == 0) & (rb == 0), ra + rb, error, 2)
         return rounding.inflate(ra + rb + abs_m * u, 3)
-    mal, ral = operand(alpha, m.dtype)
-    a_up = rounding.round_up_float(abs(float(mal)) + float(ral), ra.dtype)
-    coef = rounding.round_up_float(Fraction(float(ral)) + Fraction(rounding.round_up_float(2 * u * a_up, ra.dtype)),
-                                   ra.dtype)
+    a_up, coef = alpha_constants(alpha, m.dtype, ra.dtype)
     # c = |m| u + ra + a_up rb + coef |mb|, accumulated in place in the fresh |m| (3 products, 3 additions); the + eta
     # is left to inflate, whose absolute term (n+1) eta (1+u)^n/(1-u) exceeds (1+u)^n (eta + n eta/2) for n >= 1
     c = abs_m.mul_(u)
     c.add_(ra).add_(rb, alpha=a_up).add_(torch.abs(mb).to(c.dtype), alpha=coef)
     return rounding.inflate(c, 7)
+
+
+@functools.lru_cache(maxsize=256)
+def alpha_constants(alpha: float, mid_dtype: torch.dtype, rad_dtype: torch.dtype) -> tuple[float, float]:
+    """(Aup, C) of ``_add_rad``'s alpha != 1 bound: Aup >= |alpha'| + ralpha, C >= ralpha + 2u Aup, rounded up, where
+    alpha' is the kernel's cast of the Python number alpha to ``mid_dtype`` and ralpha = |alpha - alpha'|."""
+    mal, ral = operand(alpha, mid_dtype)
+    u = rounding.op_roundoff(mid_dtype)
+    a_up = rounding.round_up_float(abs(float(mal)) + float(ral), rad_dtype)
+    coef = rounding.round_up_float(Fraction(float(ral)) + Fraction(rounding.round_up_float(2 * u * a_up, rad_dtype)),
+                                   rad_dtype)
+    return a_up, coef
 
 
 def _non_float(func, m, a, b, logical):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ballgrad import rounding
+from ballgrad.ops.arith import alpha_constants
 from ballgrad.ops.common import mids
 from ballgrad.ops.registry import RULES, rule
 from ballgrad.tensor import BallTensor
@@ -91,6 +92,35 @@ def _functional_rule(func):
     return functional, fn
 
 
+_SCALED_ADDS = {aten.add_.Tensor, aten.sub_.Tensor}
+
+
+def _scaled_add_in_place(func, self: BallTensor, other, alpha) -> bool:
+    """x.add_(y, alpha=a) / x.sub_(y, alpha=a) with a != 1 (the optimizer step p -= lr g), updating ``self.rad`` in
+    place instead of through the functional rule and a copy. The bound is ``arith._add_rad``'s, word for word:
+    r_new = inflate(ra + Aup rb + C |mb| + u |m|, 7) with m the kernel's new midpoint (the functional kernel's value:
+    the in-place kernel is the same computation) and (Aup, C) = ``arith.alpha_constants``. Taken only when nothing can
+    alias or broadcast into ``self``: float32/float64 balls of one dtype, self's radius a dense tensor of its own
+    shape, other a different ball of the same shape; returns False otherwise (the general path then runs)."""
+    if (func not in _SCALED_ADDS or not isinstance(other, BallTensor) or other is self or isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float)) or alpha == 1 or self.dtype not in (torch.float32, torch.float64)
+            or other.dtype != self.dtype or other.shape != self.shape or self.rad.dtype != self.dtype
+            or other.rad.dtype != self.dtype or not self.rad.is_contiguous() or self.rad.shape != self.shape
+            or other.mid.data_ptr() in (self.mid.data_ptr(), self.rad.data_ptr())
+            or other.rad.data_ptr() == self.rad.data_ptr()):
+        return False
+    a_up, coef = alpha_constants(float(alpha), self.dtype, self.rad.dtype)
+    u = rounding.op_roundoff(self.dtype)
+    rad = self.rad
+    rad.add_(other.rad, alpha=a_up)
+    scratch = torch.abs(other.mid)
+    rad.add_(scratch, alpha=coef)
+    func(self.mid, other.mid, alpha=alpha)
+    rad.add_(torch.abs(self.mid, out=scratch), alpha=u)
+    rounding.inflate_(rad, 7)
+    return True
+
+
 @rule(*INPLACE_TO_FUNCTIONAL)
 def inplace(func, self, *args, **kwargs):
     """See the module docstring: functional ball, PyTorch's in-place midpoint, radius r + |mid - c|."""
@@ -99,6 +129,8 @@ def inplace(func, self, *args, **kwargs):
             f"{func}: a plain tensor is updated in place with a BallTensor operand; the result would drop the "
             "radius. Make the target a ball (ballgrad.ball(t)) or use the operand's .mid deliberately."
         )
+    if len(args) == 1 and _scaled_add_in_place(func, self, args[0], kwargs.get("alpha", 1)):
+        return self
     functional, fn = _functional_rule(func)
     enclosure = fn(functional, self, *args, **kwargs)
     func(self.mid, *mids(args), **mids(kwargs))
