@@ -331,13 +331,27 @@ def _residual32(m: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.sub(m, reference).abs_().to(torch.float32)
 
 
+@functools.lru_cache(maxsize=1024)
+def _scaled_theta64(k: int, scale: Fraction) -> float:
+    """theta_k scale rounded up to float64 (``_row_col_bounds``; cached: rational arithmetic costs ~100 us per GEMM)."""
+    return rounding.round_up_float(rounding.theta(k, _U64) * scale, _F64)
+
+
+@functools.lru_cache(maxsize=1024)
+def _propagation_constants(n: int, alpha: Fraction, scale: Fraction) -> tuple[float, Fraction]:
+    """(C_s, A_s) of ``_measured_radius_f32``: C_s >= |alpha| theta_n scale (float32, rounded up) and the absolute
+    term A_s = |alpha| theta_n scale n eta32 (exact)."""
+    th = rounding.theta(n, _U32) * abs(alpha) * scale
+    return rounding.round_up_float(th, torch.float32), th * n * _ETA32
+
+
 def _row_col_bounds(ma: torch.Tensor, mb: torch.Tensor, k: int, b_dim: int, scale: Fraction):
     """(rows, cols), float32, broadcasting to the output, with scale (|mA||mB|)_il <= rows_i cols_l exactly:
     rows_i >= scale sum_j |mA_ij| (float64 sum of exact terms, F3 via theta_k, then scaled and rounded up: vectors,
     so nextafter is cheap here) and cols_l = max_j |mB_jl| (exact). None when k == 0 (the product is exactly 0)."""
     if k == 0:
         return None
-    th = rounding.round_up_float(rounding.theta(k, _U64) * scale, _F64)
+    th = _scaled_theta64(k, scale)
     rows = rounding.to_dtype_up(rounding.up(torch.mul(torch.sum(torch.abs(ma), dim=-1, dtype=_F64), th)),
                                 torch.float32)
     cols = torch.amax(torch.abs(mb), dim=b_dim).to(torch.float32)
@@ -415,9 +429,9 @@ def _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64
         prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim)
     if prop is not None:
         s, n, scale = prop
-        th = rounding.theta(n, _U32) * abs(Fraction(alpha)) * scale
-        t.add_(s, alpha=rounding.round_up_float(th, f32))
-        absolute += th * n * _ETA32
+        coef, prop_absolute = _propagation_constants(n, Fraction(alpha), scale)
+        t.add_(s, alpha=coef)
+        absolute += prop_absolute
         n_ops += 2
     bounds = _row_col_bounds(ma, mb, k, b_dim, g64 * abs(Fraction(alpha))) if alpha != 0 else None
     if bounds is not None:
