@@ -571,3 +571,25 @@ def test_linear_backward_gradients_contain_exact(gemm_config):
         grad_b = [sum(2 * y[i][j] for i in range(5)) for j in range(3)]
         assert bool(w.grad.contains(grad_w).all())
         assert bool(b.grad.contains(grad_b).all())
+
+
+@pytest.mark.parametrize("bias_shape", [None, (5,), (7, 5), (1, 5)])
+def test_blocked_float64_reference_contains_exact(bias_shape, monkeypatch):
+    """Outputs larger than ``_REFERENCE_BLOCK`` get their float64 reference a block of rows at a time (memory); forced
+    here on small shapes (blocks of 2 rows out of 7): containment and midpoints as in the unblocked rule, and radii
+    equal to the unblocked ones up to the reference's own float64 rounding."""
+    gen = torch.Generator().manual_seed(11)
+    a = make_operand((7, 6), torch.float32, gen, "ball")
+    b = make_operand((6, 5), torch.float32, gen, "ball")
+    bias = None if bias_shape is None else make_operand(bias_shape, torch.float32, gen, "ball")
+    unblocked = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b, beta=0.5, alpha=-2.0)
+    monkeypatch.setattr(linalg, "_REFERENCE_BLOCK", 10)
+    with bg.gemm_bound("measured"):
+        if bias is None:
+            out = check_gemm(torch.mm, [a, b], exact_matmul)
+        else:
+            out = check_gemm(lambda c, x, y: torch.addmm(c, x, y, beta=0.5, alpha=-2.0), [bias, a, b],
+                             lambda c, x, y: exact_addmm(c, x, y, 0.5, -2.0, (7, 5)))
+    finite = torch.isfinite(unblocked.rad)
+    assert torch.equal(torch.isfinite(out.rad), finite)
+    assert torch.allclose(out.rad[finite], unblocked.rad[finite], rtol=2.0 ** -20, atol=0)

@@ -101,8 +101,9 @@ import torch
 from ballgrad import guard, rounding
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import finite_only as _finite_only
-from ballgrad.ops.common import nan_where_not_finite, operand, result
+from ballgrad.ops.common import operand, result
 from ballgrad.ops.registry import rule
+from ballgrad.tensor import BallTensor
 
 aten = torch.ops.aten
 
@@ -240,7 +241,9 @@ def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point
     return s.to(torch.float32).mul_(c1).add_(c2)
 
 
-_ACCUMULATE = {aten.mm.default: torch.addmm, aten.bmm.default: torch.baddbmm, aten.mv.default: torch.addmv}
+# C += A B in place (no second output-sized temporary): the add-forms that accumulate a second product onto a first
+_ACCUMULATE = {aten.mm.default: torch.Tensor.addmm_, aten.bmm.default: torch.Tensor.baddbmm_,
+               aten.mv.default: torch.Tensor.addmv_}
 
 
 def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: torch.dtype) -> torch.Tensor:
@@ -327,8 +330,34 @@ def _residual32(m: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """e (float32) with |m - reference| <= (e + eta32/2)/((1 - u32)(1 - u64)): the float64 difference (m widened
     exactly; one rounding, relative u64) then one round-to-nearest conversion to float32 (relative u32, or an absolute
     eta32/2 below realmin; an overflow gives +inf). Three passes; the caller scales by ``_RESIDUAL_FACTOR`` and adds
-    the eta32/2 term to its absolute constant."""
+    the eta32/2 term to its absolute constant. A ``reference`` of m's shape is overwritten (it is not needed after
+    this, and a float64 output-sized temporary is what sets the rules' peak memory)."""
+    if reference.shape == m.shape:
+        return reference.sub_(m).abs_().to(torch.float32)
     return torch.sub(m, reference).abs_().to(torch.float32)
+
+
+# Float64 reference GEMMs are evaluated a block of output rows at a time when the output is larger than this many
+# elements, so that the float64 output never sets the rule's peak memory (it is 2x the float32 output).
+_REFERENCE_BLOCK = 2**20
+
+
+def _blocked_residual(m: torch.Tensor, mb: torch.Tensor, reference_rows) -> torch.Tensor:
+    """``_residual32(m, R)`` (float32 |m - R| rounded to nearest, same bound) where ``reference_rows(i, j, mb64)``
+    returns the float64 reference R[i:j] of a 2-D output (i, j None: all of it) given B widened to float64: each element
+    of R is the same float64 dot product whether it is computed with its whole matrix or with a block of rows (F3 is
+    per element), and the float64 -> float32 copy rounds to nearest like ``.to``. The float64 copy of B lives only
+    while it is used."""
+    rows = m.shape[0] if m.dim() == 2 else 0
+    step = max(1, _REFERENCE_BLOCK // max(m.shape[-1], 1)) if m.dim() == 2 else 0
+    if m.dim() != 2 or rows <= step:
+        return _residual32(m, reference_rows(None, None, mb.to(_F64)))
+    mb64 = mb.to(_F64)
+    e = torch.empty(m.shape, dtype=torch.float32, device=m.device)
+    for i in range(0, rows, step):
+        j = min(i + step, rows)
+        e[i:j].copy_(reference_rows(i, j, mb64).sub_(m[i:j]).abs_())
+    return e
 
 
 @functools.lru_cache(maxsize=1024)
@@ -399,9 +428,10 @@ def _bf16_propagation(plain, m: torch.Tensor, k: int) -> bool:
     return (plain in _ACCUMULATE and m.numel() * k >= _BF16_PROPAGATION_MIN_MACS and _bf16_radius_gemms())
 
 
-def _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=1.0, bias_terms=()):
+def _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=1.0, bias_terms=()):
     """Float32 upper bound of |m - R| + g64 |alpha| |mA||mB| + a64 + |alpha| (|mA| rB + rA |mB| + rA rB) + sum of
-    ``bias_terms`` (pairs (t, c): c t with t >= 0 float32 exact, c a Fraction), where R is the float64 reference.
+    ``bias_terms`` (pairs (t, c): c t with t >= 0 float32 exact, c a Fraction), where R is the float64 reference and
+    e = ``_residual32(m, R)`` (computed by the caller, so that R is freed before the radius GEMMs allocate).
 
     t = e C_e + s C_s + rows cols + sum t_j C_j + A with e = ``_residual32``, (s, n) = ``_propagation_gemm``, rows and
     cols from ``_row_col_bounds`` (scale g64 |alpha|), constants rounded up: C_e >= 1/((1 - u32)(1 - u64)),
@@ -410,8 +440,7 @@ def _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64
     extra=A)`` (its lemma) bounds the rounding of t's evaluation plus A: n_ops counts the first multiplication and
     one multiplication and one addition per further term. The result is >= the exact bound term by term."""
     f32 = torch.float32
-    t = _residual32(m, reference)
-    t = t.expand(m.shape).clone() if t.shape != m.shape else t
+    t = e.expand(m.shape).clone() if e.shape != m.shape else e
     t.mul_(_RESIDUAL_FACTOR)
     absolute = _ETA32 / 2 * Fraction(_RESIDUAL_FACTOR) + a64
     n_ops = 1
@@ -440,7 +469,7 @@ def _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64
     for term, coef in bias_terms:
         t.add_(term.to(f32), alpha=rounding.round_up_float(coef, f32))
         n_ops += 2
-    return rounding.inflate(t, n_ops, extra=absolute)
+    return rounding.inflate_(t, n_ops, extra=absolute)  # t is this function's own buffer
 
 
 def _check_fp32_gemm_precision() -> None:
@@ -489,11 +518,12 @@ def gemm(func, a, b):
     rd = rounding.rad_dtype(m.dtype)
     plain = _PLAIN_GEMM[func]
     if _measures(m, k):
-        reference = plain(ma.to(_F64), mb.to(_F64))
         g64, a64 = _mid_error(k, _F64)
         if rounding.work_dtype(rd, 2 * k) == torch.float32:
-            rad = _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64)
-            return result(m, nan_where_not_finite(m, rad))
+            e = _blocked_residual(m, mb, lambda i, j, mb64: plain(ma[i:j].to(_F64), mb64))
+            # the radius is +inf or NaN (made +inf by inflate) wherever m is not finite: |m - R| is then inf or NaN
+            return BallTensor(m, _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64))
+        reference = plain(ma.to(_F64), mb.to(_F64))
         rad = _checked_bracket(plain, m, ma, ra, mb, rb, k, b_dim, rd, reference)
         return result(m, _finite_only(m, rounding.clean_rad(rad)))
     g, abs_err = _mid_error(k, m.dtype)
@@ -525,7 +555,10 @@ def addmm(func, bias, a, b, *, beta=1, alpha=1):
     ma, ra, mb, rb, k, b_dim = _operands(m, a, b)
     rd = rounding.rad_dtype(m.dtype)
     if _measures(m, k):
-        return result(m, _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd))
+        rad = _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd)
+        if rad.shape == m.shape and rad.dtype == rd:  # already clean and full size: no copy
+            return BallTensor(m, rad)
+        return result(m, rad)
     steps = k + 2
     g, abs_err = _mid_error(steps, m.dtype)
     alpha_f, beta_f = Fraction(float(alpha)), Fraction(float(beta))
@@ -579,22 +612,34 @@ def _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd):
     the last factor from ``_propagation_bound``. One float64 GEMM (the reference addmm) per call."""
     alpha_f, beta_f = float(alpha), float(beta)
     plain = _PLAIN_GEMM[func]
-    ma64, mb64 = ma.to(_F64), mb.to(_F64)
     g64, a64 = _mid_error(k + 2, _F64)
     if rounding.work_dtype(rd, 2 * k) == torch.float32:
         bias_terms = []
+        product = alpha_f != 0 and k > 0
         if beta_f != 0:
             mc, rc = operand(bias, m.dtype)
             rc = _daz_radius(mc, rc, m.dtype)
             mc64 = mc.to(_F64)
-            reference = (func(mc64, ma64, mb64, beta=beta_f, alpha=alpha_f) if (alpha_f != 0 and k > 0)
-                         else mc64 * beta_f)
+            full_rows = m.dim() == 2 and mc64.dim() == 2 and mc64.shape[0] == m.shape[0] and m.shape[0] > 1
+
+            def reference_rows(i, j, mb64):
+                bias_rows = mc64[i:j] if full_rows else mc64
+                if product:
+                    return func(bias_rows, ma[i:j].to(_F64), mb64, beta=beta_f, alpha=alpha_f)
+                return (bias_rows * beta_f).expand(m[i:j].shape if i is not None else m.shape).clone()
+
             bias_terms = [(rc, abs(Fraction(beta_f))), (torch.abs(mc), g64 * abs(Fraction(beta_f)))]
         else:
-            reference = plain(ma64, mb64) * alpha_f if (alpha_f != 0 and k > 0) else torch.zeros_like(m, dtype=_F64)
-        rad = _measured_radius_f32(m, reference, plain, ma, ra, mb, rb, k, b_dim, g64, a64,
-                                   alpha=alpha_f if k > 0 else 0.0, bias_terms=bias_terms)
-        return nan_where_not_finite(m, rad)
+            def reference_rows(i, j, mb64):
+                if product:
+                    return plain(ma[i:j].to(_F64), mb64).mul_(alpha_f)
+                return torch.zeros(m[i:j].shape if i is not None else m.shape, dtype=_F64, device=m.device)
+
+        e = _blocked_residual(m, mb, reference_rows)
+        # +inf (via inflate's NaN -> inf) wherever m is not finite, as in ``gemm``
+        return _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64,
+                                    alpha=alpha_f if k > 0 else 0.0, bias_terms=bias_terms)
+    ma64, mb64 = ma.to(_F64), mb.to(_F64)
     terms = torch.zeros((), dtype=_F64)
     if beta_f != 0:
         mc, rc = operand(bias, m.dtype)
