@@ -216,7 +216,7 @@ _COMPUTED = (1 + _U32) / (1 - _U32) ** 2 * _TO_BF16  # a factor of <= 2 float32 
 
 
 def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point: bool, b_point: bool,
-                  extra: Fraction = Fraction(0)):
+                  extra: Fraction = Fraction(0), raw: bool = False):
     """The bracket of ``_bracket`` (float32 radii) plus ``extra`` from bfloat16 GEMMs (Lemma B in the module
     docstring), or None where Lemma B's constants do not apply. Both balls: S = X1 Y1 + X2 Y2 as one bfloat16
     addmm(mm(X1, Y1), X2, Y2) with X1 = |mA|, Y1 = rB + g'|mB|, X2 = rA, Y2 = |mB| + rB (inner dimension k each;
@@ -238,6 +238,8 @@ def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point
     else:
         s = gemm(bf(abs_ma), bf(torch.add(rb, abs_mb, alpha=g_w)))
         s = _ACCUMULATE[gemm](s, bf(ra).expand(abs_ma.shape), bf(abs_mb.add_(rb)).expand(abs_mb.shape))
+    if raw:  # (S^, C1, C2) with the bound C1 S^ + C2, for a caller that folds it into its own inflate
+        return s, c1, c2
     return s.to(torch.float32).mul_(c1).add_(c2)
 
 
@@ -448,9 +450,12 @@ def _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=
     if k > 0 and alpha != 0 and _bf16_propagation(plain, m, k):
         a_point, b_point = _is_point(ra), _is_point(rb)
         if not (a_point and b_point):
-            bound = _bf16_bracket(plain, ma, ra.to(f32), mb, rb.to(f32), k, Fraction(0), b_dim, a_point, b_point)
-            if bound is not None:  # Lemma B: an upper bound of the propagation term itself
-                t.add_(bound, alpha=rounding.round_up_float(abs(Fraction(alpha)), f32))
+            bound = _bf16_bracket(plain, ma, ra.to(f32), mb, rb.to(f32), k, Fraction(0), b_dim, a_point, b_point,
+                                  raw=True)
+            if bound is not None:  # Lemma B: the propagation term is <= C1 S^ + C2 (S^ the bfloat16 GEMM, exact)
+                s_hat, c1, c2 = bound
+                t.add_(s_hat, alpha=rounding.round_up_float(abs(Fraction(alpha)) * Fraction(c1), f32))
+                absolute += abs(Fraction(alpha)) * Fraction(c2)
                 n_ops += 2
             else:
                 prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim)
