@@ -573,23 +573,27 @@ def test_linear_backward_gradients_contain_exact(gemm_config):
         assert bool(b.grad.contains(grad_b).all())
 
 
+@pytest.mark.parametrize("block", [10, 12], ids=["rows", "columns"])  # A 7x6 vs B 6x5: rows; B 6x7: columns
 @pytest.mark.parametrize("bias_shape", [None, (5,), (7, 5), (1, 5)])
-def test_blocked_float64_reference_contains_exact(bias_shape, monkeypatch):
+def test_blocked_float64_reference_contains_exact(bias_shape, block, monkeypatch):
     """Outputs larger than ``_REFERENCE_BLOCK`` get their float64 reference a block of rows at a time (memory); forced
     here on small shapes (blocks of 2 rows out of 7): containment and midpoints as in the unblocked rule, and radii
-    equal to the unblocked ones up to the reference's own float64 rounding."""
+    equal to the unblocked ones up to the reference's own float64 rounding. Blocks run over rows when B is the
+    smaller operand (B 6x5 < A 7x6) and over columns otherwise (B 6x9 > A 7x6)."""
     gen = torch.Generator().manual_seed(11)
+    n = 5 if block == 10 else 9
     a = make_operand((7, 6), torch.float32, gen, "ball")
-    b = make_operand((6, 5), torch.float32, gen, "ball")
+    b = make_operand((6, n), torch.float32, gen, "ball")
+    bias_shape = None if bias_shape is None else tuple(n if d == 5 else d for d in bias_shape)
     bias = None if bias_shape is None else make_operand(bias_shape, torch.float32, gen, "ball")
     unblocked = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b, beta=0.5, alpha=-2.0)
-    monkeypatch.setattr(linalg, "_REFERENCE_BLOCK", 10)
+    monkeypatch.setattr(linalg, "_REFERENCE_BLOCK", block)
     with bg.gemm_bound("measured"):
         if bias is None:
             out = check_gemm(torch.mm, [a, b], exact_matmul)
         else:
             out = check_gemm(lambda c, x, y: torch.addmm(c, x, y, beta=0.5, alpha=-2.0), [bias, a, b],
-                             lambda c, x, y: exact_addmm(c, x, y, 0.5, -2.0, (7, 5)))
+                             lambda c, x, y: exact_addmm(c, x, y, 0.5, -2.0, (7, n)))
     finite = torch.isfinite(unblocked.rad)
     assert torch.equal(torch.isfinite(out.rad), finite)
     assert torch.allclose(out.rad[finite], unblocked.rad[finite], rtol=2.0 ** -20, atol=0)

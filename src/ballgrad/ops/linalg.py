@@ -339,26 +339,33 @@ def _residual32(m: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.sub(m, reference).abs_().to(torch.float32)
 
 
-# Float64 reference GEMMs are evaluated a block of output rows at a time when the output is larger than this many
-# elements, so that the float64 output never sets the rule's peak memory (it is 2x the float32 output).
-_REFERENCE_BLOCK = 2**20
+# Float64 reference GEMMs are evaluated a block of the output at a time when the output has more than this many
+# elements, so that the float64 output (2x the float32 one) and the float64 operand copies do not set the rule's peak
+# memory.
+_REFERENCE_BLOCK = 2**15
 
 
-def _blocked_residual(m: torch.Tensor, mb: torch.Tensor, reference_rows) -> torch.Tensor:
-    """``_residual32(m, R)`` (float32 |m - R| rounded to nearest, same bound) where ``reference_rows(i, j, mb64)``
-    returns the float64 reference R[i:j] of a 2-D output (i, j None: all of it) given B widened to float64: each element
-    of R is the same float64 dot product whether it is computed with its whole matrix or with a block of rows (F3 is
-    per element), and the float64 -> float32 copy rounds to nearest like ``.to``. The float64 copy of B lives only
-    while it is used."""
-    rows = m.shape[0] if m.dim() == 2 else 0
-    step = max(1, _REFERENCE_BLOCK // max(m.shape[-1], 1)) if m.dim() == 2 else 0
-    if m.dim() != 2 or rows <= step:
-        return _residual32(m, reference_rows(None, None, mb.to(_F64)))
-    mb64 = mb.to(_F64)
+def _blocked_residual(m: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, reference_block) -> torch.Tensor:
+    """``_residual32(m, R)`` (float32 |m - R| rounded to nearest, same bound) where ``reference_block(rows, cols,
+    ma64, mb64)`` returns the float64 reference R[rows, cols] of a 2-D output from the operands' matching rows / columns
+    widened to float64 (rows, cols None: all of R, from all of A and B). Each element of R is the same float64 dot
+    product whether computed with the whole matrices or with a block (F3 is per element), and the float64 -> float32
+    copy rounds to nearest like ``.to``. Blocks run over the columns (holding A in float64) when A is the smaller
+    operand, else over the rows (holding B)."""
+    if m.dim() != 2 or m.numel() <= _REFERENCE_BLOCK:
+        return _residual32(m, reference_block(None, None, ma.to(_F64), mb.to(_F64)))
+    rows, cols = m.shape
     e = torch.empty(m.shape, dtype=torch.float32, device=m.device)
-    for i in range(0, rows, step):
-        j = min(i + step, rows)
-        e[i:j].copy_(reference_rows(i, j, mb64).sub_(m[i:j]).abs_())
+    if ma.numel() <= mb.numel():
+        ma64, step = ma.to(_F64), max(1, _REFERENCE_BLOCK // rows)
+        for j in range(0, cols, step):
+            block = slice(j, min(j + step, cols))
+            e[:, block].copy_(reference_block(slice(None), block, ma64, mb[:, block].to(_F64)).sub_(m[:, block]).abs_())
+    else:
+        mb64, step = mb.to(_F64), max(1, _REFERENCE_BLOCK // cols)
+        for i in range(0, rows, step):
+            block = slice(i, min(i + step, rows))
+            e[block].copy_(reference_block(block, slice(None), ma[block].to(_F64), mb64).sub_(m[block]).abs_())
     return e
 
 
@@ -525,7 +532,7 @@ def gemm(func, a, b):
     if _measures(m, k):
         g64, a64 = _mid_error(k, _F64)
         if rounding.work_dtype(rd, 2 * k) == torch.float32:
-            e = _blocked_residual(m, mb, lambda i, j, mb64: plain(ma[i:j].to(_F64), mb64))
+            e = _blocked_residual(m, ma, mb, lambda rows, cols, ma64, mb64: plain(ma64, mb64))
             # the radius is +inf or NaN (made +inf by inflate) wherever m is not finite: |m - R| is then inf or NaN
             return BallTensor(m, _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64))
         reference = plain(ma.to(_F64), mb.to(_F64))
@@ -625,22 +632,22 @@ def _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd):
             mc, rc = operand(bias, m.dtype)
             rc = _daz_radius(mc, rc, m.dtype)
             mc64 = mc.to(_F64)
-            full_rows = m.dim() == 2 and mc64.dim() == 2 and mc64.shape[0] == m.shape[0] and m.shape[0] > 1
 
-            def reference_rows(i, j, mb64):
-                bias_rows = mc64[i:j] if full_rows else mc64
+            def reference_block(rows, cols, ma64, mb64):
+                bias_block = mc64 if rows is None else torch.broadcast_to(mc64, m.shape)[rows, cols]
                 if product:
-                    return func(bias_rows, ma[i:j].to(_F64), mb64, beta=beta_f, alpha=alpha_f)
-                return (bias_rows * beta_f).expand(m[i:j].shape if i is not None else m.shape).clone()
+                    return func(bias_block, ma64, mb64, beta=beta_f, alpha=alpha_f)
+                shape = m.shape if rows is None else m[rows, cols].shape
+                return (bias_block * beta_f).expand(shape).clone()
 
             bias_terms = [(rc, abs(Fraction(beta_f))), (torch.abs(mc), g64 * abs(Fraction(beta_f)))]
         else:
-            def reference_rows(i, j, mb64):
+            def reference_block(rows, cols, ma64, mb64):
                 if product:
-                    return plain(ma[i:j].to(_F64), mb64).mul_(alpha_f)
-                return torch.zeros(m[i:j].shape if i is not None else m.shape, dtype=_F64, device=m.device)
+                    return plain(ma64, mb64).mul_(alpha_f)
+                return torch.zeros(m.shape if rows is None else m[rows, cols].shape, dtype=_F64, device=m.device)
 
-        e = _blocked_residual(m, mb, reference_rows)
+        e = _blocked_residual(m, ma, mb, reference_block)
         # +inf (via inflate's NaN -> inf) wherever m is not finite, as in ``gemm``
         return _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64,
                                     alpha=alpha_f if k > 0 else 0.0, bias_terms=bias_terms)
