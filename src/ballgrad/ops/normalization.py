@@ -183,37 +183,54 @@ def _sum_down(s: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _gsum(t: torch.Tensor, dims) -> torch.Tensor:
-    return torch.sum(t, dim=dims, keepdim=True)
+    """Sum over ``dims`` (keepdim) in float64: a float32 (or narrower) input is widened exactly, then summed."""
+    return torch.sum(t, dim=dims, keepdim=True, dtype=_F64)
 
 
-def _sum_ball(g: _Ball, dims, n: int) -> _Ball:
-    """sum of the balls g over ``dims`` (keepdim): centre the computed sum of the centres,
-    radius sum r + gamma_(n-1) sum |c| (F3), both sums bounded by ``_sum_up``."""
+def _zero_if_none(r: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return r if r is not None else torch.zeros((), dtype=_F64, device=like.device)
+
+
+class _Sums(NamedTuple):
+    """A group sum of balls g: ``total`` (centre the computed sum, radius sum r + gamma_(n-1) sum |c|, F3) and upper
+    bounds of sum |c| and sum r (None for points), which ``_dot_ball`` reuses."""
+
+    total: _Ball
+    abs_sum: torch.Tensor
+    rad_sum: torch.Tensor | None
+
+
+def _sum_ball(g: _Ball, dims, n: int) -> _Sums:
+    """Sum of the balls g (centre any float dtype; radius full size, or None for points) over ``dims`` (keepdim)."""
     c = _gsum(g.c, dims)
-    r = _sum_up(_gsum(g.r.expand(g.c.shape), dims), n, 0) if g.r.dim() else rounding.mul_up(g.r, float(n))
-    if n > 1:
-        spread = rounding.mul_up(_sum_up(_gsum(torch.abs(g.c), dims), n, 0), float(_gamma(n)))
-        r = rounding.add_up(r, spread)
-    return _Ball(c, r)
+    abs_sum = _sum_up(_gsum(torch.abs(g.c), dims), n, 0)
+    rad_sum = _sum_up(_gsum(g.r.expand(g.c.shape), dims), n, 0) if g.r is not None else None
+    r = rounding.mul_up(abs_sum, float(_gamma(n))) if n > 1 else torch.zeros_like(abs_sum)
+    if rad_sum is not None:
+        r = rounding.add_up(r, rad_sum)
+    return _Sums(_Ball(c, r), abs_sum, rad_sum)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Statistics
+#
+# Memory: full-size inputs stay in their own dtype (every arithmetic operation below that reads them has a float64
+# operand, so it is computed in float64 on exactly widened values; abs is exact in any dtype), and at most two
+# float64 full-size arrays are alive at a time: d and one scratch or result array.
 
 
 class _Centred(NamedTuple):
-    """x - mu for every x in the input ball and mu in the mean ball: centre d = fl(m - mu.c) (full size, |d| = a) and
-    |z - d| <= r + mu.r + u a (F1 for the subtraction; ``shift`` = r + mu.r, full size or broadcast)."""
+    """z = x - mu for every x in the input ball (midpoints m, radii r, None for points) and mu in the mean ball (centre
+    mu.c, radius mu_r per group): centre d = fl(m - mu.c) (float64, full size) and |z - d| <= r + mu_r + u|d| (F1 for
+    the one rounded subtraction)."""
 
     d: torch.Tensor
-    a: torch.Tensor
-    shift: torch.Tensor
+    r: torch.Tensor | None
+    mu_r: torch.Tensor
 
 
 def _centred(m: torch.Tensor, r: torch.Tensor | None, mu: _Ball) -> _Centred:
-    d = m - mu.c
-    shift = mu.r if r is None else r + mu.r  # rounded: inflate's operation count includes this addition
-    return _Centred(d, torch.abs(d), shift)
+    return _Centred(torch.sub(m, mu.c), r, mu.r)
 
 
 class _Stats(NamedTuple):
@@ -225,7 +242,7 @@ class _Stats(NamedTuple):
 
 
 def _statistics(m: torch.Tensor, r: torch.Tensor | None, dims, n: int, eps: float) -> _Stats:
-    """Batch statistics (keepdim, per group) of every x in the ball m +- r (r None: a point), float64.
+    """Batch statistics (keepdim, per group) of every x in the ball m +- r (r None: a point), in float64.
 
     Mean: centre c = the computed mean; d_i = fl(m_i - c), a_i = |d_i|. A posteriori, with d*_i = m_i - c exact,
     |d*_i - d_i| <= u a_i (F1), so e = |mean m - c| = |sum d*|/n <= (|fl(sum d)| + (u + gamma_(n-1)) sum a)/n (F3), and
@@ -233,17 +250,18 @@ def _statistics(m: torch.Tensor, r: torch.Tensor | None, dims, n: int, eps: floa
 
     Variance (biased): x = m + e_x, |e_x| <= r. With d'_i = m_i - mean m (sum d' = 0; reductions._var_enclosure),
     var x = var m + (2 sum d'_i e_i + sum f_i^2)/n, sum f_i^2 <= sum r^2, |d'_i| <= (1+u) a_i + e, so
-    |var x - var m| <= P = (2(1+u) sum a r + 2 e sum r + sum r^2)/n. var m = (1/n) sum d*^2 - e'^2 with |e'| <= e and
+    |var x - var m| <= P = (2(1+u) sum a r + 2 e sum r + sum r^2)/n <= ((1+u) sum r (2a + r) + 2 e sum r)/n (one
+    float64 sum of terms with 2 roundings: 2a is exact). var m = (1/n) sum d*^2 - e'^2 with |e'| <= e and
     (1-u)^2 d_i^2 <= d*_i^2 <= (1+u)^2 d_i^2; sum d^2 by ``_sum_up``/``_sum_down``. Hence
     var in [max(0, (1-u)^2 L/n - e^2 - P), (1+u)^2 U/n + P] with L <= sum d^2 <= U; then rstd by ``_rstd``.
     """
-    c = torch.mean(m, dim=dims, keepdim=True)
-    d = m - c
-    a = torch.abs(d)
-    sum_a = _sum_up(_gsum(a, dims), n, 0)
+    c = torch.mean(m, dim=dims, keepdim=True, dtype=_F64)
+    d = torch.sub(m, c)
+    t = torch.abs(d)
+    sum_a = _sum_up(_gsum(t, dims), n, 0)
     spread = rounding.mul_up(sum_a, _up(_UF + _gamma(n)))
     e = rounding.div_up(rounding.add_up(torch.abs(_gsum(d, dims)), spread), float(n))
-    sq = _gsum(d * d, dims)
+    sq = _gsum(torch.mul(d, d, out=t), dims)
     upper = rounding.div_up(rounding.mul_up(_sum_up(sq, n, 1), _ONE_PLUS_U_SQUARED), float(n))
     lower = rounding.div_down(rounding.mul_down(_sum_down(sq, n), _ONE_MINUS_U_SQUARED), float(n))
     lower = rounding.sub_down(lower, rounding.mul_up(e, e))
@@ -253,16 +271,14 @@ def _statistics(m: torch.Tensor, r: torch.Tensor | None, dims, n: int, eps: floa
     else:
         sum_r = _sum_up(_gsum(r, dims), n, 0)
         mean_r = rounding.add_up(e, rounding.div_up(sum_r, float(n)))
-        sum_ar = _sum_up(_gsum(a * r, dims), n, 1)
-        sum_rr = _sum_up(_gsum(r * r, dims), n, 1)
-        perturbation = rounding.div_up(
-            rounding.add_up(rounding.add_up(rounding.mul_up(sum_ar, _TWO_ONE_PLUS_U),
-                                            rounding.mul_up(rounding.mul_up(e, 2.0), sum_r)), sum_rr), float(n))
+        torch.abs(d, out=t).mul_(2.0).add_(r).mul_(r)  # r (2a + r) in float64
+        sum_r2a = _sum_up(_gsum(t, dims), n, 2)
+        perturbation = rounding.div_up(rounding.add_up(rounding.mul_up(sum_r2a, _ONE_PLUS_U),
+                                                       rounding.mul_up(rounding.mul_up(e, 2.0), sum_r)), float(n))
+    del t
     var_hi = rounding.add_up(upper, perturbation)
     var_lo = torch.clamp_min(rounding.sub_down(lower, perturbation), 0)
-    mean = _Ball(c, mean_r)
-    z = _Centred(d, a, mean.r if r is None else r + mean.r)
-    return _Stats(mean, var_lo, var_hi, _rstd(var_lo, var_hi, eps), z)
+    return _Stats(_Ball(c, mean_r), var_lo, var_hi, _rstd(var_lo, var_hi, eps), _Centred(d, r, mean_r))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -275,34 +291,35 @@ def _inflated(expr: torch.Tensor, n_ops: int, extra: float = 0.0) -> torch.Tenso
 
 def _affine_terms(z: _Centred, scale: _Ball, bias: _Ball | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(c, expr) for y = z * scale + b (scale = s w, or s): a float64 centre c and an expression, computed in
-    round-to-nearest with 5 rounded operations, whose exact value bounds |y - c| (``inflate`` it).
+    round-to-nearest with 6 rounded operations, whose exact value bounds |y - c| (``inflate`` it). Overwrites z.d
+    (c is computed in its storage).
 
     Centre c = fl(fl(d F) + b.c) with F = scale.c: |c - (d F + b.c)| <= u|fl(d F)| + eta/2 + u|c|
-    <= 3u a|F| + 2u|b.c| + eta (F1 twice, |fl(d F)| <= (1+u) a |F| + eta/2). Spread: with |z - d| <= rho = shift + u a,
-    |z S - d F| <= a scale.r + rho (|F| + scale.r), |b - b.c| <= b.r. So, with H = |F| + scale.r,
-    |y - c| <= a (scale.r + u H + 3u|F|) + shift H + b.r + 2u|b.c| + eta; the coefficients are outward rounded
-    (``inflate``), the expression has 5 rounded operations (a*G, the addition inside shift, shift*H, two additions)."""
+    <= 3u a|F| + 2u|b.c| + eta (F1 twice, |fl(d F)| <= (1+u) a |F| + eta/2). Spread: with |z - d| <= r + mu_r + u a,
+    |z S - d F| <= a scale.r + (r + mu_r + u a)(|F| + scale.r), |b - b.c| <= b.r. So, with H = |F| + scale.r,
+    |y - c| <= a (scale.r + u H + 3u|F|) + r H + (mu_r H + b.r + 2u|b.c| + eta); the coefficients are outward rounded
+    (``inflate``), the expression has 6 rounded operations (a*G; r*H and its addition; mu_r*H, its addition to the
+    bias term and the addition of that)."""
     f = scale.c
     h = _inflated(torch.abs(f) + scale.r, 1)
     g = _inflated(scale.r + h * _U + torch.abs(f) * _THREE_U, 4)
-    c = z.d * f
+    j = _inflated(bias.r + torch.abs(bias.c) * (2 * _U), 2, _ETA) if bias is not None else _ETA
+    expr = torch.abs(z.d).mul_(g)
+    if z.r is not None:
+        expr.addcmul_(z.r, h)
+    expr += z.mu_r * h + j
+    c = z.d.mul_(f)
     if bias is not None:
-        c = c + bias.c
-        j = _inflated(bias.r + torch.abs(bias.c) * (2 * _U), 2, _ETA)
-    else:
-        j = _ETA
-    expr = z.a * g
-    expr += z.shift * h
-    expr += j
+        c += bias.c
     return c, expr
 
 
 def _affine_output(mid: torch.Tensor, z: _Centred, scale: _Ball, bias: _Ball | None) -> BallTensor:
-    """``_affine_terms`` re-centred on the kernel's ``mid``: rad = inflate(expr + |c - mid|, 5 + 2) (the subtraction
+    """``_affine_terms`` re-centred on the kernel's ``mid``: rad = inflate(expr + |c - mid|, 6 + 2) (the subtraction
     and the addition), the ``recentre`` argument folded into the same ``inflate``."""
     c, expr = _affine_terms(z, scale, bias)
     expr += c.sub_(mid).abs_()
-    return BallTensor(mid, rounding.inflate_to(expr, 7, rounding.rad_dtype(mid.dtype)))
+    return BallTensor(mid, rounding.inflate_to(expr, 8, rounding.rad_dtype(mid.dtype)))
 
 
 def layer_norm_enclosure(xb: BallTensor, k: int, weight, bias, eps: float) -> BallTensor:
@@ -311,63 +328,78 @@ def layer_norm_enclosure(xb: BallTensor, k: int, weight, bias, eps: float) -> Ba
     nd = xb.dim()
     dims = list(range(nd - k, nd))
     n = math.prod(int(t) for t in xb.shape[nd - k:])
-    m = xb.mid.to(_F64)
+    m = xb.mid
     stats = _statistics(m, _radius_of(xb, m), dims, n, eps)
     w = _as_ball(weight)
     c, expr = _affine_terms(stats.z, stats.rstd if w is None else _mul(stats.rstd, w), _as_ball(bias))
-    return BallTensor(c, rounding.clean_rad(_inflated(expr, 5)))
+    return BallTensor(c, rounding.clean_rad(_inflated(expr, 6)))
 
 
 def _gradient_input(mid: torch.Tensor, g: _Ball, z: _Centred | None, k1: _Ball, k2: _Ball | None,
                     k3: _Ball | None) -> BallTensor:
-    """gx = K1 g - K2 - K3 z (K's per group, g and z full size), re-centred on the kernel's ``mid``.
+    """gx = K1 g - K2 - K3 z (K's per group, g and z full size; K2 and K3 both given or both None), re-centred on the
+    kernel's ``mid``. Overwrites z.d (the centre is computed in its storage).
 
-    Centre c = fl(fl(fl(K1.c g.c) - fl(K3.c d)) - K2.c): |c - (K1.c g.c - K3.c d - K2.c)|
-    <= 4u (|K1.c||g.c| + |K3.c| a) + 2u|K2.c| + 3 eta (F1 four times; 4u >= (3u + 3u^2 + u^3)(1+u)).
-    Spread: |K1 g - K1.c g.c| <= |g.c| K1.r + g.r (|K1.c| + K1.r); |K3 z - K3.c d| <= a K3.r + rho (|K3.c| + K3.r) with
-    rho = shift + u a; |K2 - K2.c| <= K2.r. Collected:
-    rad = |g.c| (K1.r + 4u|K1.c|) + g.r (|K1.c| + K1.r) + a (K3.r + u H3 + 4u|K3.c|) + shift H3
-          + K2.r + 2u|K2.c| + 3 eta + |c - mid|,   H3 = |K3.c| + K3.r,
-    coefficients outward rounded, then one ``inflate`` of the 11 rounded operations (4 products, 1 addition inside
-    shift, 5 additions, the subtraction c - mid)."""
-    c = g.c * k1.c
+    Centre c = fl(fl(fl(-K3.c d) + fl(K1.c g.c)) - K2.c) (-fl(K3.c d) is fl(-K3.c d) exactly):
+    |c - (K1.c g.c - K3.c d - K2.c)| <= 4u (|K1.c||g.c| + |K3.c| a) + 2u|K2.c| + 3 eta
+    (F1 four times; 4u >= (3u + 3u^2 + u^3)(1+u)); a fused multiply-add rounds less, which the bound also covers.
+    Spread: |K1 g - K1.c g.c| <= |g.c| K1.r + g.r (|K1.c| + K1.r); |K3 z - K3.c d| <= a K3.r + rho (|K3.c| + K3.r)
+    with rho = r + mu_r + u a; |K2 - K2.c| <= K2.r. Collected, with H3 = |K3.c| + K3.r:
+    rad = a (K3.r + u H3 + 4u|K3.c|) + |g.c| (K1.r + 4u|K1.c|) + g.r (|K1.c| + K1.r) + r H3
+          + (mu_r H3 + K2.r + 2u|K2.c| + 3 eta) + |c - mid|,
+    coefficients outward rounded, then one ``inflate`` of the 12 rounded operations (a*P3; three multiply-adds;
+    mu_r*H3, its addition and the addition of the constant; the subtraction c - mid and its addition). Without K3
+    (eval mode) the terms in a, r and mu_r vanish: 5 operations, absolute eta."""
     abs_k1 = torch.abs(k1.c)
-    expr = torch.abs(g.c) * _inflated(k1.r + abs_k1 * _FOUR_U, 2)
-    expr += g.r * _inflated(abs_k1 + k1.r, 1)
-    n_ops = 3
-    extra = _ETA
+    p1 = _inflated(k1.r + abs_k1 * _FOUR_U, 2)
+    p2 = _inflated(abs_k1 + k1.r, 1)
     if k3 is not None:
-        c -= z.d * k3.c
         abs_k3 = torch.abs(k3.c)
         h3 = _inflated(abs_k3 + k3.r, 1)
-        expr += z.a * _inflated(k3.r + h3 * _U + abs_k3 * _FOUR_U, 4)
-        expr += z.shift * h3
-        n_ops += 5
-    if k2 is not None:
-        c -= k2.c
-        expr += _inflated(k2.r + torch.abs(k2.c) * (2 * _U), 2)
-        n_ops += 1
-        extra = 3 * _ETA
+        expr = torch.abs(z.d).mul_(_inflated(k3.r + h3 * _U + abs_k3 * _FOUR_U, 4))
+        expr.addcmul_(torch.abs(g.c), p1)
+        if g.r is not None:
+            expr.addcmul_(g.r, p2)
+        if z.r is not None:
+            expr.addcmul_(z.r, h3)
+        expr += z.mu_r * h3 + _inflated(k2.r + torch.abs(k2.c) * (2 * _U), 2)
+        c = z.d.mul_(torch.neg(k3.c)).addcmul_(g.c, k1.c).sub_(k2.c)
+        n_ops, extra = 12, 3 * _ETA
+    else:
+        expr = torch.mul(torch.abs(g.c), p1)
+        if g.r is not None:
+            expr.addcmul_(g.r, p2)
+        c = torch.mul(g.c, k1.c)
+        n_ops, extra = 5, _ETA
     expr += c.sub_(mid).abs_()
-    return BallTensor(mid, rounding.inflate_to(expr, n_ops + 2, rounding.rad_dtype(mid.dtype), extra))
+    return BallTensor(mid, rounding.inflate_to(expr, n_ops, rounding.rad_dtype(mid.dtype), extra))
 
 
-def _dot_ball(g: _Ball, z: _Centred, dims, n: int) -> _Ball:
-    """D = sum g z over a group: centre the computed sum of fl(g.c d). With rho = shift + u a:
-    |sum g z - sum g.c d| <= sum (|g.c| + g.r) shift + (1+u) sum a g.r + u sum a |g.c|, and the centre's rounding
-    (F1 per product, F3 for the sum) adds (u + gamma_(n-1))(1+u) sum a |g.c| + n eta: so
-    D.r = sum (|g.c| + g.r) shift + (1+u) sum a g.r + kappa sum a |g.c| + n eta, kappa = u + (u + gamma_(n-1))(1+u)."""
-    c = _gsum(g.c * z.d, dims)
+def _dot_ball(g: _Ball, z: _Centred, sums: _Sums, dims, n: int) -> _Ball:
+    """D = sum g z over a group: centre the computed sum of fl(g.c d) (float64). With rho = r + mu_r + u a:
+    |sum g z - sum g.c d| <= sum (|g.c| + g.r)(r + mu_r) + (1+u) sum a g.r + u sum a |g.c|, and the centre's rounding
+    (F1 per product, F3 for the sum) adds (u + gamma_(n-1))(1+u) sum a |g.c| + n eta. So
+    D.r = sum (|g.c| + g.r) r + mu_r (sum |g.c| + sum g.r) + (1+u) sum a g.r + kappa sum a |g.c| + n eta,
+    kappa = u + (u + gamma_(n-1))(1+u); the group sums of |g.c| and g.r come from ``_sum_ball`` (``sums``), the
+    others are float64 sums of float64 products (``_sum_up`` with 1 or 2 roundings per term)."""
+    t = torch.mul(z.d, g.c)
+    c = _gsum(t, dims)
     abs_g = torch.abs(g.c)
     kappa = _up(_UF + (_UF + _gamma(n)) * (1 + _UF))
-    r = rounding.add_up(rounding.mul_up(_sum_up(_gsum(z.a * abs_g, dims), n, 1), kappa), float(n) * _ETA)
-    shift = z.shift.expand(z.d.shape) if z.shift.shape != z.d.shape else z.shift
-    if g.r.dim() or bool(g.r):
-        r = rounding.add_up(r, rounding.mul_up(_sum_up(_gsum(z.a * g.r, dims), n, 1), _ONE_PLUS_U))
-        weight = abs_g + g.r
-        r = rounding.add_up(r, _sum_up(_gsum(weight * shift, dims), n, 3))
-    else:
-        r = rounding.add_up(r, _sum_up(_gsum(abs_g * shift, dims), n, 2))
+    torch.abs(z.d, out=t).mul_(abs_g)
+    r = rounding.add_up(rounding.mul_up(_sum_up(_gsum(t, dims), n, 1), kappa), float(n) * _ETA)
+    weights = sums.abs_sum
+    if g.r is not None:
+        torch.abs(z.d, out=t).mul_(g.r)
+        r = rounding.add_up(r, rounding.mul_up(_sum_up(_gsum(t, dims), n, 1), _ONE_PLUS_U))
+        weights = rounding.add_up(weights, sums.rad_sum)
+    if z.r is not None:
+        t.copy_(abs_g)
+        if g.r is not None:
+            t += g.r
+        t.mul_(z.r)
+        r = rounding.add_up(r, _sum_up(_gsum(t, dims), n, 2))
+    r = rounding.add_up(r, rounding.mul_up(z.mu_r, weights))
     return _Ball(c, r)
 
 
@@ -393,17 +425,17 @@ def _bn_dims(ndim: int) -> list[int]:
 
 
 def _radius_of(x, m: torch.Tensor) -> torch.Tensor | None:
-    """The full-size float64 radius of a ball argument, None for an exact point."""
+    """The radius of a ball argument at m's shape (its own dtype: the arithmetic that reads it is float64), None for
+    an exact point."""
     if _is_point(x):
         return None
-    r = x.rad.to(_F64)
+    r = x.rad.detach()
     return r.expand(m.shape) if r.shape != m.shape else r
 
 
 def _gradient_ball(grad_out, gc: torch.Tensor) -> _Ball:
-    """grad_output as a float64 ``_Ball`` with centre ``gc`` (its widened midpoint); a point has a 0-d zero radius."""
-    r = _radius_of(grad_out, gc)
-    return _Ball(gc, r if r is not None else torch.zeros((), dtype=_F64, device=gc.device))
+    """grad_output as a ``_Ball`` with centre ``gc`` (its midpoint, own dtype) and radius None for a point."""
+    return _Ball(gc, _radius_of(grad_out, gc))
 
 
 def _recentre_ball(mid: torch.Tensor, b: _Ball) -> BallTensor:
@@ -425,7 +457,7 @@ def _bn_forward(outs, x, weight, bias, running_mean, running_var, training, mome
     nd = x.dim()
     shape = _channel_shape(nd)
     c = x.shape[1]
-    m = _mid(x).detach().to(_F64)
+    m = _mid(x).detach()
     r = _radius_of(x, m)
     n = m.numel() // max(c, 1)
     if training:
@@ -536,10 +568,9 @@ def native_batch_norm_backward(func, grad_out, x, weight, running_mean, running_
     dims = _bn_dims(nd)
     shape = _channel_shape(nd)
     c = x.shape[1]
-    m = _mid(x).detach().to(_F64)
+    m = _mid(x).detach()
     n = m.numel() // max(c, 1)
-    gc = _mid(grad_out).detach().to(_F64)
-    g = _gradient_ball(grad_out, gc)
+    g = _gradient_ball(grad_out, _mid(grad_out).detach())
     if train:
         mean, invstd = _as_ball(save_mean, shape), _as_ball(save_invstd, shape)
     else:
@@ -547,22 +578,22 @@ def native_batch_norm_backward(func, grad_out, x, weight, running_mean, running_
         var = _as_ball(running_var, shape)
         invstd = _rstd(rounding.sub_down(var.c, var.r), rounding.add_up(var.c, var.r), eps)
     need_dot = gw_m is not None or (train and gx_m is not None)
+    sums = _sum_ball(g, dims, n) if (need_dot or gb_m is not None) else None
     z = _centred(m, _radius_of(x, m), mean) if need_dot else None
-    dot = _dot_ball(g, z, dims, n) if need_dot else None
-    total = _sum_ball(g, dims, n) if (gb_m is not None or (train and gx_m is not None)) else None
+    dot = _dot_ball(g, z, sums, dims, n) if need_dot else None
     balls = [None, None, None]
+    if gw_m is not None:
+        balls[1] = _recentre_ball(gw_m, _mul(dot, invstd))
+    if gb_m is not None:
+        balls[2] = _recentre_ball(gb_m, sums.total)
     if gx_m is not None:
         w = _as_ball(weight, shape)
         k1 = invstd if w is None else _mul(invstd, w)
         k2 = k3 = None
         if train:
-            k2 = _mul(k1, _div_count(total, n))
+            k2 = _mul(k1, _div_count(sums.total, n))
             k3 = _mul(_mul(k1, _mul(invstd, invstd)), _div_count(dot, n))
         balls[0] = _gradient_input(gx_m, g, z, k1, k2, k3)
-    if gw_m is not None:
-        balls[1] = _recentre_ball(gw_m, _mul(dot, invstd))
-    if gb_m is not None:
-        balls[2] = _recentre_ball(gb_m, total)
     return tuple(balls)
 
 
@@ -588,7 +619,7 @@ def native_layer_norm(func, x, normalized_shape, weight, bias, eps):
     output re-centred on the kernel's."""
     out, mean, rstd = func(_mid(x), normalized_shape, _mid(weight), _mid(bias), eps)
     dims, n, _ = _ln_geometry(x, normalized_shape)
-    m = _mid(x).detach().to(_F64)
+    m = _mid(x).detach()
     if n == 0:
         return tuple(result(t, torch.full(t.shape, math.inf)) for t in (out, mean, rstd))
     stats = _statistics(m, _radius_of(x, m), dims, n, eps)
@@ -601,8 +632,8 @@ def native_layer_norm(func, x, normalized_shape, weight, bias, eps):
 def _mean_ball(m: torch.Tensor, r: torch.Tensor | None, dims, n: int) -> _Ball:
     """mean x over ``dims`` for every x in the ball: centre the computed mean c, radius e + mean r with
     e >= |mean m - c| bounded a posteriori as in ``_statistics``."""
-    c = torch.mean(m, dim=dims, keepdim=True)
-    d = m - c
+    c = torch.mean(m, dim=dims, keepdim=True, dtype=_F64)
+    d = torch.sub(m, c)
     sum_a = _sum_up(_gsum(torch.abs(d), dims), n, 0)
     e = rounding.div_up(rounding.add_up(torch.abs(_gsum(d, dims)), rounding.mul_up(sum_a, _up(_UF + _gamma(n)))),
                         float(n))
@@ -629,9 +660,9 @@ def native_layer_norm_backward(func, grad_out, x, normalized_shape, mean, rstd, 
     outs = func(*mids((grad_out, x, normalized_shape, mean, rstd, weight, bias, output_mask)))
     dims, n, stat_shape = _ln_geometry(x, normalized_shape)
     lead = list(range(x.dim() - len(normalized_shape)))
-    m = _mid(x).detach().to(_F64)
+    m = _mid(x).detach()
     r = _radius_of(x, m)
-    gc = _mid(grad_out).detach().to(_F64)
+    gc = _mid(grad_out).detach()
     gy = _gradient_ball(grad_out, gc)
     if n == 0:
         return tuple(None if t is None else result(t, torch.full(t.shape, math.inf)) for t in outs)
@@ -639,19 +670,22 @@ def native_layer_norm_backward(func, grad_out, x, normalized_shape, mean, rstd, 
     s = _as_ball(rstd, stat_shape)
     z = _centred(m, r, mu)
     gx = gw = gb = None
+    gy_ball = _Ball(gc, _zero_if_none(gy.r, gc))
+    rows = m.numel() // max(n, 1)
+    if outs[1] is not None:  # before grad_input, which overwrites z.d
+        rho = torch.abs(z.d).mul_(_U)  # |z - d| <= r + mu_r + u|d| (``_Centred``): 3 rounded operations
+        if r is not None:
+            rho += r
+        rho += z.mu_r
+        prod = _mul(gy_ball, _mul(_Ball(z.d, _inflated(rho, 3)), s))
+        gw = _recentre_ball(outs[1], _sum_ball(prod, lead, rows).total if lead else prod)
+    if outs[2] is not None:
+        gb = _recentre_ball(outs[2], _sum_ball(gy, lead, rows).total if lead else gy_ball)
     if outs[0] is not None:
         w = _as_ball(weight)
-        g = gy if w is None else _mul(gy, w)
-        k2 = _mul(s, _div_count(_sum_ball(g, dims, n), n))
-        k3 = _mul(_mul(s, _mul(s, s)), _div_count(_dot_ball(g, z, dims, n), n))
+        g = gy if w is None else _mul(gy_ball, w)
+        sums = _sum_ball(g, dims, n)
+        k2 = _mul(s, _div_count(sums.total, n))
+        k3 = _mul(_mul(s, _mul(s, s)), _div_count(_dot_ball(g, z, sums, dims, n), n))
         gx = _gradient_input(outs[0], g, z, s, k2, k3)
-    rows = m.numel() // max(n, 1)
-    if outs[1] is not None:
-        xhat = _mul(_Ball(z.d, _inflated(z.a * _U + z.shift, 3)), s)  # |z - d| <= shift + u a (``_Centred``)
-        prod = _mul(gy, xhat)
-        total = _sum_ball(prod, lead, rows) if lead else prod
-        gw = _recentre_ball(outs[1], total)
-    if outs[2] is not None:
-        total = _sum_ball(gy, lead, rows) if lead else gy
-        gb = _recentre_ball(outs[2], total)
     return gx, gw, gb
