@@ -70,6 +70,7 @@ from ballgrad.errors import NumericsGuardError, UnsupportedOpError
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import operand, result
 from ballgrad.ops.linalg import _check_fp32_gemm_precision, _daz_radius, _finite_only, _is_point, _mid_error
+from ballgrad.ops.linalg import _ETA32, _RESIDUAL_FACTOR, _residual32
 from ballgrad.ops.nonsmooth import _abs_diff_up
 from ballgrad.ops.reductions import _sum_up
 from ballgrad.ops.registry import current_op, rule
@@ -179,6 +180,50 @@ def _measured(m: torch.Tensor, op, ma: torch.Tensor, mb: torch.Tensor, k: int):
     return g, a, rounding.up(torch.abs(m.to(torch.float64) - reference))
 
 
+def _measured_radius(m: torch.Tensor, reference: torch.Tensor, op, ma, ra, mb, rb, k: int, steps: int,
+                     bias=None) -> torch.Tensor:
+    """The float32 radius of a convolution (or backward product) B(A, B') [+ bias] with narrow midpoints, measured:
+    |m - R| for the float64 reference R (same op and operands, products exact), plus |R - exact| <= g64 B(|mA|, |mB|)
+    + a64 ((g64, a64) = ``_mid_error(steps, float64)``), plus the propagation B(|mA|, rB) + B(rA, |mB| + rB), plus
+    rb + g64 |mb| for a bias ball (mb, rb). As ``linalg._measured_radius_f32``, in one float32 buffer:
+    t = e C_e + theta_k (s1 + s2) + bias + A, with e = ``linalg._residual32`` (R overwritten), the bracket calls
+    s1 = B(|mA|, V), s2 = B(rA, W), V >= rB + g64|mB|, W >= |mB| + rB (``inflate``d operands; one call with V or with
+    rA + g64|mA| when an operand is a point, g64 B(|mA|, |mB|) when both are), each call <= theta_k (s + k eta32)
+    (F3: sums of <= k non-negative products), and A the absolute terms, folded into one in-place ``inflate``."""
+    f32 = torch.float32
+    e = _residual32(m, reference)
+    del reference
+    t = e.expand(m.shape).clone() if e.shape != m.shape else e
+    t.mul_(_RESIDUAL_FACTOR)
+    g64, a64 = _mid_error(steps, torch.float64)
+    g_w = rounding.round_up_float(g64, f32)
+    th = rounding.theta(k, rounding.unit_roundoff_exact(f32))
+    absolute = _ETA32 / 2 * Fraction(_RESIDUAL_FACTOR) + a64
+    abs_ma, abs_mb = torch.abs(ma).to(f32), torch.abs(mb).to(f32)
+    a_point, b_point = _is_point(ra), _is_point(rb)
+    if a_point and b_point:
+        calls = [(op(abs_ma, abs_mb), th * Fraction(g_w))]
+    elif a_point:
+        calls = [(op(abs_ma, rounding.inflate(rb.to(f32) + abs_mb * g_w, 2)), th)]
+    elif b_point:
+        calls = [(op(rounding.inflate(ra.to(f32) + abs_ma * g_w, 2), abs_mb), th)]
+    else:
+        calls = [(op(abs_ma, rounding.inflate(rb.to(f32) + abs_mb * g_w, 2)), th),
+                 (op(ra.to(f32).expand(abs_ma.shape), rounding.inflate(abs_mb + rb.to(f32), 1)), th)]
+    n_ops = 1
+    for s_call, coef in calls:
+        t.add_(s_call, alpha=rounding.round_up_float(coef, f32))
+        absolute += coef * k * _ETA32
+        n_ops += 2
+    if bias is not None:
+        mb_bias, rb_bias = bias
+        shape = _channel_shape(m.dim())
+        bias_term = rounding.inflate(rb_bias.to(f32) + torch.abs(mb_bias).to(f32) * g_w, 2)
+        t.add_(bias_term.reshape(shape) if bias_term.dim() else bias_term)
+        n_ops += 1
+    return rounding.inflate_(t, n_ops, extra=absolute)
+
+
 def _with_residual(bound: torch.Tensor, measured) -> torch.Tensor:
     """bound (+ the measured residual, in float64, when there is one)."""
     if measured is None:
@@ -246,6 +291,10 @@ def convolution(func, x, weight, bias, stride, padding, dilation, transposed, ou
         mb_used = None if bias is None else _ball_operand(bias, m.dtype)[0].to(torch.float64)
         reference = func(mx.to(torch.float64), mw.to(torch.float64), mb_used, stride, padding, dilation, transposed,
                          output_padding, groups)
+        if rounding.work_dtype(rd, k) == torch.float32:
+            bias_ball = None if bias is None else _ball_operand(bias, m.dtype)
+            return BallTensor(m, _measured_radius(m, reference, functools.partial(_plain_conv, **args), mx, rx, mw,
+                                                  rw, k, steps, bias_ball))
         g, abs_err = _mid_error(steps, torch.float64)
         measured = (g, abs_err, rounding.up(torch.abs(m.to(torch.float64) - reference)))
     bound = _with_residual(_bilinear_bracket(functools.partial(_plain_conv, **args), mx, rx, mw, rw, k, g, rd),
@@ -293,12 +342,18 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
             return func(a, dummy, b, None, stride, padding, dilation, transposed, output_padding, groups,
                         [True, False, False])[0]
 
-        measured = _measured(gx_m, grad_input_op, mg, mw, k)
+        if gx_m.dtype != torch.float64 and rounding.work_dtype(torch.float32, k) == torch.float32:
+            reference = grad_input_op(mg.to(torch.float64), mw.to(torch.float64))
+            balls[0] = BallTensor(gx_m, _measured_radius(gx_m, reference, grad_input_op, mg, rg, mw, rw, k, k))
+            measured = None
+        else:
+            measured = _measured(gx_m, grad_input_op, mg, mw, k)
         g, abs_err = measured[:2] if measured else _mid_error(k, gx_m.dtype)
-        bound = _with_residual(_bilinear_bracket(grad_input_op, mg, rg, mw, rw, k, g, rounding.rad_dtype(gx_m.dtype)),
-                               measured)
-        rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
-        balls[0] = result(gx_m, _finite_only(gx_m, rounding.clean_rad(rad)))
+        if balls[0] is None:
+            bound = _with_residual(_bilinear_bracket(grad_input_op, mg, rg, mw, rw, k, g,
+                                                     rounding.rad_dtype(gx_m.dtype)), measured)
+            rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
+            balls[0] = result(gx_m, _finite_only(gx_m, rounding.clean_rad(rad)))
 
     if gw_m is not None:
         mg, rg = _ball_operand(grad_output, gw_m.dtype)
@@ -312,12 +367,16 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
             return func(a, b, dummy, None, stride, padding, dilation, transposed, output_padding, groups,
                         [False, True, False])[1]
 
-        measured = _measured(gw_m, grad_weight_op, mg, mx, k)
-        g, abs_err = measured[:2] if measured else _mid_error(k, gw_m.dtype)
-        bound = _with_residual(_bilinear_bracket(grad_weight_op, mg, rg, mx, rx, k, g, rounding.rad_dtype(gw_m.dtype)),
-                               measured)
-        rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
-        balls[1] = result(gw_m, _finite_only(gw_m, rounding.clean_rad(rad)))
+        if gw_m.dtype != torch.float64 and rounding.work_dtype(torch.float32, k) == torch.float32:
+            reference = grad_weight_op(mg.to(torch.float64), mx.to(torch.float64))
+            balls[1] = BallTensor(gw_m, _measured_radius(gw_m, reference, grad_weight_op, mg, rg, mx, rx, k, k))
+        else:
+            measured = _measured(gw_m, grad_weight_op, mg, mx, k)
+            g, abs_err = measured[:2] if measured else _mid_error(k, gw_m.dtype)
+            bound = _with_residual(_bilinear_bracket(grad_weight_op, mg, rg, mx, rx, k, g,
+                                                     rounding.rad_dtype(gw_m.dtype)), measured)
+            rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
+            balls[1] = result(gw_m, _finite_only(gw_m, rounding.clean_rad(rad)))
 
     if gb_m is not None:
         mg, rg = _ball_operand(grad_output, gb_m.dtype)
