@@ -43,6 +43,7 @@ def test_inflate_and_inflate_to_bound_the_exact_value(examples):
         wide = rounding.inflate(expr, 5, extra)
         narrow = rounding.inflate_to(expr, 5, torch.float32, extra)
         assert narrow.dtype == torch.float32
+        assert torch.equal(rounding.inflate_to_(expr.clone(), 5, torch.float32, extra), narrow)
         for i, row in enumerate(rows):
             exact = _exact(*row) + Fraction(extra)
             for bound in (wide[i], narrow[i]):

@@ -272,6 +272,14 @@ def inflate_to(c: torch.Tensor, n_ops: int, dtype: torch.dtype, extra: Fraction 
     return torch.mul(c, phi).add_(a).to(dtype).nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
+def inflate_to_(c: torch.Tensor, n_ops: int, dtype: torch.dtype, extra: Fraction | float = 0) -> torch.Tensor:
+    """``inflate_to`` that overwrites ``c`` (a buffer the caller owns) instead of allocating a second wide array."""
+    if c.dtype == dtype or (c.dtype, dtype) in _EXACT_WIDENINGS:
+        return inflate_(c, n_ops, extra).to(dtype)
+    phi, a = _inflation_to_constants(n_ops, c.dtype, dtype, Fraction(extra))
+    return c.mul_(phi).add_(a).to(dtype).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
 def clean_rad(r: torch.Tensor) -> torch.Tensor:
     """Radii are never NaN (nothing known -> +inf) and never negative (F2 results of non-negative terms)."""
     return torch.nan_to_num(r, nan=math.inf, posinf=math.inf)

@@ -22,7 +22,7 @@ import torch
 
 from ballgrad import rounding
 from ballgrad.ops import nn as nn_rules
-from ballgrad.ops.common import mid_of, nan_where_not_finite, result
+from ballgrad.ops.common import mid_of, result, result_in_place
 from ballgrad.ops.nn import MEAN, finish, from_bounds, nan_to, pick, point, wide
 from ballgrad.ops.nonsmooth import _branch_hull, _emit_kink, _interval, _numeric_result, _python_double
 from ballgrad.ops.registry import rule
@@ -108,7 +108,7 @@ def _relu_backward_fast(m, grad, s):
             abs_g = torch.where(pick(sm) > 0, torch.maximum(abs_g, gr_t), rounding.add_up(abs_g, gr_t))
         rad = rad.index_put_((touch,), abs_g) if few else torch.where(touch, abs_g, rad)
         _emit_kink(touch, m, "saved ball touches the threshold: hull of the one-sided derivatives {0, grad}")
-    return result(m, nan_where_not_finite(m, rad))
+    return result_in_place(m, rad)
 
 
 @rule(aten.leaky_relu_backward.default)

@@ -99,6 +99,13 @@ def finite_only(m: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
     return rounding.clean_rad(nan_where_not_finite(m, rad))
 
 
+def result_in_place(mid: torch.Tensor, rad: torch.Tensor) -> BallTensor:
+    """``result`` for a radius the rule has just computed and owns (radius dtype, mid's shape, >= 0 or NaN): +inf
+    where mid is not finite and where rad is NaN, written into rad itself (no output-sized copies)."""
+    rad.masked_fill_(~torch.isfinite(mid), math.inf).nan_to_num_(nan=math.inf, posinf=math.inf)
+    return BallTensor(mid, rad)
+
+
 def infinite_where(rad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``rad`` with +inf where ``mask`` holds."""
     return torch.where(mask, torch.full_like(rad, math.inf), rad)

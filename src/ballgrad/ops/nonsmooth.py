@@ -31,7 +31,7 @@ import torch
 
 from ballgrad import diagnostics, rounding
 from ballgrad.errors import UndecidedComparisonError, UnsupportedOpError
-from ballgrad.ops.common import infinite_where, nan_where_not_finite, result
+from ballgrad.ops.common import infinite_where, result, result_in_place
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.registry import current_op, rule
 from ballgrad.tensor import BallTensor
@@ -593,7 +593,7 @@ def _relu_fast(m, xm, xr):
         if diagnostics.is_recording():
             _emit_kink(touch & ~torch.isnan(xm) & ~torch.isinf(xr), m, "pre-activation ball touches 0 (relu's switch "
                        "point)")
-    return result(m, nan_where_not_finite(m, rad))
+    return result_in_place(m, rad)
 
 
 @rule(aten.threshold.default)

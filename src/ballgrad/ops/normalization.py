@@ -319,7 +319,7 @@ def _affine_output(mid: torch.Tensor, z: _Centred, scale: _Ball, bias: _Ball | N
     and the addition), the ``recentre`` argument folded into the same ``inflate``."""
     c, expr = _affine_terms(z, scale, bias)
     expr += c.sub_(mid).abs_()
-    return BallTensor(mid, rounding.inflate_to(expr, 8, rounding.rad_dtype(mid.dtype)))
+    return BallTensor(mid, rounding.inflate_to_(expr, 8, rounding.rad_dtype(mid.dtype)))
 
 
 def layer_norm_enclosure(xb: BallTensor, k: int, weight, bias, eps: float) -> BallTensor:
@@ -372,7 +372,7 @@ def _gradient_input(mid: torch.Tensor, g: _Ball, z: _Centred | None, k1: _Ball, 
         c = torch.mul(g.c, k1.c)
         n_ops, extra = 5, _ETA
     expr += c.sub_(mid).abs_()
-    return BallTensor(mid, rounding.inflate_to(expr, n_ops, rounding.rad_dtype(mid.dtype), extra))
+    return BallTensor(mid, rounding.inflate_to_(expr, n_ops, rounding.rad_dtype(mid.dtype), extra))
 
 
 def _dot_ball(g: _Ball, z: _Centred, sums: _Sums, dims, n: int) -> _Ball:
