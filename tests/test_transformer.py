@@ -479,6 +479,149 @@ def test_attention_refusals():
     assert bool(torch.isinf(out.rad[:, :, 0]).all()) and bool(torch.isfinite(out.rad[:, :, 1:]).all())
 
 
+# The rules' fast path (``_FastAttention``: direct float64 bounds) against the oracle where its own lemmas are
+# stressed: wide balls, large scores (exp arguments clamped at -700, Lemma E), grouped-query heads with per-head and
+# broadcast masks, fully masked rows, float64 and bfloat16 inputs, an inexact and a negative scale.
+FAST_CASES = {
+    "wide_gqa_causal": dict(rel=0.3, mag=1.0, kv=2, causal=True),
+    "wide_saturated_mask": dict(rel=0.05, mag=6.0, kv=2, mask="rows"),
+    "huge_scores_mask": dict(rel=1e-3, mag=40.0, kv=4, mask="rows", causal=True),  # |scores| > 350: clamped
+    "huge_wide_scores": dict(rel=0.5, mag=30.0, kv=1),  # score widths of hundreds: P in [0, 1], d underflows
+    "per_head_mask_gqa": dict(rel=1e-4, mag=2.0, kv=2, mask="heads", scale=-0.6),
+    "float64_inexact_scale": dict(rel=1e-9, mag=3.0, kv=4, dtype=torch.float64, e=6, causal=True),
+    "bfloat16_gqa": dict(rel=0.0, mag=2.0, kv=1, dtype=torch.bfloat16, mask="rows"),
+}
+
+
+def _fast_inputs(spec, seed):
+    g = torch.Generator().manual_seed(seed)
+    b, h, length, src, e = 2, 4, 3, 5, spec.get("e", 4)
+    dtype, rel, mag = spec.get("dtype", torch.float32), spec["rel"], spec["mag"]
+
+    def ball_of(shape, scale):
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+        return bg.ball(x, (x.abs().to(torch.float64) * rel + rel * 1e-2).to(x.dtype)) if rel else bg.ball(x)
+
+    q = ball_of((b, h, length, e), mag)
+    k = ball_of((b, spec["kv"], src, e), mag)
+    v = ball_of((b, spec["kv"], src, e), 1.0)
+    mask = None
+    if spec.get("mask") == "rows":
+        mask = torch.randn(b, 1, length, src, generator=g).to(dtype)
+        mask[0, 0, 1] = -math.inf  # a fully masked row
+        mask[1, 0, 0, :2] = -math.inf
+    elif spec.get("mask") == "heads":
+        mask = torch.randn(1, h, length, src, generator=g).to(dtype)
+        mask[0, 1, 2, 1:] = -math.inf  # one entry left in a row of one head
+    return q, k, v, mask, spec.get("causal", False)
+
+
+@pytest.mark.parametrize("case", list(FAST_CASES))
+def test_attention_fast_path_adversarial(case):
+    import ballgrad.ops.transformer as tr
+
+    spec = FAST_CASES[case]
+    q, k, v, mask, causal = _fast_inputs(spec, seed=list(FAST_CASES).index(case))
+    fwd = aten._scaled_dot_product_flash_attention_for_cpu.default
+    bwd = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    scale = spec.get("scale")  # None: 1/sqrt(e), enclosed (e = 6: not a double)
+    fast = tr._FastAttention.build(fwd, q, k, v, causal, mask, scale)
+    assert fast is not None, "the fast path must run here"
+    additive, excluded = _mask_parts(mask, causal, q.shape[-2], k.shape[-2])
+    b, h, length, src = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    gone = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(excluded, (b, h, length, src))))
+    for p in (fast.p_hi, fast.pm):  # excluded entries have P = 0 exactly (row layout back to (B, H, L, S))
+        assert bool((p.reshape(b, h, length, src)[gone] == 0).all())
+    out, lse = check(lambda q_, k_, v_: fwd(q_, k_, v_, 0.0, causal, attn_mask=mask, scale=scale), (q, k, v),
+                     lambda q_, k_, v_: exact_attention(q_, k_, v_, scale, additive, excluded),
+                     modes=("lo", "hi", "mid", "rand"))
+    g = bg.ball(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype), spec["rel"] or None)
+    check(lambda g_, q_, k_, v_, o_, l_: bwd(g_, q_, k_, v_, o_, l_, 0.0, causal, attn_mask=mask, scale=scale),
+          (g, q, k, v, out, lse),
+          lambda g_, q_, k_, v_, o_, l_: exact_attention_backward(g_, q_, k_, v_, scale, additive, excluded),
+          modes=("lo", "hi", "rand"))
+
+
+@pytest.mark.parametrize("rad", [1e-6, 0.05, 2.0])
+def test_attention_fast_probabilities_contain_their_exact_extremes(rad):
+    """Lemma P is tight when the score box is exactly attained: one key dimension, keys a and -a (their mean is 0, so
+    centring is exact) give scores (a q, -a q) and P_1 = sigmoid(2 a q), whose extremes over the ball of q are attained
+    at its end points. The fast path's P ball must contain both, and be wider only by float64 roundings (the largest:
+    the rounding of the row sum, ~4u, relative to e^(M_lo - M_hi) in a saturated row, as in ``_Probs``)."""
+    import ballgrad.ops.transformer as tr
+
+    a = 1.5
+    qm = torch.tensor([[-3.0], [0.25], [7.0], [0.0]], dtype=torch.float64)
+    q = bg.ball(qm.reshape(1, 1, 4, 1), rad)
+    k = bg.ball(torch.tensor([[a], [-a]], dtype=torch.float64).reshape(1, 1, 2, 1))
+    v = bg.ball(torch.tensor([[1.0], [-2.0]], dtype=torch.float64).reshape(1, 1, 2, 1))
+    fast = tr._FastAttention.build(aten._scaled_dot_product_flash_attention_for_cpu.default, q, k, v, False, None, 1.0)
+    pm, pr = fast.pm.reshape(4, 2), fast.pr.reshape(4, 2)
+    for i, qi in enumerate(qm.flatten().tolist()):
+        ends = [1 / (1 + mpmath.exp(-2 * a * (mp(Fraction(qi)) + s * mp(Fraction(rad))))) for s in (-1, 1)]
+        for j, (lo, hi) in enumerate([(ends[0], ends[1]), (1 - ends[1], 1 - ends[0])]):
+            m, r = mp(Fraction(float(pm[i, j]))), mp(Fraction(float(pr[i, j])))
+            assert m - r <= lo and hi <= m + r, (i, j)
+            assert 2 * r <= (hi - lo) * (1 + mpmath.mpf(10) ** -9) + mpmath.mpf(10) ** -12
+
+
+def test_attention_fast_path_matches_composed_bounds():
+    """The fast path's radii against the composed ball rules' (``_SdpaCase``) on the same inputs: at most a few
+    float64 roundings wider anywhere, and the same where the kernel's float32 rounding dominates."""
+    import ballgrad.ops.transformer as tr
+
+    q, k, v, mask, causal = _fast_inputs(dict(rel=1e-6, mag=2.0, kv=2, mask="rows"), seed=5)
+    fwd = aten._scaled_dot_product_flash_attention_for_cpu.default
+    bwd = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    g = bg.ball(torch.randn(2, 4, 3, 4, generator=torch.Generator().manual_seed(6)), 1e-6)
+    fast = [fwd(q, k, v, 0.0, True, attn_mask=mask)]
+    fast.append(bwd(g, q, k, v, *fast[0], 0.0, True, attn_mask=mask))
+    build = tr._FastAttention.build
+    tr._FastAttention.build = classmethod(lambda cls, *a, **kw: None)
+    try:
+        slow = [fwd(q, k, v, 0.0, True, attn_mask=mask)]
+        slow.append(bwd(g, q, k, v, *slow[0], 0.0, True, attn_mask=mask))
+    finally:
+        tr._FastAttention.build = build
+    for a, b in zip([*fast[0], *fast[1]], [*slow[0], *slow[1]]):
+        assert_same_bits(a.mid, b.mid)
+        finite = torch.isfinite(b.rad)
+        assert torch.equal(finite, torch.isfinite(a.rad))
+        ra, rb = a.rad[finite].double(), b.rad[finite].double()
+        assert bool((ra <= rb * (1 + 1e-6) + 1e-13 * (a.mid[finite].double().abs() + 1)).all())
+
+
+def test_attention_backward_reuses_forward_bounds_only_when_unchanged():
+    """The backward reuses the forward's P bounds for the very same, unmodified q, k, v (same radii as recomputing),
+    and recomputes after an in-place change (containment for the changed inputs)."""
+    import ballgrad.ops.transformer as tr
+
+    q, k, v, mask, causal = _fast_inputs(dict(rel=1e-4, mag=2.0, kv=2, causal=True), seed=9)
+    for x in (q, k, v):
+        x.requires_grad_()
+    fwd = aten._scaled_dot_product_flash_attention_for_cpu.default
+    bwd = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    g = bg.ball(torch.randn(2, 4, 3, 4, generator=torch.Generator().manual_seed(10)), 1e-4)
+    out, lse = fwd(q, k, v, 0.0, True)
+    assert id(q) in tr._REUSE
+    reused = bwd(g, q, k, v, out, lse, 0.0, True)
+    assert id(q) not in tr._REUSE  # used once
+    fresh = bwd(g, q, k, v, out, lse, 0.0, True)  # recomputed
+    for a, b in zip(reused, fresh):
+        assert_same_bits(a.mid, b.mid)
+        assert torch.equal(a.rad, b.rad)
+    out, lse = fwd(q, k, v, 0.0, True)
+    with torch.no_grad():
+        k.mid.mul_(-1.5)  # an in-place change of k between forward and backward
+    assert tr._recall(q, k, v, True, None, None) is None
+    out, lse = fwd(q, k, v, 0.0, True)
+    with torch.no_grad():
+        q.rad.mul_(2.0)
+    check(lambda g_, q_, k_, v_, o_, l_: bwd(g_, q_, k_, v_, o_, l_, 0.0, True), (g, q, k, v, out, lse),
+          lambda g_, q_, k_, v_, o_, l_: exact_attention_backward(g_, q_, k_, v_, None, *_mask_parts(None, True, 3, 5)),
+          modes=("lo", "hi", "rand"))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention: eval-mode fast paths
 

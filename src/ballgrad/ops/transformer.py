@@ -365,6 +365,18 @@ def _centred(x: BallTensor) -> tuple[BallTensor, torch.Tensor]:
     return x - _point(c), c
 
 
+def _check_sdpa(func, q, k, v, dropout_p):
+    """The calls the fused-attention rules refuse (both paths)."""
+    if dropout_p:
+        raise UnsupportedOpError(func, "dropout_p > 0 (PyTorch's CPU kernel refuses it too)")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise UnsupportedOpError(func, "inputs must be 4-D (batch, heads, length, head_dim)")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise UnsupportedOpError(
+            func, f"batch sizes {q.shape[0]}, {k.shape[0]}, {v.shape[0]} differ: the CPU kernel does not "
+            "broadcast them (its values match no broadcasting rule), so there is no real result to bound")
+
+
 class _SdpaCase:
     """The float64 balls of one ``_scaled_dot_product_flash_attention_for_cpu`` call: q, k and v (kv heads repeated),
     the scale, the scores s = (q k^T) * scale + mask (ball rules: bmm, mul, add of the mask's finite part) and the
@@ -372,14 +384,7 @@ class _SdpaCase:
     -inf entries are excluded exactly; a ball mask is added as a ball (its -inf midpoints are unknown values)."""
 
     def __init__(self, func, q, k, v, dropout_p, is_causal, attn_mask, scale):
-        if dropout_p:
-            raise UnsupportedOpError(func, "dropout_p > 0 (PyTorch's CPU kernel refuses it too)")
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise UnsupportedOpError(func, "inputs must be 4-D (batch, heads, length, head_dim)")
-        if not (q.shape[0] == k.shape[0] == v.shape[0]):
-            raise UnsupportedOpError(
-                func, f"batch sizes {q.shape[0]}, {k.shape[0]}, {v.shape[0]} differ: the CPU kernel does not "
-                "broadcast them (its values match no broadcasting rule), so there is no real result to bound")
+        _check_sdpa(func, q, k, v, dropout_p)
         heads = q.shape[1]
         self.q = _ball64(q)
         self.k = _heads(_ball64(k), heads, func)
@@ -412,8 +417,15 @@ def sdpa_flash_cpu(func, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=N
     """(out, logsumexp) = (P v, logsumexp(q k^T scale + mask)) with P = softmax(q k^T scale + mask): P and the
     logsumexp by ``_Probs`` (exact monotone end points over the score balls), out by the ball bmm of P and v, all in
     float64, re-centred on the kernel's outputs. scale None means the real 1/sqrt(E) (enclosed). dropout_p must be 0.
+    The same bounds are computed directly on float64 tensors by ``_FastAttention`` wherever everything is finite.
     """
     out, lse = func(_mid(q), _mid(k), _mid(v), dropout_p, is_causal, attn_mask=_mid(attn_mask), scale=scale)
+    _check_sdpa(func, q, k, v, dropout_p)
+    fast = _FastAttention.build(func, q, k, v, is_causal, attn_mask, scale)
+    if fast is not None:
+        balls = fast.forward(out, lse)
+        _remember(fast, q, k, v, is_causal, attn_mask, scale)
+        return balls
     case = _SdpaCase(func, q, k, v, dropout_p, is_causal, attn_mask, scale)
     o = _bmm(case.probs.p, case.v_centred) + _point(case.v_centre)
     return case.probs.exact_empty_rows(_finish(out, o)), _finish(lse, case.lse)
@@ -425,9 +437,18 @@ def sdpa_flash_cpu_backward(func, grad_out, q, k, v, out, logsumexp, dropout_p, 
     """(dq, dk, dv) of attention at (q, k, v), from its formula with P recomputed by ``_Probs`` (the saved out and
     logsumexp are functions of q, k, v; only the kernel's midpoint uses them):
         dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),  dQ = dS K scale,  dK = dS^T Q scale,
-    excluded entries having P = 0 exactly; grouped-query heads summed back. Ball rules in float64, re-centred."""
+    excluded entries having P = 0 exactly; grouped-query heads summed back. Ball rules in float64, re-centred; or the
+    same bounds directly on float64 tensors (``_FastAttention``) wherever everything is finite, with the bounds of P
+    taken from the forward call when q, k, v, the mask and the scale are provably unchanged (``_recall``)."""
     grads = func(*mids((grad_out, q, k, v, out, logsumexp, dropout_p, is_causal)), attn_mask=_mid(attn_mask),
                  scale=scale)
+    _check_sdpa(func, q, k, v, dropout_p)
+    fast = _recall(q, k, v, is_causal, attn_mask, scale)
+    fast = fast.with_grad(grad_out) if fast is not None else None
+    if fast is None:
+        fast = _FastAttention.build(func, q, k, v, is_causal, attn_mask, scale, grad_out=grad_out)
+    if fast is not None:
+        return fast.backward(grads)
     case = _SdpaCase(func, q, k, v, dropout_p, is_causal, attn_mask, scale)
     p, g = case.probs.p, _ball64(grad_out)
     dv = _bmm(p.transpose(-2, -1), g)
@@ -437,6 +458,620 @@ def sdpa_flash_cpu_backward(func, grad_out, q, k, v, out, logsumexp, dropout_p, 
     dk = _bmm(ds.transpose(-2, -1), case.q) * case.scale
     return (case.probs.exact_empty_rows(_finish(grads[0], dq)), _finish(grads[1], _group_sum(dk, k.shape[1])),
             _finish(grads[2], _group_sum(dv, v.shape[1])))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention: the fused CPU kernel, bounds computed directly on float64 tensors (the rules' fast path)
+#
+# The enclosures of ``_SdpaCase``/``_Probs`` (or tighter ones), computed on plain float64 (mid, rad) tensors with every
+# rounding folded into constants: about a hundred vectorized passes instead of ~40 dispatched ball rules, and no
+# nextafter or boolean select on full-size tensors. Where an input or a score bound is not finite or near overflow
+# (unknown rows, NaN, inf), a dimension is empty or a mask is not a tensor we read, the composed rules above run
+# instead (``_FastAttention.build`` returns None). Grouped-query heads: query head h = j g + i reads kv head j, so q
+# is viewed as (B, kv, g L, E) ("rows"); keys and values are not repeated, and the GEMMs for dK, dV sum over each
+# group themselves (the same exact real sums as ``_group_sum``).
+#
+# Notation: u = 2^-53, eta = 2^-1074, lam_A = 2^-1000, lam_B = 2^-512. One RN float64 operation with exact result e
+# returns c with |c - e| <= u|e| and |c - e| <= u|c|, plus eta/2 for * and / (+ and - are exact when the result
+# underflows).
+# ``_inflation``/``_bound``: ``rounding.inflate``'s lemma (t a sum of products of two non-negative floats or sums of
+# floats, n operations: exact(t) <= (1 + u)^n (t + n eta/2)) with a multiplier folded into phi; a coefficient
+# (1 + u)^m on terms is covered by counting m more operations.
+#
+# Lemma G (``_ball_mm``, ball GEMM with an output scale). x in (am, ar), y with |y - bm| <= br + eps|bm|, sigma in
+# [sm +- sr]; Xc = fl(am bm) with |Xc - am bm| <= g|am||bm| + a (F3, ``_mid_error(k, float64)``), C = fl(Xc sm) (C = Xc
+# when sigma = 1 exactly). Then for a slack s >= 0:
+#     |sigma x y - C| + s|C| <= s1 (T1 + (1 + eps) T2 + (eps + g) Q + a) + kappa ((1 + g) Q + a) + tau,
+# T1 = |am| br, T2 = ar (|bm| + br), Q = |am||bm| (exact GEMMs), s1 = |sm| + sr, kappa = sr + (u + s(1 + u))|sm|,
+# tau = (1 + s) eta/2 (kappa = s, tau = 0 unscaled): |xy - am bm| <= |am|(br + eps|bm|) + ar(1 + eps)(|bm| + br),
+# |C - Xc sm| <= u|Xc sm| + eta/2, |C| <= (1 + u)|sm||Xc| + eta/2, |Xc| <= (1 + g)Q + a. Each exact GEMM of
+# non-negative terms is <= theta_k (fl + k eta) (F3), and |bm| + br is rounded once (factor 1 + u). These are the bmm
+# rule's bounds (linalg's ``_bracket``: |mA|(rB + g|mB|) + rA(|mB| + rB)), evaluated in two GEMMs besides the centre
+# (``_mm_constants``), one when A is a point.
+#
+# Lemma E (exp bounds). t <= 0 a difference of two floats, x = fl(t) = t(1 + d), |d| <= u, -700 <= x, v = exp(x) with
+# |v - e^x| <= c_rel v + c_abs (trust table). t is in [x/(1 - u), x/(1 + u)], so |t - x| <= rho|x|, rho = u/(1 - u),
+# and e^x (1 - rho|x|) <= e^t <= e^x (1 + rho'|x|), rho' = rho (1 + 702u) (e^y <= 1 + y e^y, y <= 700 rho). Hence
+#     E_dn = v (1 - c_rel)(1 - rho|x|) - c_abs - D  <=  e^t  <=  v (1 + c_rel)(1 + rho'|x|) + c_abs (1 + 700 rho')
+# = E_up (the lower one also for a negative v(1 - c_rel) - c_abs, where it is negative), for any D >= 0. Evaluated as
+# E_up = fl(A2 + v fl(F1 + F2|x|)) and E_dn = max(fl(v fl(G1 - G2|x|) - B2), 0) (``_exp_constants``): f = fl(F1 +
+# fl(F2|x|)) >= (F1 + F2|x|)((1 - u)^2 - eta) (F1 >= 1/2), fl(A2 + v f) >= v f (1 - u)^2 + (A2 - eta/2)(1 - u); and
+# 0 < g <= (G1 - G2|x|(1 - u) + eta/2)(1 + u), a positive fl(v g - B2) <= v g (1 + u)^2 + eta/2 - B2 (v <= 2).
+# Arguments are clamped at -700 (x' = max(x, -700); exp never underflows, whose subnormal results cost 100x): the
+# upper bound holds at x' since e^(x/(1 + u)) increases in x, and D = 2^-1009 > e^-700 makes the lower one negative
+# (so 0) wherever x was clamped. E_up carries an extra lam_A on allowed entries (E_up >= lam_A); both are exactly 0
+# on excluded ones (masked F1, F2, A2).
+#
+# Lemma P (probabilities; ``_FastAttention._probs``). Per row with allowed set A and lo <= s <= hi: M_lo = max lo,
+# M_hi = max hi, l_j = lo_j - M_lo, h_j = hi_j - M_hi, delta = M_lo - M_hi (all <= 0). a/(a + b) increases in a and
+# decreases in b, so with e_j = e^(l_j), f_j = e^(h_j):
+#     P_i <= a/(a + b) for a >= f_i, b <= e^delta sum_(j != i) e_j:  a = Eh_up_i, b = d (TL - El_dn_i)+,
+#     P_i >= e_i/(e_i + e^-delta B) for B >= sum_(j != i) f_j:  >= El_dn_i/(El_dn_i + B/d), B = T' - Eh_up_i,
+# with d <= e^delta (Lemma E), TL <= sum_j El_dn_j, T' >= sum_j Eh_up_j + lam_B (row vectors). These are the exact
+# end points of P over the box of scores (``_Probs``), with ``_Probs``'s own-term bounds replaced by the same term
+# (El_dn_i, Eh_up_i), which is tighter, and the shift e^delta kept as a factor. lam_A = 2^-1000 (in Eh_up: a >=
+# lam_A) and lam_B = 2^-512 (in T': B >= lam_B) keep denominators normal, so rounding stays relative down to P ~ 1e-300.
+# Upper: with r = max(fl(TL - El_dn), 0) <= R(1 + u), D = fl(a + fl(d r)) <= (a + d R)(1 + u)^3 (1 + eta/lam_A),
+# q = fl(a/D) >= U (1 - u)/((1 + u)^3 (1 + eta/lam_A)) - eta/2 and fl(K2 + K1 q) >= U for
+# K1 >= (1 + u)^3 (1 + eta/lam_A)/(1 - u)^3, K2 >= eta (1 + K1)/2. Lower: y = fl(T' - a3) >= B (1 - u), z = fl(y/d) >=
+# (y/d)(1 - u) (normal: y >= lam_B/2, d <= 1; d = 0 gives z = inf and 0), D = fl(El_dn + z) >= (El_dn + B/d)(1 - u)^3,
+# so q = fl(El_dn/D) <= (1 + u)/(1 - u)^3 L + eta/2 and max(fl(K3 q - K4), 0) <= L for K3 <= (1 - u)^3/(1 + u)^3,
+# K4 >= eta/2 (1 + K3 (1 + u)^2) (realmin).
+# Excluded entries get exactly 0 (Eh_up = El_dn = 0; 0/0 -> 0; the additive constants are masked). The P ball:
+# pm = fl(p_lo + fl(p_hi - p_lo)/2), pr >= (p_hi - p_lo)/2 + |pm - (p_lo + p_hi)/2| + 3u pm, the 3u pm paying for
+# the rounding of the elementwise products with pm below. |P| <= p_hi.
+# logsumexp of the centred scores: [M_lo + log TL, M_hi + log T'] (row vectors, rounded outward with nextafter).
+#
+# Lemma C (centring, as ``_centred``): softmax rows are invariant under k_j -> k_j - c, out_i = c_v + sum_j P_ij
+# (v_j - c_v) and dP - rowsum(dP * P) is unchanged under v_j -> v_j - c_v in a non-empty row (sum_j P_ij = 1),
+# dQ_i = sum_j dS_ij (k_j - c) since sum_j dS_ij = 0; logsumexp adds sigma q_i . c back. kc = fl(k - c) is the ball
+# (kc, rk + u|kc|): Lemma G with eps = u. Empty rows (every entry excluded): out and dq are exactly 0 there (the
+# radius is |mid|), logsumexp is unknown.
+#
+# Backward (dV = P^T dO, dP = dO vc^T, D = rowsum(dP * P), dS = P * (dP - D), dQ = dS kc sigma, dK = dS^T q sigma):
+# |sum_j P_j dP_j - Dm| <= sum_j (p_hi rdP + pr |dPm| + gamma_(S-1) |W|) + S eta/2 with W = fl(pm dPm), Dm = fl(sum W)
+# (pr's 3u pm covers u pm|dPm|); dS_m = fl(pm Xm), Xm = fl(dPm - Dm): |P X - dS_m| <= p_hi (rdP + rD) + (1 + u) pr
+# |Xm| + eta/2 (|Xm - (dPm - Dm)| <= u|Xm|, u p_hi + u pm <= u pr + 2u pm). GEMMs by Lemma G.
+#
+# Re-centring (``_recentred``): |x - mid| <= rad + |mid - c| <= rad + |fl(mid - c)|/(1 - u), rounded up with the
+# conversion to the radius dtype folded in (``_to_rad``).
+
+_U64 = rounding.unit_roundoff_exact(_F64)
+_ETA64 = Fraction(rounding.eta(_F64))
+_LAM_A = Fraction(1, 2**1000)  # Lemma P: the floor of Eh_up on allowed entries
+_LAM_B = Fraction(1, 2**512)  # Lemma P: the floor added to T'
+_REALMIN64 = float(torch.finfo(_F64).smallest_normal)
+# Radius floor: every bounded radius is >= 2^-900 (not merely realmin), so that its products with operands above
+# 2^-120 stay normal: subnormal operands or results make float64 kernels 15-100x slower (measured: exp producing
+# subnormals, GEMMs of realmin-sized radii). Loosens nothing that matters (2^-900 ~ 1e-271).
+_FLOOR = Fraction(1, 2**900)
+
+
+def _ru(x) -> float:
+    return rounding.round_up_float(Fraction(x), _F64)
+
+
+def _rd(x) -> float:
+    return rounding.round_down_float(Fraction(x), _F64)
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A cached 0-d float64 constant (read only)."""
+    return torch.tensor(value, dtype=_F64, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _inflation(n_ops: int, extra: Fraction, mult: Fraction = Fraction(1),
+               floor: float = float(_FLOOR)) -> tuple[float, float]:
+    """(phi, a) with fl(a + fl(phi t)) >= mult (1 + u)^n (t + n eta/2) + extra for the computed t >= 0 of an expression
+    of n operations (``rounding.inflate``'s lemma): fl(a + fl(phi t)) >= phi t (1 - u)^2 + (a - eta/2)(1 - u), with or
+    without an FMA. a >= ``floor``."""
+    grow = (1 + _U64) ** n_ops
+    phi = _ru(mult * grow / (1 - _U64) ** 2)
+    a = _ru(_ETA64 / 2 + (mult * grow * n_ops * _ETA64 / 2 + extra) / (1 - _U64))
+    return phi, max(a, floor)
+
+
+def _bound(t: torch.Tensor, consts: tuple[float, float]) -> torch.Tensor:
+    """fl(a + fl(phi t)) for (phi, a) from ``_inflation``: one pass."""
+    phi, a = consts
+    return torch.add(_scalar(a, t.device), t, alpha=phi)
+
+
+@functools.lru_cache(maxsize=None)
+def _to_rad(rd: torch.dtype) -> tuple[float, float]:
+    """``_inflation`` for ``_recentred``'s t = rad + C|d| (2 operations) followed by the RN conversion to the radius
+    dtype rd, which loses at most a factor 1 - u_rd and eta_rd/2: multiplier 1/(1 - u_rd), extra eta_rd/(2(1 - u_rd))
+    (no floor: an exact 0 keeps a radius of one subnormal eta_rd, as ``common.recentre`` gives)."""
+    if rd == _F64:
+        return _inflation(2, Fraction(0))
+    u_r, eta_r = rounding.unit_roundoff_exact(rd), Fraction(rounding.eta(rd))
+    return _inflation(2, eta_r / (2 * (1 - u_r)), 1 / (1 - u_r), 0.0)
+
+
+_RECENTRE = _ru(1 / (1 - _U64))  # |mid - centre| <= |fl(mid - centre)|/(1 - u)
+
+
+def _recentred(mid: torch.Tensor, centre: torch.Tensor, rad: torch.Tensor, empty=None) -> BallTensor:
+    """The ball on the kernel's ``mid`` that contains every x with |x - centre| <= rad (float64 tensors of mid's shape):
+    |x - mid| <= rad + |fl(mid - centre)|/(1 - u) (two operations, bounded and converted by ``_to_rad``); NaN -> +inf.
+    ``empty``: rows whose exact value is 0 get the radius |mid|."""
+    rd = rounding.rad_dtype(mid.dtype)
+    t = torch.add(rad, torch.sub(mid, centre).abs_(), alpha=_RECENTRE)
+    r = _bound(t, _to_rad(rd)).to(rd).nan_to_num_(nan=math.inf, posinf=math.inf)
+    if empty is not None:
+        r = torch.where(empty.expand(mid.shape), torch.abs(mid).to(rd), r)
+    return BallTensor(mid, r)
+
+
+_SLACKS = (Fraction(0), _U64, _U64 * (2 + _U64))  # none; u|C| (scores); u(2 + u)|C| (scores plus an additive mask)
+
+
+@functools.lru_cache(maxsize=4096)
+def _mm_constants(k: int, b_ball: bool, a_ball: bool, eps_u: bool, sm: float, sr: float, slack: int, scores: bool,
+                  term_coefs: tuple) -> tuple[float | None, float, tuple, tuple[float, float]]:
+    """Constants of Lemma G's bound B = s1 T1 + s1 (1 + eps) T2 + c_q Q + (s1 + kappa) a + tau, c_q = s1 (eps + g) +
+    kappa (1 + g) (times 1/(1 - u) for the scores, whose ``terms`` already are), evaluated from one or two GEMMs:
+      B ball: s1 T1 + c_q Q = s1 |am| (br + w|bm|) with w >= c_q/s1, and W = fl(fl(br + fl(w|bm|)) + F), F = 2^-900
+        >= eta/2, satisfies br + w|bm| <= (fl(br + fl(w|bm|)) + eta/2)/(1 - u)^2 <= W/(1 - u)^3; so
+        s1 T1 + c_q Q <= m (fl(|am| W) + k eta) with m = s1 theta_k/(1 - u)^3 (F3);
+      B point: c_q Q <= m (fl(|am||bm|) + k eta) with m = c_q theta_k;
+      s1 (1 + eps) T2 <= c2 (fl(ar (fl(|bm| + br))) + k eta), c2 = s1 (1 + eps)(1 + u) theta_k ((1 + u): the sum).
+    Returns (w or None, c2/m, coef/m per term, ``_inflation`` with multiplier m of 2 (a_ball + #terms) operations and
+    the absolute k eta (m + c2) + (s1 + kappa) a + tau): the bound is evaluated as m (G1 + (c2/m) G2 + sum
+    (coef/m) term). eps = u or 0, slack ``_SLACKS[slack]``; the scale is non-zero (s1 > 0)."""
+    g, a = _mid_error(k, _F64)
+    th = rounding.theta(k, _U64)
+    eps, slack_f = (_U64 if eps_u else Fraction(0)), _SLACKS[slack]
+    factor = 1 / (1 - _U64) if scores else Fraction(1)
+    scaled = not (sm == 1.0 and sr == 0.0)
+    abs_sm, sr_f = abs(Fraction(sm)), Fraction(sr)
+    s1 = abs_sm + sr_f
+    kappa = sr_f + (_U64 + slack_f * (1 + _U64)) * abs_sm if scaled else slack_f
+    tau = (1 + slack_f) * _ETA64 / 2 if scaled else Fraction(0)
+    c_q = s1 * (eps + g) + kappa * (1 + g)
+    if b_ball:
+        w, m = _ru(c_q / s1), s1 * th / (1 - _U64) ** 3
+    else:
+        w, m = None, c_q * th
+    c2 = s1 * (1 + eps) * ((1 + _U64) if b_ball else 1) * th if a_ball else Fraction(0)
+    const = (k * _ETA64 * (m + c2) + (s1 + kappa) * a + tau) * factor
+    mult = m * factor
+    n_ops = 2 * a_ball + 2 * len(term_coefs)
+    return w, _ru(c2 / m), tuple(_ru(Fraction(c) / mult) for c in term_coefs), _inflation(n_ops, const, mult)
+
+
+_F_FLOOR = float(_FLOOR)
+
+
+def _ball_mm(am, ar, bm, br, *, abs_a=None, abs_b=None, eps_u=False, scale=(1.0, 0.0), slack=0, scores=False,
+             terms=()):
+    """(C, R), float64: C = fl(am @ bm) (times scale[0] unless the scale is exactly 1) and R >= (|sigma x y - C| +
+    slack |C|) (/(1 - u) for the scores) + sum of ``terms`` for every x, y, sigma of Lemma G (ar, br None: points;
+    ``_mm_constants``). ``terms`` are pairs (t >= 0 broadcastable to C, coefficient >= the exact one). ``abs_a``,
+    ``abs_b``: |am|, |bm| when the caller has them (read only)."""
+    sm, sr = scale
+    w, c2, coefs, consts = _mm_constants(am.shape[-1], br is not None, ar is not None, eps_u, sm, sr, slack, scores,
+                                         tuple(c for _, c in terms))
+    centre = torch.matmul(am, bm)
+    if not (sm == 1.0 and sr == 0.0):
+        centre.mul_(sm)
+    abs_a = torch.abs(am) if abs_a is None else abs_a
+    abs_b = torch.abs(bm) if abs_b is None else abs_b
+    t = torch.matmul(abs_a, abs_b if br is None else torch.add(br, abs_b, alpha=w).add_(_F_FLOOR))
+    if ar is not None:
+        t.add_(torch.matmul(ar, abs_b if br is None else torch.add(abs_b, br)), alpha=c2)
+    for (term, _), coef in zip(terms, coefs):
+        t.add_(term, alpha=coef)
+    return centre, _bound(t, consts)
+
+
+_EXP_FLOOR = Fraction(1, 2**1009)  # > e^-700 (1009 ln 2 = 699.4)
+
+
+@functools.lru_cache(maxsize=None)
+def _exp_constants(backend: str) -> tuple[float, ...]:
+    """(F1, F2, A2 + lam_A, G1, G2, B2) of Lemma E: F1 >= (1 + c_rel)/Dn, F2 >= (1 + c_rel) rho'/Dn with
+    Dn = ((1 - u)^2 - eta)(1 - u)^2, A2 >= (c_abs (1 + 700 rho') + lam_A)/(1 - u) + eta/2; G1 <= (1 - c_rel)/(1 + u)^3,
+    G2 >= (1 - c_rel) rho/((1 - u)(1 + u)^3), B2 >= eta/2 + c_abs + 2^-1009 + eta (1 + u)^3 and >= realmin (no
+    subnormal constant)."""
+    c_rel, c_abs = (Fraction(c) for c in accuracy._coefficients("exp", backend))
+    u = _U64
+    rho = u / (1 - u)
+    rho_up = rho * (1 + 702 * u)
+    dn = ((1 - u) ** 2 - _ETA64) * (1 - u) ** 2
+    f1, f2 = _ru((1 + c_rel) / dn), _ru((1 + c_rel) * rho_up / dn)
+    a2 = _ru((c_abs * (1 + 700 * rho_up) + _LAM_A) / (1 - u) + _ETA64 / 2)
+    g1, g2 = _rd((1 - c_rel) / (1 + u) ** 3), _ru((1 - c_rel) * rho / ((1 - u) * (1 + u) ** 3))
+    b2 = max(_ru(_ETA64 / 2 + c_abs + _EXP_FLOOR + _ETA64 * (1 + u) ** 3), _REALMIN64)
+    return f1, f2, a2, g1, g2, b2
+
+
+def _exp_dn(x: torch.Tensor, g1: float, g2: float, b2: float) -> torch.Tensor:
+    """Lemma E's lower bound of e^t at x = fl(t) in [-700, 0] (x is overwritten)."""
+    g = torch.add(_scalar(g1, x.device), x, alpha=g2)  # G1 - G2|x|
+    return torch.addcmul(_scalar(-b2, x.device), x.exp_(), g).clamp_min_(0)
+
+
+def _exp_up(x: torch.Tensor, f1, f2, a2) -> torch.Tensor:
+    """Lemma E's upper bound of e^t at x = fl(t) in [-700, 0] (x is overwritten); f1, f2 (= -F2), a2 are 0-d or
+    masked constant tensors (0 on excluded entries)."""
+    f = torch.addcmul(f1, x, f2)  # F1 + F2|x|
+    return torch.addcmul(a2, x.exp_(), f)
+
+
+_K1 = _ru((1 + _U64) ** 3 * (1 + _ETA64 / _LAM_A) / (1 - _U64) ** 3)
+_K2 = max(_ru(_ETA64 * (1 + Fraction(_K1)) / 2), _REALMIN64)
+_K3 = _rd((1 - _U64) ** 3 / (1 + _U64) ** 3)
+_K4 = max(_ru(_ETA64 / 2 * (1 + Fraction(_K3) * (1 + _U64) ** 2)), _REALMIN64)
+# The P ball: wc = fl(p_hi - p_lo) (|wc - w| <= u w, w = p_hi - p_lo <= wc/(1 - u)), pm = fl(p_lo + fl(wc/2)), so
+# |pm - (p_lo + p_hi)/2| <= u pm + eta/2 + u w/2 and pr >= w/2 + |pm - (p_lo + p_hi)/2| + 3u pm holds for
+# pr = bound of fl(wc + C pm) with multiplier M = (1 + u)/(2(1 - u)), C >= 4u/M, extra eta/2 (2 operations)
+_PR_COEF = _ru(8 * _U64 * (1 - _U64) / (1 + _U64))
+_PR_INFLATION = _inflation(2, _ETA64 / 2, (1 + _U64) / (2 * (1 - _U64)))
+_MASK_SLACK = _ru(_U64 * (2 + _U64))
+_DS_INFLATION = _inflation(5, _ETA64 / 2)  # dS: 4 operations and the (1 + u) on pr |Xm|
+_U_UP = _ru(_U64)
+# T' = fl(lam' + fl(C s)) >= C s (1 - u)^2 + lam_B >= theta_(S-1) s + lam_B for C >= theta/(1 - u)^2,
+# lam' >= lam_B/(1 - u) + eta/2 (s the computed row sum of S non-negative terms, whose exact sum is <= theta_(S-1) s)
+_LAM_UP = _ru(_LAM_B / (1 - _U64) + _ETA64 / 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_up_factor(n: int) -> float:
+    return _ru(rounding.theta(max(n - 1, 1), _U64) / (1 - _U64) ** 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_constants(backend: str) -> tuple[float, Fraction]:
+    """(c_rel (1 + u), 2 c_abs) of the trust table's float64 log: |lib(x) - log x| <= c_rel |lib(x)| + c_abs."""
+    c_rel, c_abs = accuracy._coefficients("log", backend)
+    return _ru(Fraction(c_rel) * (1 + _U64)), 2 * Fraction(c_abs)
+
+
+_HALF_UP = _ru((1 + _U64) / 2)
+_LSE_SLACK = _ru(Fraction(16, 10) * _U64 * (1 + _U64))
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_dn_factor(n: int) -> float:
+    """D with fl(s D) <= exact sum for the computed row sum s of the n values El_dn: the exact sum is >=
+    s (1 - gamma_(n-1)), and s is 0 (empty rows) or >= 1/2 (the row maximum has x = 0 and El_dn(0) > 0.99), so
+    fl(s D) <= s D (1 + u) + eta/2 <= s (D (1 + u) + eta) <= s (1 - gamma) for D <= (1 - gamma - eta)/(1 + u)."""
+    return _rd((1 - rounding.growth(max(n - 1, 1), _U64) - _ETA64) / (1 + _U64))
+
+
+def _rows(t: torch.Tensor | None, kv: int, rows: int) -> torch.Tensor | None:
+    """(B, H, L, X) -> (B, kv, g L, X): query head j g + i, position p -> kv head j, row i L + p (a view if it can)."""
+    return None if t is None else t.reshape(t.shape[0], kv, rows, t.shape[-1])
+
+
+def _mask_rows(t: torch.Tensor, b: int, h: int, l: int, s: int, kv: int, g: int) -> torch.Tensor:
+    """A mask broadcastable to (B, H, L, S) in the row layout, broadcastable to (B, kv, g L, S)."""
+    t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    tb, th = t.shape[0], t.shape[1]
+    t = t.expand(tb, th, l, s)
+    if g == 1:
+        return t
+    if th == 1:
+        return t.repeat(1, 1, g, 1)
+    return t.reshape(tb, kv, g * l, s)
+
+
+def _exclusion(excluded: torch.Tensor):
+    """(allowed as float64 0/1, neg as float64 0/-inf, empty rows or None) of a row-layout bool mask."""
+    allowed = (~excluded).to(_F64)
+    neg = torch.zeros(excluded.shape, dtype=_F64, device=excluded.device).masked_fill_(excluded, -math.inf)
+    empty = ~(~excluded).any(-1, keepdim=True)
+    return allowed, neg, (empty if bool(empty.any()) else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_exclusion(l: int, s: int, g: int, device: torch.device):
+    """``_exclusion`` of the causal mask (column > row, top-left aligned as the kernel does), cached: read only."""
+    excluded = ~torch.ones(l, s, dtype=torch.bool, device=device).tril()
+    return _exclusion(_mask_rows(excluded, 1, 1, l, s, 1, g))
+
+
+@functools.lru_cache(maxsize=256)
+def _masked_constants(allowed: torch.Tensor, f1: float, f2: float, a2: float):
+    """(allowed F1, -allowed F2, allowed A2, allowed K2) of Lemmas E and P: 0 on excluded entries (cached for the
+    cached causal masks, which are read only; ``__wrapped__`` for other masks)."""
+    return allowed * f1, allowed * -f2, allowed * a2, allowed * _K2
+
+
+class _FastAttention:
+    """Float64 bounds of one fused attention call (Lemmas G, E, P, C above): scores, P as (p_hi, pm, pr), logsumexp.
+    ``build`` returns None where the composed rules must run (non-finite inputs or scores, empty dimensions, a mask
+    the fast path does not read)."""
+
+    @classmethod
+    def build(cls, func, q, k, v, is_causal, attn_mask, scale, grad_out=None):
+        if isinstance(attn_mask, BallTensor) and not attn_mask.is_floating_point():
+            return None
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+            return None
+        b, h, l, e = q.shape
+        kv, s, ev = k.shape[1], k.shape[2], v.shape[-1]
+        if 0 in (b, h, l, e, kv, s, ev) or k.shape[-1] != e or v.shape[1] != kv or v.shape[2] != s:
+            return None
+        if h % kv:
+            raise UnsupportedOpError(func, f"{h} query heads and {kv} key/value heads")
+        if not all(x.is_floating_point() for x in (q, k, v) + (() if grad_out is None else (grad_out,))):
+            return None
+        self = cls()
+        self.b, self.h, self.l, self.kv, self.g, self.s = b, h, l, kv, h // kv, s
+        self.rows = self.g * l
+        (qm, rq), (km, rk), (vm, rv), (gm, rg) = _parts64((q, k, v, grad_out))
+        # q and k are checked through the scores (``_probs``); non-finite values of v, dO or of their radii only
+        # propagate to NaN or infinite output radii, which ``_recentred`` makes +inf
+        self.qm, self.rq = _rows(qm, kv, self.rows), _rows(rq, kv, self.rows)
+        self.gm, self.rg = _rows(gm, kv, self.rows), _rows(rg, kv, self.rows)
+        self.ck = torch.mean(km, dim=-2, keepdim=True)
+        self.kcm, self.rk = km - self.ck, rk
+        self.cv = torch.mean(vm, dim=-2, keepdim=True)
+        self.vcm, self.rv = vm - self.cv, rv
+        self.scale = (float(scale), 0.0) if scale is not None else _inverse_sqrt(int(e))
+        if self.scale[0] == 0.0 or not math.isfinite(self.scale[0]):  # Lemma G's constants need s1 > 0
+            return None
+        self._mask(attn_mask, is_causal, q.device)
+        if not self._probs(q.device, need_lse=grad_out is None):
+            return None
+        return self
+
+    def _mask(self, attn_mask, is_causal, device):
+        """Row-layout mask pieces: allowed (0/1), neg (0/-inf), empty rows (from the excluded entries: a causal mask,
+        a bool mask's False entries, a float mask's -inf entries), the additive mask's centre ``mf`` and its term
+        mterm >= (rm + u(2 + u)|mf|)/(1 - u) (the mask's radius and the rounding of sc2 = fl(sc + mf):
+        |sc + mf - sc2| + u|sc2| <= u(2 + u)(|sc| + |mf|), see ``_probs``)."""
+        b, h, l, s, kv, g = self.b, self.h, self.l, self.s, self.kv, self.g
+        self.allowed = self.neg = self.empty = self.mf = self.mterm = None
+        self.cached_mask = attn_mask is None
+        if attn_mask is None:
+            if is_causal:
+                self.allowed, self.neg, self.empty = _causal_exclusion(l, s, g, device)
+            return
+        excluded = mf = rm = None
+        if is_causal:
+            excluded = ~torch.ones(l, s, dtype=torch.bool, device=device).tril()
+        if isinstance(attn_mask, BallTensor):
+            mf, rm = attn_mask.mid.to(_F64), attn_mask.rad.to(_F64).expand(attn_mask.shape)
+        elif attn_mask.dtype == torch.bool:
+            excluded = ~attn_mask if excluded is None else excluded | ~attn_mask
+        else:
+            mf = attn_mask.to(_F64)
+            minus_inf = mf == -math.inf
+            excluded = minus_inf if excluded is None else excluded | minus_inf
+            mf = mf.masked_fill(minus_inf, 0.0)
+        if excluded is not None:
+            self.allowed, self.neg, self.empty = _exclusion(_mask_rows(excluded, b, h, l, s, kv, g))
+        if mf is not None:
+            self.mf = _mask_rows(mf, b, h, l, s, kv, g)
+            t = torch.abs(self.mf).mul_(_MASK_SLACK)
+            if rm is not None:
+                t = t.add_(_mask_rows(rm, b, h, l, s, kv, g))
+            self.mterm = _bound(t, _inflation(4, Fraction(0)))  # (1 - u)^-1 <= (1 + u)^2: two more operations
+
+    def _probs(self, device, need_lse: bool) -> bool:
+        """Scores, then P (and the logsumexp bounds) by Lemmas E, P. False where a score bound is not finite or near
+        overflow.
+
+        Scores: sc2 = fl(sc + mf) with sc, R from Lemma G (slack u, or u(2 + u) with a mask, divided by 1 - u) plus the
+        mask's term: R (1 - u) >= rho + u|sc2| with rho >= |exact - sc2|, so lo = fl(sc2 - R) <= sc2 - R + u(|sc2| + R)
+        <= sc2 - rho and likewise hi = fl(sc2 + R) >= sc2 + rho."""
+        has_mask = self.mf is not None
+        terms = ((self.mterm, 1.0),) if has_mask else ()
+        self.qabs, self.kabs, self.vabs = torch.abs(self.qm), torch.abs(self.kcm), torch.abs(self.vcm)
+        sc, rad = _ball_mm(self.qm, self.rq, self.kcm.mT, None if self.rk is None else self.rk.mT, abs_a=self.qabs,
+                           abs_b=self.kabs.mT, eps_u=True, scale=self.scale, slack=2 if has_mask else 1, scores=True,
+                           terms=terms)
+        if has_mask:
+            sc.add_(self.mf)
+        # every score bound finite and far from overflow (else the composed rules); the arguments x = fl(lo - M_lo),
+        # fl(hi - M_hi), fl(M_lo - M_hi) of allowed entries have |x| <= (1 + u)^2 (|smax| + |smin| + 2 rmax)
+        # <= 2 mag + 1 (lo, hi lie in [smin - rmax, smax + rmax] up to a factor 1 + u), so only excluded entries (-inf)
+        # or a large mag need the clamp at -700
+        smin, smax = torch.aminmax(sc)
+        smax, smin, rmax = torch.stack([smax, smin, rad.amax()]).tolist()
+        mag = abs(smax) + abs(smin) + 2 * rmax
+        if not mag < 1e300:  # also NaN
+            return False
+        wide = 2 * mag + 1 >= 700
+        clamp = self.neg is not None or wide
+        f1, f2, a2, g1, g2, b2 = _exp_constants(accuracy.backend_for(device.type))
+        if self.neg is not None:
+            sc.add_(self.neg)
+        lo = torch.sub(sc, rad)
+        hi = sc.add_(rad)
+        m_lo = torch.amax(lo, dim=-1, keepdim=True)
+        m_hi = torch.amax(hi, dim=-1, keepdim=True)
+        if self.empty is not None:
+            m_lo.nan_to_num_(neginf=0.0)  # -inf in empty rows
+            m_hi.nan_to_num_(neginf=0.0)
+        x = lo.sub_(m_lo)
+        e_lo = _exp_dn(x.clamp_min_(-700.0) if clamp else x, g1, g2, b2)  # El_dn (0 where excluded)
+        if self.allowed is None:
+            consts = (_scalar(f1, device), _scalar(-f2, device), _scalar(a2, device), _scalar(_K2, device))
+        elif self.cached_mask:
+            consts = _masked_constants(self.allowed, f1, f2, a2)
+        else:
+            consts = _masked_constants.__wrapped__(self.allowed, f1, f2, a2)
+        x = hi.sub_(m_hi)
+        e_hi = _exp_up(x.clamp_min_(-700.0) if clamp else x, *consts[:3])  # Eh_up (+lam_A; 0 where excluded)
+        k2 = consts[3]
+        tl = torch.sum(e_lo, dim=-1, keepdim=True).mul_(_sum_dn_factor(self.s))
+        t_prime = torch.add(_scalar(_LAM_UP, device), torch.sum(e_hi, dim=-1, keepdim=True),
+                            alpha=_sum_up_factor(self.s))
+        # d <= e^(M_lo - M_hi): Lemma E at x = fl(M_lo - M_hi)
+        x = torch.sub(m_lo, m_hi)
+        d = _exp_dn(x.clamp_min_(-700.0) if clamp else x, g1, g2, b2)
+        # upper bounds (Lemma P): K2 + K1 a / (a + d (TL - El_dn)+)
+        den = torch.addcmul(e_hi, torch.sub(tl, e_lo).clamp_min_(0), d)
+        q_hi = torch.div(e_hi, den)
+        if self.allowed is not None and (self.empty is not None or wide):
+            q_hi.nan_to_num_(nan=0.0)  # excluded: 0/0 in empty rows or where d underflows (allowed: a >= lam_A)
+        p_hi = torch.add(k2, q_hi, alpha=_K1).clamp_max_(1.0)
+        # lower bounds: K3 El_dn / (El_dn + (T' - Eh_up)/d) - K4
+        q_lo = e_lo.div_(torch.sub(t_prime, e_hi).div_(d).add_(e_lo))
+        p_lo = torch.add(_scalar(-_K4, device), q_lo, alpha=_K3).clamp_min_(0)
+        # the P ball
+        wc = torch.sub(p_hi, p_lo)
+        pm = torch.add(p_lo, wc, alpha=0.5)
+        pr = wc.add_(pm, alpha=_PR_COEF)
+        self.p_hi, self.pm, self.pr = p_hi, pm, _bound(pr, _PR_INFLATION)
+        # logsumexp of the centred scores lies in [M_lo + log TL, M_hi + log T'] (row vectors; ``forward``)
+        self.lse_parts = (m_lo, m_hi, torch.cat([tl, t_prime], -1)) if need_lse else None
+        return True
+
+    def _lse(self, device):
+        """(c, R), row vectors: logsumexp(scores) in [c - R, c + R]. With v = log([TL, T']) (library values, |v - log|
+        <= e = c_rel|v| + c_abs by the trust table) and sigma q . c_k in [qc +- qr] (Lemma G), the exact value lies in
+        [a_lo - e_lo, a_hi + e_hi] + [qc +- qr], a = M + v. s = fl(M + v), A = fl(s_lo + s_hi), c = fl(qc + A/2),
+        d = fl(s_hi - s_lo): |c - ((a_lo + a_hi)/2 + qc)| <= u|c| + eta/2 + u|A|/2 + u(|s_lo| + |s_hi|)/2 and
+        (a_hi - a_lo)/2 <= (1 + u)|d|/2 + u(|s_lo| + |s_hi|)/2, so R >= (1 + u)|d|/2 + c_rel(1 + u) V + 1.6u(1 + u) S +
+        u|c| + qr + 2 c_abs + eta/2 with V, S the computed sums |v_lo| + |v_hi|, |s_lo| + |s_hi| (8 operations).
+        Empty rows: TL = 0, log 0 = -inf, so R = +inf (unknown), as the composed rule gives."""
+        m_lo, m_hi, t = self.lse_parts
+        qc, qr = _ball_mm(self.qm, self.rq, self.ck.mT, None, abs_a=self.qabs, scale=self.scale)
+        c_rel, c_abs2 = _log_constants(accuracy.backend_for(device.type))
+        v = torch.log(t)
+        s = torch.cat([m_lo, m_hi], -1).add_(v)
+        c = torch.add(qc, s.sum(-1, keepdim=True), alpha=0.5)
+        r = torch.sub(s[..., 1:], s[..., :1]).abs_().mul_(_HALF_UP).add_(qr)
+        r.add_(v.abs_().sum(-1, keepdim=True), alpha=c_rel).add_(torch.abs(c), alpha=_U_UP)
+        r.add_(s.abs_().sum(-1, keepdim=True), alpha=_LSE_SLACK)
+        return c, _bound(r, _inflation(8, c_abs2 + _ETA64 / 2))
+
+    def with_grad(self, grad_out):
+        """These bounds with the backward's dO (after ``_recall``), or None where dO is not a floating tensor."""
+        if not grad_out.is_floating_point():
+            return None
+        ((gm, rg),) = _parts64((grad_out,))
+        self.gm, self.rg = _rows(gm, self.kv, self.rows), _rows(rg, self.kv, self.rows)
+        return self
+
+    def _restore(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, kv, g L, X) -> (B, H, L, X)."""
+        return t.reshape(self.b, self.h, self.l, t.shape[-1])
+
+    def _empty_rows(self) -> torch.Tensor | None:
+        if self.empty is None:
+            return None
+        return self._restore(self.empty.expand(self.b, self.kv, self.rows, 1))
+
+    def forward(self, out: torch.Tensor, lse: torch.Tensor):
+        """(out, logsumexp) balls on the kernel's midpoints: out = c_v + P vc (Lemmas G, C; the slack u and the term
+        u|c_v| pay for the final addition), logsumexp = [lse_lo, lse_hi] + sigma q . c_k."""
+        if out.dtype == _F64:  # float64 midpoints: the exact error of the final addition (TwoSum), not u|c_v + oc|
+            oc, orad = _ball_mm(self.pm, self.pr, self.vcm, self.rv, abs_a=self.pm, abs_b=self.vabs, eps_u=True)
+            total = oc + self.cv
+            back = total - oc
+            err = torch.sub(oc, total - back).add_(self.cv - back).abs_()  # oc + c_v = total + err exactly
+            oc, orad = total, _bound(orad.add_(err), _inflation(1, Fraction(0)))
+        else:
+            oc, orad = _ball_mm(self.pm, self.pr, self.vcm, self.rv, abs_a=self.pm, abs_b=self.vabs, eps_u=True,
+                                slack=1, terms=((torch.abs(self.cv), _U_UP),))
+            oc.add_(self.cv)
+        out_ball = _recentred(out, self._restore(oc), self._restore(orad), self._empty_rows())
+        c, r = self._lse(out.device)
+        lse_ball = _recentred(lse, c.reshape(lse.shape), r.reshape(lse.shape))
+        return out_ball, lse_ball
+
+    def backward(self, grads):
+        """(dq, dk, dv) balls on the kernel's midpoints (the backward paragraph above)."""
+        pm, pr, p_hi = self.pm, self.pr, self.p_hi
+        gabs = torch.abs(self.gm)
+        dv_c, dv_r = _ball_mm(pm.mT, pr.mT, self.gm, self.rg, abs_a=pm.mT, abs_b=gabs)  # pm >= 0
+        dp_c, dp_r = _ball_mm(self.gm, self.rg, self.vcm.mT, None if self.rv is None else self.rv.mT, abs_a=gabs,
+                              abs_b=self.vabs.mT, eps_u=True)
+        s = self.s
+        w = dp_c * pm
+        dm = w.sum(-1, keepdim=True)
+        t = torch.mul(p_hi, dp_r).addcmul_(pr, torch.abs(dp_c)).add_(w.abs_(), alpha=_gamma(s))
+        rd = _bound(t.sum(-1, keepdim=True), _inflation(6 * s, s * _ETA64 / 2))  # 5 ops a term, s - 1 additions
+        xm = dp_c.sub_(dm)
+        ds_c = pm * xm
+        ds_r = _bound(dp_r.add_(rd).mul_(p_hi).addcmul_(pr, xm.abs_()), _DS_INFLATION)
+        ds_abs = torch.abs(ds_c)
+        dq_c, dq_r = _ball_mm(ds_c, ds_r, self.kcm, self.rk, abs_a=ds_abs, abs_b=self.kabs, eps_u=True,
+                              scale=self.scale)
+        dk_c, dk_r = _ball_mm(ds_c.mT, ds_r.mT, self.qm, self.rq, abs_a=ds_abs.mT, abs_b=self.qabs, scale=self.scale)
+        return (_recentred(grads[0], self._restore(dq_c), self._restore(dq_r), self._empty_rows()),
+                _recentred(grads[1], dk_c, dk_r), _recentred(grads[2], dv_c, dv_r))
+
+
+@functools.lru_cache(maxsize=None)
+def _gamma(s: int) -> float:
+    return rounding.gamma(max(s - 1, 1), _F64)
+
+
+def _parts64(tensors):
+    """(mid, rad or None) in float64 (exact widening) per tensor argument (None -> (None, None)); a ball whose radius
+    is identically zero is a point (one sync for all radius sums: a sum of non-negative floats is 0 iff all are)."""
+    balls = [x for x in tensors if isinstance(x, BallTensor)]
+    totals = torch.stack([x.rad.sum(dtype=_F64) for x in balls]).tolist() if balls else []
+    nonzero = {id(x): total != 0 for x, total in zip(balls, totals)}
+    parts = []
+    for x in tensors:
+        if x is None:
+            parts.append((None, None))
+        elif isinstance(x, BallTensor):
+            parts.append((x.mid.to(_F64), x.rad.to(_F64).expand(x.shape) if nonzero[id(x)] else None))
+        else:
+            parts.append((x.to(_F64), None))
+    return parts
+
+
+# Forward -> backward reuse. The backward op receives the very q, k, v objects of its forward (autograd's saved
+# tensors), so the bounds of P computed by the forward serve the backward when nothing changed: the same objects (weak
+# references), the same mid and rad tensors with the same version counters (every in-place change bumps them), the
+# same mask object, causal flag and scale. Reusing them is recomputing them (the same passes on the same values);
+# anything else recomputes. Kept only while some input requires grad and for P of at most 2^20 entries (about three
+# such float64 tensors are held until the backward); one entry per q, dropped when used or when q dies.
+_REUSE_LIMIT = 1 << 20
+_REUSE: dict = {}
+
+
+def _reuse_key(q, k, v, is_causal, attn_mask, scale):
+    objs, versions = [], []
+    for x in (q, k, v, attn_mask):
+        if isinstance(x, BallTensor):
+            objs += [x, x.mid, x.rad]
+            versions += [x.mid._version, x.rad._version]
+        else:
+            objs.append(x)
+            versions.append(x._version if isinstance(x, torch.Tensor) else None)
+    return objs, (tuple(versions), bool(is_causal), scale)
+
+
+def _remember(fast, q, k, v, is_causal, attn_mask, scale) -> None:
+    import weakref
+
+    if fast.pm.numel() > _REUSE_LIMIT or not any(getattr(x, "requires_grad", False) for x in (q, k, v)):
+        return
+    objs, meta = _reuse_key(q, k, v, is_causal, attn_mask, scale)
+    key = id(q)
+    refs = [weakref.ref(o) if isinstance(o, torch.Tensor) else o for o in objs]
+    refs[0] = weakref.ref(q, lambda _ref, key=key: _REUSE.pop(key, None))
+    fast.lse_lo = fast.lse_hi = None
+    _REUSE[key] = (refs, meta, fast)
+
+
+def _recall(q, k, v, is_causal, attn_mask, scale):
+    """The forward's ``_FastAttention`` for exactly these inputs (``_remember``), or None."""
+    import weakref
+
+    entry = _REUSE.pop(id(q), None)
+    if entry is None:
+        return None
+    refs, meta, fast = entry
+    objs, now = _reuse_key(q, k, v, is_causal, attn_mask, scale)
+    if now != meta or len(objs) != len(refs):
+        return None
+    if any((r() if isinstance(r, weakref.ref) else r) is not o for r, o in zip(refs, objs)):
+        return None
+    return fast
 
 
 # ----------------------------------------------------------------------------------------------------------------------
