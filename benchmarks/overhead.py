@@ -5,6 +5,13 @@ model versus the same step on the plain model, same dtype, same inputs, same ini
 in one process (the order inside each pair alternates), after warm-up. Reported: the median plain and ball step
 times and the median of the per-pair ratios (>= 5 pairs by default).
 
+**Which step.** Every timed step (and the memory and profiled steps) starts from the same parameters, restored
+outside the timer: the ball parameters carry a radius of |p| 2^-24 (``--param-rad``; each is the float32 rounding of an
+unknown real), so every GEMM is a ball-times-ball GEMM as in steady-state training, while the radii stay finite.
+Timing consecutive steps instead would measure the wrapping effect: on cnn-small and transformer-tiny the radii
+of a training run become infinite after two or three SGD steps (README, "Limits"), and infinite radii take the
+rules' short cuts.
+
 **Peak memory.** ``tracemalloc`` does not see PyTorch's allocator and RSS is blurred by the allocator's caching and by
 the interpreter, so we count tensor bytes: torch.profiler with ``profile_memory=True`` records every CPU allocation and
 free of the c10 allocator (every tensor storage, midpoints and radii alike) with its size; the step's peak is the
@@ -53,13 +60,32 @@ from verification.zoo import NAMES, make
 SPLIT_DEFAULT = ("mlp-small", "mlp-wide")
 
 
-def _build(name, dtype, batch=None):
+PARAM_RAD = 2.0 ** -24  # relative: each parameter is the float32 rounding of an unknown real
+
+
+def _build(name, dtype, batch=None, param_rad=PARAM_RAD):
     case = make(name, dtype=dtype, batch=batch)
     plain = case.model
-    ball = ballgrad.ballify(copy.deepcopy(plain))
+    ball = ballgrad.ballify(copy.deepcopy(plain), rad=lambda p: p.detach().abs() * param_rad)
     opt_plain = torch.optim.SGD(plain.parameters(), lr=1e-3)
     opt_ball = torch.optim.SGD(ball.parameters(), lr=1e-3)
     return case, plain, ball, opt_plain, opt_ball
+
+
+def _snapshot(model):
+    """The parameters' values (midpoints and radii for balls), to restore before every timed step."""
+    return [(p.mid.clone(), p.rad.clone()) if isinstance(p, ballgrad.BallTensor) else p.detach().clone()
+            for p in model.parameters()]
+
+
+@torch.no_grad()
+def _restore(model, state) -> None:
+    for p, saved in zip(model.parameters(), state):
+        if isinstance(p, ballgrad.BallTensor):
+            p.mid.copy_(saved[0])
+            p.rad.copy_(saved[1])
+        else:
+            p.copy_(saved)
 
 
 def _step(model, opt, case):
@@ -70,7 +96,9 @@ def _step(model, opt, case):
     return loss
 
 
-def _timed(model, opt, case) -> float:
+def _timed(model, opt, case, state=None) -> float:
+    if state is not None:
+        _restore(model, state)
     t0 = time.perf_counter()
     _step(model, opt, case)
     return time.perf_counter() - t0
@@ -98,19 +126,20 @@ def _peak_step_bytes(model, opt, case) -> int:
     return peak
 
 
-def measure(name, dtype=torch.float32, repeats=7, warmup=2, batch=None, memory=True):
-    case, plain, ball, opt_plain, opt_ball = _build(name, dtype, batch)
+def measure(name, dtype=torch.float32, repeats=7, warmup=2, batch=None, memory=True, param_rad=PARAM_RAD):
+    case, plain, ball, opt_plain, opt_ball = _build(name, dtype, batch, param_rad)
+    state_plain, state_ball = _snapshot(plain), _snapshot(ball)
     for _ in range(warmup):
-        _timed(plain, opt_plain, case)
-        _timed(ball, opt_ball, case)
+        _timed(plain, opt_plain, case, state_plain)
+        _timed(ball, opt_ball, case, state_ball)
     plain_t, ball_t, ratios = [], [], []
     for i in range(repeats):
         if i % 2 == 0:
-            tp = _timed(plain, opt_plain, case)
-            tb = _timed(ball, opt_ball, case)
+            tp = _timed(plain, opt_plain, case, state_plain)
+            tb = _timed(ball, opt_ball, case, state_ball)
         else:
-            tb = _timed(ball, opt_ball, case)
-            tp = _timed(plain, opt_plain, case)
+            tb = _timed(ball, opt_ball, case, state_ball)
+            tp = _timed(plain, opt_plain, case, state_plain)
         plain_t.append(tp)
         ball_t.append(tb)
         ratios.append(tb / tp)
@@ -120,6 +149,7 @@ def measure(name, dtype=torch.float32, repeats=7, warmup=2, batch=None, memory=T
         "batch": int(case.inputs.shape[0]),
         "parameters": case.parameters,
         "repeats": repeats,
+        "param_rad": param_rad,
         "plain_s": statistics.median(plain_t),
         "ball_s": statistics.median(ball_t),
         "ratio": statistics.median(ratios),
@@ -130,6 +160,8 @@ def measure(name, dtype=torch.float32, repeats=7, warmup=2, batch=None, memory=T
         inputs = _tensor_bytes(case.inputs) + _tensor_bytes(case.targets)
         static_plain = inputs + sum(_tensor_bytes(p) for p in plain.parameters())
         static_ball = inputs + sum(_tensor_bytes(p) for p in ball.parameters())
+        _restore(plain, state_plain)
+        _restore(ball, state_ball)
         peak_plain = static_plain + _peak_step_bytes(plain, opt_plain, case)
         peak_ball = static_ball + _peak_step_bytes(ball, opt_ball, case)
         row.update({"peak_bytes_plain": peak_plain, "peak_bytes_ball": peak_ball, "memory_ratio": peak_ball / peak_plain})
@@ -157,6 +189,14 @@ def _labelled_rules():
         registry.dispatch = original
 
 
+def _under_restore(e) -> bool:
+    while e is not None:
+        if e.name == "restore":
+            return True
+        e = e.cpu_parent
+    return False
+
+
 def _is_rule(e) -> bool:
     return e.name.startswith("ballgrad.rule::")
 
@@ -165,24 +205,26 @@ def _contains_rule(e) -> bool:
     return any(_is_rule(c) or _contains_rule(c) for c in e.cpu_children)
 
 
-def cost_split(name, dtype=torch.float32, batch=None, steps=3):
+def cost_split(name, dtype=torch.float32, batch=None, steps=3, param_rad=PARAM_RAD):
     from torch.profiler import ProfilerActivity, profile
 
-    case, plain, ball, opt_plain, opt_ball = _build(name, dtype, batch)
+    case, plain, ball, opt_plain, opt_ball = _build(name, dtype, batch, param_rad)
+    state_plain, state_ball = _snapshot(plain), _snapshot(ball)
     for _ in range(2):
-        _step(ball, opt_ball, case)
-        _step(plain, opt_plain, case)
+        _timed(ball, opt_ball, case, state_ball)
+        _timed(plain, opt_plain, case, state_plain)
+    profiled = profiled_plain = 0.0
     with _labelled_rules():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            t0 = time.perf_counter()
             for _ in range(steps):
-                _step(ball, opt_ball, case)
-            profiled = (time.perf_counter() - t0) / steps
+                with torch.profiler.record_function("restore"):
+                    _restore(ball, state_ball)
+                profiled += _timed(ball, opt_ball, case) / steps
     with profile(activities=[ProfilerActivity.CPU]) as prof_plain:
-        t0 = time.perf_counter()
         for _ in range(steps):
-            _step(plain, opt_plain, case)
-        profiled_plain = (time.perf_counter() - t0) / steps
+            with torch.profiler.record_function("restore"):
+                _restore(plain, state_plain)
+            profiled_plain += _timed(plain, opt_plain, case) / steps
     events = prof.events()
     mid = rad = python = 0.0
     per_op: dict[str, dict] = {}
@@ -220,7 +262,8 @@ def cost_split(name, dtype=torch.float32, batch=None, steps=3):
         d["python_us"] += py / steps
     total = profiled * 1e6 * steps  # profiler times are in microseconds
     outside = max(total - mid - rad - python, 0.0)
-    plain_kernels = sum(e.self_cpu_time_total for e in prof_plain.events() if e.name.startswith("aten::"))
+    plain_kernels = sum(e.self_cpu_time_total for e in prof_plain.events()
+                        if e.name.startswith("aten::") and not _under_restore(e))
     return {
         "model": name,
         "profiled_step_s": profiled,
@@ -248,6 +291,8 @@ def main(argv=None):
     parser.add_argument("--split", nargs="*", default=None,
                         help="models for the cost split (default: mlp-small and mlp-wide among --model; none: --split)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--param-rad", type=float, default=PARAM_RAD,
+                        help="relative radius of the ball parameters at the start of every timed step (0: points)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--gemm-bound", nargs="+", default=["measured", "a-priori"], choices=ballgrad.GEMM_BOUNDS,
@@ -262,7 +307,8 @@ def main(argv=None):
     for bound in args.gemm_bound:
         with ballgrad.gemm_bound(bound):
             bound_rows = [dict(measure(name, dtype, args.repeats, args.warmup, args.batch,
-                                       memory=not args.no_memory), gemm_bound=bound) for name in args.model]
+                                       memory=not args.no_memory, param_rad=args.param_rad), gemm_bound=bound)
+                          for name in args.model]
         rows += bound_rows
         print(f"\ngemm_bound = {bound!r}")
         print(f"{'model':18s} {'plain ms':>9s} {'ball ms':>9s} {'ratio':>7s} {'[min, max]':>15s} "
@@ -275,7 +321,7 @@ def main(argv=None):
     split_models = [m for m in SPLIT_DEFAULT if m in args.model] if args.split is None else args.split
     splits = []
     for name in split_models:
-        s = cost_split(name, dtype, args.batch)
+        s = cost_split(name, dtype, args.batch, param_rad=args.param_rad)
         splits.append(s)
         f = s["fractions"]
         print(f"\ncost split {name} (profiled ball step {s['profiled_step_s'] * 1e3:.2f} ms, "

@@ -22,7 +22,7 @@ def test_overhead_smoke(tmp_path):
     for row in rows:
         assert row["model"] == "mlp-small"
         for key in ("plain_s", "ball_s", "ratio", "ratio_min", "ratio_max", "peak_bytes_plain", "peak_bytes_ball",
-                    "memory_ratio", "repeats", "dtype", "batch"):
+                    "memory_ratio", "repeats", "dtype", "batch", "param_rad"):
             assert key in row
     (split,) = data["cost_split"]
     assert split["model"] == "mlp-small"
