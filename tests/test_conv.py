@@ -990,6 +990,181 @@ def test_max_pool_nonfinite_and_1d():
     assert math.isfinite(float(xr.grad.rad[0, 0, 6]))
 
 
+def _exact_undecided(pool, x):
+    """Per window (flat output order) the documented decision in exact rational arithmetic (finite balls only): an
+    element is a candidate when hi_i >= max lo; undecided = two or more candidates, one of them not an exact point."""
+    m, r = _frac_array(x.mid), _frac_array(x.rad)
+    status = []
+    for plane in np.ndindex(*x.shape[:-pool.d]):
+        for _, slots in pool.windows():
+            lo = [m[plane + p] - r[plane + p] for p in slots]
+            f_lo = max(lo)
+            cand = [p for p in slots if m[plane + p] + r[plane + p] >= f_lo]
+            status.append(len(cand) > 1 and any(r[plane + p] > 0 for p in cand))
+    return status
+
+
+# Geometries of the fast paths: disjoint windows (the scatter-and-max screen) and overlapping / padded / dilated /
+# ceil-mode / 3-d windows (the running top-2 screen).
+SCREEN_POOLS = [
+    Pool(2, (2, 3, 6, 6), (2, 2), (2, 2), (0, 0), (1, 1), False),
+    Pool(2, (1, 2, 7, 7), (2, 2), (3, 3), (0, 0), (1, 1), True),
+    Pool(2, (1, 2, 7, 7), (3, 3), (2, 2), (1, 1), (1, 1), True),
+    Pool(2, (1, 2, 6, 7), (2, 3), (1, 1), (1, 1), (2, 1), False),
+    Pool(2, (3, 5, 5), (3, 2), (1, 2), (1, 0), (1, 1), True),
+    Pool(3, (1, 1, 3, 4, 5), (2, 2, 2), (1, 2, 2), (0, 1, 1), (1, 1, 1), True),
+]
+
+
+def _touching_input(shape, dtype, rng, all_exact=False):
+    """Adversarial finite balls for the decided-window screen: midpoints on the grid k/4 (exact ties between points,
+    zeros as after relu), radii that make neighbouring balls touch exactly (1/8 between grid neighbours), miss by
+    one unit in the last place of the sum either way, overlap widely, or vanish. (Near misses in float64 midpoints
+    are 2^-40, not one unit: the documented analysis uses float64 outward end points, which count a float64 one-ulp
+    miss as touching, a conservative kink.)"""
+    rd = rounding.rad_dtype(dtype)
+    u = float(torch.finfo(rd).eps) / 2 if rd == torch.float32 else 2.0**-38
+    n = math.prod(shape)
+    mids = [rng.choice([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, -0.25, -1.0]) for _ in range(n)]
+    choices = [0.0, 0.0, 0.125, 0.125 - u / 4, 0.125 + u / 4, 0.125 - 2 * u, 2.0**-20, 0.25, 0.0625]
+    rads = [0.0 if all_exact else rng.choice(choices) for _ in range(n)]
+    mid = torch.tensor(mids, dtype=torch.float64).reshape(shape).to(dtype)
+    return bg.ball(mid, torch.tensor(rads, dtype=torch.float64).reshape(shape).to(rd))
+
+
+def _check_screen(pool, x, gy_mode, seed):
+    """Midpoints and indices bit-identical; kink events (forward and backward) exactly those of the exact analysis;
+    decided windows get exactly the radius of PyTorch's arg-max; values and gradients contain the exact ones at sample
+    points; with disjoint windows all decided, grad radii are the radii of grad_output scattered exactly."""
+    with bg.record() as rec:
+        values, indices = pool.forward(x)
+    ref_v, ref_i = pool.forward(x.mid)
+    assert_same_bits(values.mid, ref_v)
+    assert torch.equal(indices, ref_i)
+    assert_valid_radius(values)
+    undecided = _exact_undecided(pool, x)
+    kinks = sum(e.count for e in rec.of_kind("kink"))
+    assert kinks == sum(undecided), (kinks, sum(undecided))
+    lead = _volume_of(indices.shape[:indices.dim() - pool.d])
+    r_j = x.rad.reshape(lead, -1).gather(1, indices.reshape(lead, -1)).reshape(-1)
+    decided = ~torch.tensor(undecided, dtype=torch.bool)
+    assert torch.equal(values.rad.reshape(-1)[decided], r_j[decided]), "decided windows: radius r_j exactly"
+    gen = torch.Generator().manual_seed(seed)
+    gy = make_operand(tuple(values.shape), x.dtype, gen, gy_mode)
+    with bg.record() as rec_bw:
+        gx = pool.backward(gy, x, indices)
+    assert_same_bits(gx.mid, pool.backward(gy.mid if isinstance(gy, BallTensor) else gy, x.mid, indices))
+    assert_valid_radius(gx)
+    assert sum(e.count for e in rec_bw.of_kind("kink")) == kinks
+    disjoint = all(s >= k for s, k in zip(pool.stride, pool.kernel))
+    if disjoint and not any(undecided) and isinstance(gy, BallTensor):
+        assert torch.equal(gx.rad, pool.backward(gy.rad, x.mid.to(gy.rad.dtype), indices)), "exact scatter of r_G"
+    for p, (xp, gyp) in enumerate(joint_points([x, gy], seed=seed, n_random=2)):
+        v, g = exact_max_pool(pool, xp, gyp)
+        assert_contains(values, v, f"point {p} values")
+        assert_contains(gx, g, f"point {p} grad_input")
+
+
+def _volume_of(shape):
+    return math.prod(int(s) for s in shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pool", SCREEN_POOLS, ids=[f"screen{i}" for i in range(len(SCREEN_POOLS))])
+def test_max_pool_screen_seeded_adversarial(pool, dtype):
+    """Seeded adversarial balls (exact touching, one-ulp misses both ways, ties between points, relu-like zeros)
+    through both screens (disjoint and overlapping windows) and the precise analysis of the windows they leave."""
+    rng = random.Random(1000 * SCREEN_POOLS.index(pool) + [torch.float32, torch.float64, torch.float16,
+                                                           torch.bfloat16].index(dtype))
+    for trial in range(4):
+        x = _touching_input(pool.shape, dtype, rng, all_exact=(trial == 3))
+        _check_screen(pool, x, ["ball", "point", "plain", "ball"][trial], seed=trial)
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_max_pool_screen_hypothesis(examples):
+    """Hypothesis over geometry, dtype, the adversarial grid of ``_touching_input`` and the gradient's kind."""
+    from hypothesis import strategies as st
+
+    @settings(max_examples=max(5, examples), deadline=None)
+    @given(st.sampled_from(SCREEN_POOLS), st.sampled_from([torch.float32, torch.float64, torch.float16]),
+           st.integers(0, 2**32 - 1), st.sampled_from(["ball", "point", "plain"]))
+    def run(pool, dtype, seed, gy_mode):
+        _check_screen(pool, _touching_input(pool.shape, dtype, random.Random(seed)), gy_mode, seed % 1000)
+
+    run()
+
+
+def test_max_pool_touching_balls_are_undecided():
+    """hi_i = lo_j exactly (touching balls) is undecided even though the rounded sum m_i + r_i is exact; one unit in
+    the last place less (balls apart) is decided with the winner's radius exactly, through the precise analysis."""
+    for gap, kink in ((0.0, 1), (2.0**-25, 0)):
+        x = bg.ball(torch.tensor([[[[0.25, 0.5]]]]), torch.tensor([[[[0.125 - gap, 0.125]]]]))
+        with bg.record() as rec:
+            values, indices = F.max_pool2d(x, (1, 2), return_indices=True)
+        assert sum(e.count for e in rec.of_kind("kink")) == kink
+        assert float(values.rad) == (0.125 if not kink else float(values.rad)) and float(values.rad) >= 0.125
+        gy = bg.ball(torch.ones(1, 1, 1, 1), 0.5)
+        with bg.record() as rec:
+            gx = aten.max_pool2d_with_indices_backward.default(gy, x, [1, 2], [1, 2], [0, 0], [1, 1], False, indices)
+        assert sum(e.count for e in rec.of_kind("kink")) == kink
+        assert bool(gx[0, 0, 0, 0].contains(torch.tensor(1.0))) == bool(kink)  # the loser can win only when touching
+        assert bool(gx[0, 0, 0, 1].contains(torch.tensor(0.0))) == bool(kink)
+
+
+def test_max_pool_specials_kinks_and_radii():
+    """NaN, +-inf and infinite radii follow the documented analysis on the point fast path, the ball screen and the
+    precise analysis: an element that denotes any real (NaN, or an infinite radius, which ``ball`` gives every
+    non-finite midpoint) is an inexact candidate; exact -inf points are never candidates next to a finite value."""
+    x = torch.tensor([[[1.0, math.nan, 2.0, 0.5, math.inf, -1.0, 0.25, 0.0, -math.inf, 3.0, -math.inf, -math.inf]]])
+    # windows [1, nan], [2, .5], [inf, -1], [.25, 0], [-inf, 3], [-inf, -inf]
+    for xb, kinks, inf_rad in (
+            (BallTensor(x, torch.zeros_like(x)), 1, [True, False, True, False, False, True]),  # point fast path
+            (bg.ball(x), 4, [True, False, True, False, True, True]),
+            (bg.ball(x, 1e-3), 4, [True, False, True, False, True, True])):
+        with bg.record() as rec:
+            values, indices = F.max_pool1d(xb, 2, return_indices=True)
+        assert_same_bits(values.mid, F.max_pool1d(x, 2))
+        assert sum(e.count for e in rec.of_kind("kink")) == kinks
+        assert_valid_radius(values)
+        assert torch.isinf(values.rad[0, 0]).tolist() == inf_rad
+    # a -inf midpoint with a finite radius (not made by ballgrad's rules, but a valid BallTensor) is below 3
+    xb = BallTensor(torch.tensor([[[[1.0, 2.0, 0.5, 0.75, 3.0, -math.inf]]]]),
+                    torch.tensor([[[[0.0, 0.0, math.inf, 0.0, 0.0, 1.0]]]]))
+    with bg.record() as rec:
+        values, indices = F.max_pool2d(xb, (1, 2), return_indices=True)
+    assert sum(e.count for e in rec.of_kind("kink")) == 1  # [0.5 +- inf, 0.75]
+    assert torch.equal(values.rad[0, 0, 0], torch.tensor([0.0, math.inf, 0.0]))
+    gx = aten.max_pool2d_with_indices_backward.default(bg.ball(torch.ones(1, 1, 1, 3), 0.25), xb, [1, 2], [1, 2],
+                                                        [0, 0], [1, 1], False, indices)
+    assert_valid_radius(gx)
+    assert float(gx.rad[0, 0, 0, 1]) == 0.25 and float(gx.rad[0, 0, 0, 4]) == 0.25  # decided winners: r_G exactly
+    assert float(gx.rad[0, 0, 0, 2]) >= 1.25 and float(gx.rad[0, 0, 0, 3]) >= 1.0  # hull of 0 and 1 +- 0.25
+    assert float(gx.rad[0, 0, 0, 0]) == 0 and float(gx.rad[0, 0, 0, 5]) == 0
+
+
+def test_max_pool_channels_last_and_overlap_accumulation():
+    """channels_last inputs give the same balls as contiguous ones; overlapping windows routing several gradients to
+    one position bound PyTorch's accumulation (point gradient: a radius only where sums were rounded)."""
+    gen = torch.Generator().manual_seed(3)
+    x = make_operand((2, 3, 7, 7), torch.float32, gen, "ball")
+    xc = BallTensor(x.mid.contiguous(memory_format=torch.channels_last),
+                    x.rad.contiguous(memory_format=torch.channels_last))
+    for args in (([2, 2], [2, 2]), ([3, 3], [1, 1], [1, 1])):
+        v1, i1 = F.max_pool2d(x, *args, return_indices=True)
+        v2, i2 = F.max_pool2d(xc, *args, return_indices=True)
+        assert torch.equal(i1, i2) and torch.equal(v1.mid, v2.mid) and torch.equal(v1.rad, v2.rad)
+    pool = Pool(2, (1, 1, 6, 6), (3, 3), (1, 1), (1, 1), (1, 1), False)
+    x = bg.ball(torch.zeros(1, 1, 6, 6).index_fill_(3, torch.tensor([2]), 1.0))  # ties: one column wins many windows
+    values, indices = pool.forward(x)
+    gy = bg.ball(torch.full(tuple(values.shape), 0.1))
+    gx = pool.backward(gy, x, indices)
+    assert_same_bits(gx.mid, pool.backward(gy.mid, x.mid, indices))
+    assert float(gx.rad.max()) > 0 and float(gx.rad.max()) < 1e-6  # 0.1 summed up to 9 times in float32
+    for xp, gyp in joint_points([x, gy]):
+        assert_contains(gx, exact_max_pool(pool, xp, gyp)[1])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Average pooling, adaptive average pooling, nearest upsampling
 

@@ -518,6 +518,93 @@ def test_softmax_masked_rows_and_tightness():
     assert bool((y.rad <= 1.1 * 2 * y.mid * (1 - y.mid) * 1e-6).all())
 
 
+def _general_log_softmax_path(monkeypatch):
+    """Disable the pairwise fast path (rows of at most 0 classes), so that the general rule runs."""
+    from ballgrad.ops import nn as nn_rules
+
+    monkeypatch.setattr(nn_rules, "_PAIRWISE_MAX_CLASSES", 0)
+
+
+def _adversarial_logits(dtype):
+    """Seeded rows for the pairwise fast path and its fallbacks: ties, confident rows (y ~ -1e-13), exp overflow
+    (gaps > 709: the general rule), tiny and wide radii, masked -inf and NaN entries, one class, 64 and 65 classes."""
+    gen = torch.Generator().manual_seed(5)
+    rows = [
+        (torch.tensor([[1.5, 1.5, 1.5, -2.0], [30.0, 0.0, 0.0, 0.0]]), 0.0),
+        (torch.tensor([[1.5, 1.5, 1.5, -2.0], [30.0, 0.0, 0.0, 0.0]]), 2.0**-20),
+        (torch.tensor([[0.0, -700.0, 700.0], [3.0, 2.0, 1.0]]), 1e-3),
+        (torch.tensor([[0.3, -1.2, 2.0]]), 1.0),
+        (torch.tensor([[0.3, -math.inf, 2.0], [0.5, math.nan, 1.0]]), 1e-6),
+        (torch.tensor([[0.7], [-3.0]]), 1e-6),
+        (torch.randn(3, 64, generator=gen) * 4, 1e-5),
+        (torch.randn(2, 65, generator=gen) * 4, 1e-5),
+        (torch.randn(2, 3, 5, generator=gen), 1e-7),
+    ]
+    return [bg.ball(m.to(dtype), r) for m, r in rows]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float16])
+def test_log_softmax_pairwise_fast_path(dtype, monkeypatch):
+    """The pairwise form: mids bit-identical, exact values at the box's end points contained, and radii never wider
+    than the general rule's (beyond one float32 ulp of a tiny radius: both are rounded up once)."""
+    for x in _adversarial_logits(dtype):
+        for dim in {-1, 0, x.dim() - 2}:
+            fast = torch.log_softmax(x, dim)
+            if dtype != torch.float16:
+                check_sampled(lambda t: torch.log_softmax(t, dim), [x], lambda p: _along_nd(p, dim, _log_softmax_row),
+                              n_random=2)
+            with monkeypatch.context() as mctx:
+                _general_log_softmax_path(mctx)
+                slow = torch.log_softmax(x, dim)
+            assert_same_bits(fast.mid, slow.mid)
+            assert_valid_radius(fast)
+            finite = torch.isfinite(slow.rad)
+            assert bool((fast.rad[finite] <= slow.rad[finite] * (1 + 2.0**-20) + 1e-300).all()), (x, dim)
+    x16 = bg.ball(torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float16), 1e-3)
+    y = aten._log_softmax(x16, 1, False)
+    assert y.rad.dtype == torch.float32 and float(y.rad.max()) <= 4e-3
+
+
+def _along_nd(x, dim, fn):
+    """``_along`` for arrays of any rank."""
+    arr = np.asarray(x, dtype=object)
+    moved = np.moveaxis(arr, dim, -1)
+    out = np.empty(moved.shape, dtype=object)
+    for idx in np.ndindex(moved.shape[:-1]):
+        out[idx] = np.array(fn(list(moved[idx])), dtype=object)
+    return np.moveaxis(out, -1, dim)
+
+
+def test_log_softmax_backward_exact_range():
+    """The backward of log_softmax is bounded over the exact range: G_i counted once (|1 - p| rG_i + p rT_i), not
+    twice as a composition of ball rules would (rG_i (1 + p) + p rT_i); the worst case is attained at a vertex."""
+    z = torch.log_softmax(bg.ball(torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.float64)), 1)
+    g = bg.ball(torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64), 0.1)
+    out = aten._log_softmax_backward_data(g, z, 1, torch.float64)
+    p = float(torch.exp(z.mid[0, 0]))
+    exact_worst = (1 - p) * 0.1 + p * 0.2  # at G = (1 -+ 0.1, +-0.1, +-0.1)
+    assert exact_worst <= float(out.rad[0, 0]) <= exact_worst * (1 + 1e-12)
+    check_sampled(lambda a, b: aten._log_softmax_backward_data(a, b, 1, torch.float64), [g, z],
+                  lambda a, b: _log_softmax_bwd(a, b, 1), n_random=4)
+    # non-finite arguments take the composition (infinite radii where they reach)
+    gn = bg.ball(torch.tensor([[1.0, math.nan, 0.0]]))
+    out = aten._log_softmax_backward_data(gn, z.mid.float(), 1, torch.float32)
+    assert_valid_radius(out)
+    assert bool(torch.isinf(out.rad).all())
+    for dtype in FLOAT_DTYPES + [torch.float16]:
+        gen = torch.Generator().manual_seed(2)
+        x = bg.ball(torch.randn(4, 7, generator=gen).to(dtype), 1e-4)
+        z = torch.log_softmax(x, 0)
+        gg = bg.ball(torch.randn(4, 7, generator=gen).to(dtype), 2.0**-12)
+        if dtype != torch.float16:
+            check_sampled(lambda a, b: aten._log_softmax_backward_data(a, b, 0, dtype), [gg, z],
+                          lambda a, b: _log_softmax_bwd(a, b, 0), n_random=2)
+        else:
+            out = aten._log_softmax_backward_data(gg, z, 0, dtype)
+            assert_valid_radius(out)
+            assert bool(torch.isfinite(out.rad).all())
+
+
 def _softmax_bwd(g, y, dim):
     g, y = np.asarray(g, dtype=object), np.asarray(y, dtype=object)
     return y * (g - (g * y).sum(axis=dim, keepdims=True))
@@ -626,6 +713,38 @@ def test_nll_loss(reduction, dtype, examples):
             lambda gg, xx, tw: _nll_bwd_exact(gg, xx, target.tolist(), wq, reduction, -100, tw), n_random=2)
 
     run()
+
+
+def test_nll_loss_direct_paths():
+    """The direct (unweighted) nll rules: exact total weight (radius 0), the picked radius exactly for reduction none,
+    all samples ignored (mean 0/0: NaN, infinite radius), a NaN logit reaching the loss, the exact sum of float32
+    values (no rounding slack), and a backward with an inexact total weight (the composition)."""
+    x = bg.ball(torch.tensor([[-2.0, -0.5, -1.25], [-0.75, -3.0, -1.0], [-1.0, -1.0, -1.0]]), 2.0**-10)
+    t = torch.tensor([1, 0, -100])
+    out, total = aten.nll_loss_forward(x, t, None, 0, -100)
+    assert torch.equal(out.rad, torch.tensor([2.0**-10, 2.0**-10, 0.0])) and float(total.rad) == 0
+    out, total = aten.nll_loss_forward(x, t, None, 2, -100)
+    assert float(total.mid) == 2 and float(total.rad) == 0
+    assert float(out.mid) == 1.25 and float(out.rad) == 2.0**-9 * (1 + 2.0**-23)  # the value sum is exact: only
+    # the radii sum's bound theta_2 fl(sum r) rounds up (to the next float32)
+    out, total = aten.nll_loss_forward(x, t, None, 1, -100)
+    assert float(out.mid) == 0.625 and 2.0**-10 <= float(out.rad) <= 2.0**-10 * (1 + 2.0**-20)
+    g = bg.ball(torch.tensor(1.0))
+    grad = aten.nll_loss_backward(g, x, t, None, 1, -100, total)
+    assert torch.equal(grad.mid, torch.tensor([[0.0, -0.5, 0.0], [-0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert float(grad.rad.max()) <= 2.0**-53  # -1/2, exact but for the a priori bound u|q| of the division
+    out, total = aten.nll_loss_forward(x, torch.tensor([-100, -100, -100]), None, 1, -100)
+    assert math.isnan(float(out.mid)) and math.isinf(float(out.rad)) and float(total.rad) == 0
+    xn = bg.ball(torch.tensor([[math.nan, 0.0], [-1.0, -2.0]]))
+    out, _ = aten.nll_loss_forward(xn, torch.tensor([0, 1]), None, 2, -100)
+    assert math.isinf(float(out.rad))
+    out, _ = aten.nll_loss_forward(xn, torch.tensor([1, 1]), None, 2, -100)  # the NaN is not picked
+    assert float(out.rad) == 0 and float(out.mid) == 2.0
+    tw = bg.ball(torch.tensor(2.0), 1e-3)  # an inexact total weight: the composition (division by a ball)
+    grad = aten.nll_loss_backward(bg.ball(torch.tensor(1.0), 1e-6), x, t, None, 1, -100, tw)
+    assert_valid_radius(grad)
+    for q in (2.0 - 1e-3, 2.0 + 1e-3):
+        assert bool(grad[0, 1].contains(torch.tensor(-1.0 / q, dtype=torch.float64)))
 
 
 def test_nll_loss2d_and_cross_entropy_variants():

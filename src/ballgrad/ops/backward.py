@@ -200,8 +200,13 @@ def softmax_backward_data(func, grad, y, dim, input_dtype):
 
 @rule(aten._log_softmax_backward_data.default)
 def log_softmax_backward_data(func, grad, z, dim, input_dtype):
-    """G_i - exp(z_i) sum_j G_j, z the saved log_softmax output ball: composed (exp by its monotone rule), re-centred."""
+    """G_i - exp(z_i) sum_j G_j, z the saved log_softmax output ball: the exact range over the balls in float64
+    (``nn.log_softmax_backward_radius``); where that fails (non-finite values), composed (exp by its monotone rule)
+    and re-centred."""
     m = func(mid_of(grad), mid_of(z), dim, input_dtype)
+    fast = nn_rules.log_softmax_backward_radius(m, grad, z, dim)
+    if fast is not None:
+        return fast
     g = wide(grad)
     return finish(m, g - torch.exp(wide(z)) * torch.sum(g, dim=[dim], keepdim=True))
 
@@ -217,6 +222,10 @@ def nll_loss_backward(func, grad, x, target, weight, reduction, ignore_index, to
     forward's total_weight ball) and re-centred on the kernel's values there; every other position has radius |m|
     (exactly 0 when the kernel wrote 0)."""
     m = func(mid_of(grad), mid_of(x), target, mid_of(weight), reduction, ignore_index, mid_of(total_weight))
+    if weight is None:  # direct formulas (``nn.nll_loss_backward_fast``)
+        fast = nn_rules.nll_loss_backward_fast(m, grad, target, reduction, ignore_index, total_weight)
+        if fast is not None:
+            return fast
     cd = nn_rules.class_dim(m)
     kept = target != ignore_index
     safe_t = torch.where(kept, target, torch.zeros_like(target)).unsqueeze(cd)

@@ -35,16 +35,26 @@ lowered oneDNN float32 conv precision (``torch.backends.mkldnn.conv.fp32_precisi
 
 **Max pooling** (``max_pool2d/3d_with_indices`` and backward; max_pool1d reaches the 2-d op). The value is a max
 over the window: monotone in every element, so with outward end points lo <= x <= hi the exact value lies in
-[max lo, max hi] (``_extreme_rad``'s argument; at most the largest radius in the window, 1-Lipschitz in the max norm).
+[max lo, max hi] (at most the largest radius in the window, 1-Lipschitz in the max norm).
 Indices are PyTorch's, from the midpoints. An element i of a window is a *candidate* arg-max when hi_i >= max_j lo_j
 (for some point of the balls it is a maximum). A window is *undecided* when it has two or more candidates and one
 of them is not an exact point: a ``kink`` event is recorded (forward and backward). Exact ties between exact points
 are decided: PyTorch takes the first maximum in scan order, a Clarke subgradient, the convention of the oracle.
+In a decided window every other element lies below lo_j of PyTorch's arg-max j (or is an exact point tied with an
+exact j), so the exact value range is [max lo, hi_j] within m_j -+ r_j: radius r_j, exactly.
 Backward: grad_input scatters grad_output by the indices; in an undecided window the gradient G goes to one
 candidate and 0 to the others, so every candidate gets the hull of 0 and G (DESIGN §4): the deviation from the
 midpoint's contribution is max(|m_G|, r_G) at the midpoint's winner and |m_G| + r_G at the other candidates; decided
 windows contribute r_G at their winner. These deviations are summed per input position (windows overlap when
 stride < kernel), with PyTorch's own rounding of those sums (``_mid_error``) and theta of the radius sum.
+
+*How it is computed.* Point arguments: every window with a finite value is decided (radius 0). Balls: a screen in
+the radius dtype certifies decided windows with whole-tensor float passes (``_screen``: upper end points bumped past
+succ, the window maxima by the op's own geometry, disjoint windows by one scatter and one separable max, overlapping
+ones by a running top-2); only the windows it cannot certify (overlapping or touching balls, NaN, infinities) get the
+float64 candidate analysis above, gathered (``_precise``). The backward scatters the per-window deviations with the
+pooling backward op itself on the radii (exact copies when windows are disjoint and decided) and adds the other
+candidates of undecided windows with ``index_add_``.
 
 **Linear pooling** (avg_pool2d/3d, _adaptive_avg_pool2d/3d, their backward ops, upsample_nearest*/backward): each
 output is L(x) = sum_i c_i x_i with c_i >= 0, a sum of at most n terms each scaled by 1/divisor (``_linear_pool``):
@@ -415,22 +425,60 @@ class _Pool:
         self.in_size = [int(s) for s in in_size]
         self.out_size = [int(s) for s in out_size]
 
-    def windows(self, t: torch.Tensor, fill) -> torch.Tensor:
-        """(..., *out_size, *kernel): the pooling windows of ``t`` (its last d dims), out-of-input slots ``fill``."""
-        lead = t.dim() - self.d
+    @property
+    def key(self) -> tuple:
+        """The geometry as a hashable tuple: ``_Pool(*key)`` rebuilds it (``_slot_table``'s cache key)."""
+        return (self.d, tuple(self.in_size), tuple(self.out_size), tuple(self.kernel), tuple(self.stride),
+                tuple(self.padding), tuple(self.dilation))
+
+    def _padded(self, t: torch.Tensor, fill) -> torch.Tensor:
+        """``t`` padded by ``fill`` so that every window slot lies inside (the padding, and ceil_mode's last windows);
+        ``t`` itself when no padding is needed."""
         pads = []
         for i in reversed(range(self.d)):
             need = (self.out_size[i] - 1) * self.stride[i] + (self.kernel[i] - 1) * self.dilation[i] + 1
             pads += [self.padding[i], max(0, need - self.in_size[i] - self.padding[i])]
-        tp = F.pad(t, pads, value=fill)
+        return F.pad(t, pads, value=fill) if any(pads) else t
+
+    def slot_views(self, t: torch.Tensor, fill) -> list[torch.Tensor]:
+        """The prod(kernel) strided views (..., *out_size) of ``t``, one per window slot in scan order: view k holds
+        slot k of every window (``fill`` outside the input). No copy unless padding is needed."""
+        import itertools
+
+        tp = self._padded(t, fill)
+        lead = [slice(None)] * (t.dim() - self.d)
+        views = []
+        for kappa in itertools.product(*[range(k) for k in self.kernel]):
+            starts = [kappa[i] * self.dilation[i] for i in range(self.d)]
+            views.append(tp[tuple(lead + [slice(starts[i], starts[i] + (self.out_size[i] - 1) * self.stride[i] + 1,
+                                                self.stride[i]) for i in range(self.d)])])
+        return views
+
+    def window_max(self, t: torch.Tensor, fill) -> torch.Tensor:
+        """(..., *out_size): the max of ``t`` over every window (``fill`` outside the input), separably: a window is
+        a product of one-dimensional windows, so one elementwise maximum of strided slices per kernel offset and dim
+        (NaN propagates: ``torch.maximum``). No rounding: every result is one of the elements."""
+        tp = self._padded(t, fill)
+        lead = t.dim() - self.d
+        for i in range(self.d):
+            span = (self.out_size[i] - 1) * self.stride[i] + 1
+            acc = None
+            for kappa in range(self.kernel[i]):
+                start = kappa * self.dilation[i]
+                s = tp[(slice(None),) * (lead + i) + (slice(start, start + span, self.stride[i]),)]
+                acc = s if acc is None else torch.maximum(acc, s)
+            tp = acc
+        return tp
+
+    def windows(self, t: torch.Tensor, fill) -> torch.Tensor:
+        """(..., *out_size, *kernel): the pooling windows of ``t`` (its last d dims), out-of-input slots ``fill``."""
+        lead = t.dim() - self.d
+        tp = self._padded(t, fill)
         for i in range(self.d):
             tp = tp.unfold(lead + i, (self.kernel[i] - 1) * self.dilation[i] + 1, self.stride[i])
         index = ([slice(None)] * lead + [slice(0, o) for o in self.out_size]
                  + [slice(None, None, dl) for dl in self.dilation])
         return tp[tuple(index)]
-
-    def window_dims(self, ndim_windows: int) -> list[int]:
-        return list(range(ndim_windows - self.d, ndim_windows))
 
     def slot_index(self, device=None) -> torch.Tensor:
         """(*out_size, *kernel) int64: the flat in-plane index of every window slot, -1 outside the input."""
@@ -438,114 +486,223 @@ class _Pool:
         return self.windows(plane, -1)
 
 
-def _end_points(x):
-    """float64 (lo, hi, inexact): outward end points of an argument (NaN or infinite radius: -inf, +inf); inexact
-    where the argument is not an exact point."""
-    m = _mid(x).detach().to(_F64)
-    if isinstance(x, BallTensor):
-        r = x.rad.to(_F64)
-        hi = torch.where(r == 0, m, rounding.add_up(m, r))
-        lo = torch.where(r == 0, m, rounding.sub_down(m, r))
-        unknown = torch.isnan(m) | torch.isinf(r)
-        inexact = (r > 0) | unknown
-    else:
-        hi, lo = m, m
-        unknown = torch.isnan(m)
-        inexact = unknown
-    lo = torch.where(unknown, -math.inf, lo)
-    hi = torch.where(unknown, math.inf, hi)
-    return lo, hi, inexact
-
-
 def _max_pool_geometry(func, x, out_shape, kernel_size, stride, padding, dilation):
     d = 3 if func in (aten.max_pool3d_with_indices.default, aten.max_pool3d_with_indices_backward.default) else 2
     return _Pool(d, x.shape[-d:], out_shape[-d:], kernel_size, stride, padding, dilation)
 
 
-def _candidates(pool: _Pool, x):
-    """(lo/hi windows reduced: f_lo, f_hi; candidate mask per slot; undecided mask per window; slot index)."""
-    lo, hi, inexact = _end_points(x)
-    w_lo, w_hi = pool.windows(lo, -math.inf), pool.windows(hi, -math.inf)
-    w_inexact = pool.windows(inexact.to(torch.uint8), 0).bool()
-    slots = pool.slot_index(lo.device)
-    wdims = pool.window_dims(w_lo.dim())
-    f_lo, f_hi = torch.amax(w_lo, wdims), torch.amax(w_hi, wdims)
-    expand = (Ellipsis,) + (None,) * pool.d
-    cand = (w_hi >= f_lo[expand]) & (slots >= 0)
-    undecided = (cand.sum(wdims) > 1) & (cand & w_inexact).any(wdims)
-    return f_lo, f_hi, cand, undecided, slots
+@functools.lru_cache(maxsize=64)
+def _slot_table(key: tuple) -> tuple[torch.Tensor, int]:
+    """(slots, s_max) of a pooling geometry (``_Pool.key``): slots (n_out, K) int64, the in-plane flat index of every
+    window slot in scan order (-1 outside the input); s_max the most windows that hold one input position. A pure
+    function of the geometry, cached (callers never modify ``slots``)."""
+    pool = _Pool(*key)
+    slots = pool.slot_index().reshape(_volume(pool.out_size), -1)
+    inside = slots[slots >= 0]
+    s_max = int(torch.bincount(inside, minlength=_volume(pool.in_size)).max()) if inside.numel() else 0
+    return slots, s_max
 
 
-def _emit_kink(undecided):
+@functools.lru_cache(maxsize=None)
+def _succ_constants(dtype: torch.dtype) -> tuple[float, float]:
+    """(phi, e0) with fl(c + fl(fl(phi |c|) + e0)) >= succ(c) and fl(c - fl(fl(phi |c|) + e0)) <= pred(c) for every
+    finite float c of ``dtype`` (DESIGN F2: Rump, Zimmermann, Boldo & Melquiond 2009, phi = u(1 + 2u), with their eta
+    raised to realmin, which only enlarges the step and keeps it normal)."""
+    u = rounding.unit_roundoff_exact(dtype)
+    return rounding.round_up_float(u * (1 + 2 * u), dtype), float(torch.finfo(dtype).smallest_normal)
+
+
+def _at_winners(pool: _Pool, t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``t`` (..., *in_size) read at PyTorch's arg-max ``indices`` (..., *out_size) (in-plane flat indices)."""
+    planes = _volume(indices.shape[:indices.dim() - pool.d])
+    return t.reshape(planes, -1).gather(1, indices.reshape(planes, -1)).view(indices.shape)
+
+
+def _screen(pool: _Pool, mx: torch.Tensor, rx: torch.Tensor, values: torch.Tensor, indices: torch.Tensor):
+    """(d, r_j): a certificate of decided windows computed in the radius dtype with full-size float passes only (no
+    float64 end points, no per-slot masks), and r_j = rx at PyTorch's arg-max j.
+
+    hi'_i = h_i + sign(r_i) (phi |h_i| + e0) with h_i = fl(m_i + r_i): exactly m_i for a point, else >= succ(h_i) >
+    m_i + r_i (``_succ_constants``; succ of a round-to-nearest result exceeds the exact value). Likewise
+    lo'_j = l - sign(r_j) (phi |l| + e0), l = fl(m_j - r_j): m_j for a point, else < m_j - r_j. With t1 >= t2 the two
+    largest hi' of the window (a running top-2 over the slot views; NaN propagates), d = max(t1 - hi'_j, t2 - lo'_j)
+    (float subtractions keep the sign exactly; overflow gives inf, NaN anything unknown: both fail d <= 0).
+    d <= 0 implies hi'_i <= lo'_j for every i != j (r_j > 0: hi'_j > lo'_j >= t2, so j is the unique top; r_j = 0:
+    t1 <= hi'_j = lo'_j), hence exact hi_i < lo_j <= max lo for every inexact i, and hi_i = m_i <= m_j = lo_j with
+    equality only for exact ties between points when r_i = 0: the window is decided (j the only candidate, or all
+    candidates exact points), and its exact value range is [max lo, hi_j] within [m_j - r_j, m_j + r_j]: radius r_j,
+    exactly. A non-finite m_j makes d NaN (inf - inf): such windows always go to the precise analysis.
+    Disjoint windows (no input position in two windows) use d = max_i hi''_i - lo'_j instead, hi'' = hi' with each
+    window's winner overwritten by its own lo'_j (which touches no other window): d <= 0 iff hi'_i <= lo'_j for i != j.
+    """
+    rd = rx.dtype
+    phi, e0 = _succ_constants(rd)
+    hi = mx.to(rd) + rx  # h, then in place h + sign(r) e (sign(r) e exact, one rounded addition)
+    hi.add_(torch.abs(hi).mul_(phi).add_(e0).mul_(torch.sign(rx)))
+    hi = hi.contiguous()
+    r_j = _at_winners(pool, rx, indices)
+    lo = values.to(rd) - r_j
+    lo_j = torch.addcmul(lo, torch.sign(r_j), torch.abs(lo).mul_(phi).add_(e0), value=-1)
+    if _slot_table(pool.key)[1] <= 1:  # disjoint windows: overwrite each winner's hi' by lo'_j, then one max (t1)
+        planes = _volume(indices.shape[:indices.dim() - pool.d])
+        hi.view(planes, -1).scatter_(1, indices.reshape(planes, -1), lo_j.reshape(planes, -1))
+        return pool.window_max(hi, -math.inf) - lo_j, r_j
+    views = pool.slot_views(hi, -math.inf)
+    t1, t2 = views[0], None
+    for s in views[1:]:
+        t2 = torch.minimum(t1, s) if t2 is None else torch.maximum(t2, torch.minimum(t1, s))
+        t1 = torch.maximum(t1, s)
+    d = t1 - _at_winners(pool, hi, indices)
+    if t2 is not None:
+        d = torch.maximum(d, t2 - lo_j)
+    return d, r_j
+
+
+def _decided(pool: _Pool, x, values: torch.Tensor, indices: torch.Tensor):
+    """(rad, suspects): rad = the radius of PyTorch's arg-max per window (a fresh contiguous radius-dtype tensor of
+    the output's shape), which is the exact radius of every decided window (``_screen``), and the flat indices of
+    the windows not certified decided (None when every window is). A point argument (plain tensor or all radii 0):
+    a window with a finite value is decided (its candidates are exact points tied at the maximum), radius 0."""
+    rd = rounding.rad_dtype(values.dtype)
+    rx = x.rad if isinstance(x, BallTensor) else None
+    if rx is None or not float(torch.amax(rx)) > 0:
+        rad = torch.zeros(values.shape, dtype=rd, device=values.device)
+        d = values * 0  # NaN exactly where the value is not finite
+        if float(torch.sum(d)) == 0:
+            return rad, None
+        return rad, torch.nonzero(d.reshape(-1) != 0).squeeze(1)
+    d, rad = _screen(pool, _mid(x).detach(), rx.to(rd), values, indices)
+    if float(torch.amax(d)) <= 0:
+        return rad.contiguous(), None
+    return rad.contiguous(), torch.nonzero(~(d.reshape(-1) <= 0)).squeeze(1)
+
+
+def _precise(pool: _Pool, x, flat: torch.Tensor):
+    """The candidate analysis of the module docstring on the windows ``flat`` (flat indices into (planes, n_out))
+    only, gathered: float64 outward end points lo <= x <= hi (NaN or infinite radius: -inf, +inf), candidates
+    hi_i >= max lo, undecided = two or more candidates, one of them inexact. Returns (undecided (n,), cand (n, K),
+    pos (n, K) flat input index, slots (n, K) in-plane index (-1 outside), f_lo, f_hi (n,))."""
+    n_out = _volume(pool.out_size)
+    slots = _slot_table(pool.key)[0].to(flat.device)[flat % n_out]
+    valid = slots >= 0
+    pos = (flat // n_out).unsqueeze(1) * _volume(pool.in_size) + slots.clamp_min(0)
+    m = _mid(x).detach().reshape(-1)[pos].to(_F64)
+    r = x.rad.reshape(-1)[pos].to(_F64) if isinstance(x, BallTensor) else torch.zeros_like(m)
+    hi = torch.where(r == 0, m, rounding.add_up(m, r))
+    lo = torch.where(r == 0, m, rounding.sub_down(m, r))
+    unknown = torch.isnan(m) | torch.isinf(r)
+    inexact = ((r > 0) | unknown) & valid
+    lo = torch.where(unknown, -math.inf, lo).masked_fill_(~valid, -math.inf)
+    hi = torch.where(unknown, math.inf, hi).masked_fill_(~valid, -math.inf)
+    f_lo, f_hi = torch.amax(lo, 1), torch.amax(hi, 1)
+    cand = (hi >= f_lo.unsqueeze(1)) & valid
+    undecided = (cand.sum(1) > 1) & (cand & inexact).any(1)
+    return undecided, cand, pos, slots, f_lo, f_hi
+
+
+def _emit_kink(count: int, total: int):
     if diagnostics.is_recording():
-        diagnostics.emit_mask("kink", current_op(), undecided, "max-pool arg-max not decided (overlapping balls in a "
-                              "window); gradients take the hull of 0 and the gradient at every candidate")
+        diagnostics.emit("kink", current_op(), count, "max-pool arg-max not decided (overlapping balls in a window); "
+                         "gradients take the hull of 0 and the gradient at every candidate", total=total)
 
 
 @rule(aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
 def max_pool_with_indices(func, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-    """(values, indices): values in [max lo, max hi] over each window, rad = max(f_hi - m, m - f_lo) rounded up;
-    indices are PyTorch's (a plain integer tensor). Undecided windows record a ``kink`` event."""
+    """(values, indices): rad = r_j (PyTorch's arg-max) in decided windows (exact: ``_screen``), and in undecided
+    windows the hull [max lo, max hi] around the value: max(f_hi - v, v - f_lo) rounded up (float64, ``_precise``).
+    Indices are PyTorch's (a plain integer tensor). Undecided windows record a ``kink`` event."""
     _check_float_input(func, x)
     values, indices = func(_mid(x), kernel_size, stride, padding, dilation, ceil_mode)
+    rd = rounding.rad_dtype(values.dtype)
+    if values.numel() == 0:
+        return result(values, torch.zeros((), dtype=rd, device=values.device)), indices
     pool = _max_pool_geometry(func, x, values.shape, kernel_size, stride, padding, dilation)
-    f_lo, f_hi, _, undecided, _ = _candidates(pool, x)
-    v64 = values.to(_F64)
-    rad = torch.maximum(_abs_diff_up(f_hi, v64), _abs_diff_up(v64, f_lo))  # f_lo <= v <= f_hi; exact when equal
-    _emit_kink(undecided)
-    return result(values, _finite_only(values, rounding.clean_rad(rad))), indices
+    rad, suspects = _decided(pool, x, values, indices)
+    if suspects is None:  # every window decided: values finite, radii r_j exact (no NaN)
+        return BallTensor(values, rad), indices
+    undecided, _, _, _, f_lo, f_hi = _precise(pool, x, suspects)
+    v64 = values.reshape(-1)[suspects].to(_F64)
+    hull = rounding.to_dtype_up(torch.maximum(_abs_diff_up(f_hi, v64), _abs_diff_up(v64, f_lo)), rd)
+    flat = rad.view(-1)
+    flat[suspects] = torch.where(undecided, rounding.clean_rad(hull), flat[suspects])
+    _emit_kink(int(undecided.sum()), values.numel())
+    return result(values, _finite_only(values, rad)), indices
+
+
+def _take(t: torch.Tensor, shape, flat: torch.Tensor) -> torch.Tensor:
+    """Elements ``flat`` of ``t`` broadcast to ``shape`` (without materialising a broadcast 0-d tensor)."""
+    return t.expand(flat.shape) if t.dim() == 0 else t.expand(shape).reshape(-1)[flat]
 
 
 @rule(aten.max_pool2d_with_indices_backward.default, aten.max_pool3d_with_indices_backward.default)
 def max_pool_with_indices_backward(func, grad_output, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
     """grad_input: grad_output scattered by ``indices``; every candidate of an undecided window gets the hull of 0 and
-    the gradient (module docstring). rad = theta fl(sum of per-slot deviations) + a, with (g, a) the rounding of
-    PyTorch's own accumulation of up to c gradients into one position (c = windows sharing an arg-max)."""
+    the gradient (module docstring). Per window a deviation T (r_G + g|m_G| at the winner of a decided window,
+    max(|m_G|, r_G) + g|m_G| at the winner of an undecided one) is scattered by the op itself on the radii, the other
+    candidates of undecided windows add |m_G| + r_G (``index_add_``); rad = theta_(n-1) fl(sum) + a, with n the most
+    terms one position receives (c_max, the windows routing to one position, or s_max, the windows holding it, when
+    a window is undecided) and (g, a) the rounding of PyTorch's own accumulation of up to c_max gradients."""
     m = func(_mid(grad_output), _mid(x), kernel_size, stride, padding, dilation, ceil_mode, indices)
-    pool = _max_pool_geometry(func, x, grad_output.shape, kernel_size, stride, padding, dilation)
-    _, _, cand, undecided, slots = _candidates(pool, x)
-    _emit_kink(undecided)
     rd = rounding.rad_dtype(m.dtype)
-    lead = x.shape[:-pool.d]
-    planes = _volume(lead)
-    plane_size = _volume(pool.in_size)
-    n_out = _volume(pool.out_size)
-    # c: how many windows route their gradient to one position (PyTorch adds them); s: window slots per position
-    idx_flat = indices.reshape(planes, n_out)
-    routed = torch.zeros(planes, plane_size, dtype=torch.int64, device=m.device).scatter_add_(
-        1, idx_flat, torch.ones_like(idx_flat))
-    c_max = int(routed.max()) if routed.numel() else 0
-    slot_flat = slots.reshape(-1)
-    valid = slot_flat >= 0
-    s_max = int(torch.bincount(slot_flat[valid], minlength=plane_size).max()) if bool(valid.any()) else 0
-    g, abs_err = _sum_error(c_max, m.dtype)
-    wd = rounding.work_dtype(rd, max(s_max - 1, 0))
+    if m.numel() == 0 or indices.numel() == 0:
+        return result(m, torch.zeros((), dtype=rd, device=m.device))
+    pool = _max_pool_geometry(func, x, grad_output.shape, kernel_size, stride, padding, dilation)
+    out_shape = indices.shape
+    _, s_max = _slot_table(pool.key)
+    _, suspects = _decided(pool, x, _at_winners(pool, _mid(x).detach(), indices), indices)
+    undecided_flat = None
+    if suspects is not None:
+        undecided, cand, pos, slots, _, _ = _precise(pool, x, suspects)
+        n_undecided = int(undecided.sum())
+        _emit_kink(n_undecided, out_shape.numel())
+        if n_undecided:
+            undecided_flat = suspects[undecided]
+            cand, pos, slots = cand[undecided], pos[undecided], slots[undecided]
     mg, rg = operand(grad_output, m.dtype)
-    abs_g = torch.abs(mg).to(wd)
-    rg = rg.to(wd).expand(abs_g.shape)
-    if g == 0:  # every position receives at most one gradient: PyTorch's accumulation is exact
-        decided_winner, undecided_winner = rg, torch.maximum(abs_g, rg)
+    # c_max: the most windows routing their gradient to one position (PyTorch adds them); <= s_max
+    x_like = torch.empty(x.shape, dtype=rd, device=m.device)
+    c_max = min(s_max, 1) if s_max <= 1 else int(func(torch.ones((), dtype=rd, device=m.device).expand(out_shape),
+                                                       x_like, kernel_size, stride, padding, dilation, ceil_mode,
+                                                       indices).max())
+    n_terms = c_max if undecided_flat is None else s_max
+    g, abs_err = _sum_error(c_max, m.dtype)
+    wd = rounding.work_dtype(rd, max(n_terms - 1, 0))
+    if wd != rd:
+        x_like = x_like.to(wd)
+    rg = rg.to(wd)
+    finite_g = bool(torch.sum(mg * 0) == 0)  # then the midpoint's copies (c_max <= 1) are finite and T has no NaN
+    if g == 0:
+        dev = rg
+    else:  # PyTorch's accumulation error, per term: up(|m_G| g), added rounded up (F2)
+        own = rounding.up(torch.mul(torch.abs(mg).to(wd), rounding.round_up_float(g, wd)))
+        dev = rounding.up(torch.add(rg, own))
+    extra = None
+    if undecided_flat is not None:
+        dev = dev.expand(out_shape).clone(memory_format=torch.contiguous_format)
+        abs_u = torch.abs(_take(mg, out_shape, undecided_flat)).to(wd)
+        rg_u = _take(rg, out_shape, undecided_flat)
+        winner = torch.maximum(abs_u, rg_u)
+        if g != 0:
+            winner = rounding.up(torch.add(winner, _take(own, out_shape, undecided_flat)))
+        dev.view(-1)[undecided_flat] = winner
+        others = cand & (slots != indices.reshape(-1)[undecided_flat].unsqueeze(1))
+        extra = (pos[others], rounding.up(torch.add(abs_u, rg_u)).unsqueeze(1).expand(others.shape)[others])
+    if extra is None and float(torch.amax(dev)) == 0:  # point gradient, decided windows: exact zeros
+        total = torch.zeros(x.shape, dtype=wd, device=m.device)
     else:
-        own = rounding.up(torch.mul(abs_g, rounding.round_up_float(g, wd)))  # PyTorch's accumulation error, per term
-        decided_winner = rounding.up(torch.add(rg, own))
-        undecided_winner = rounding.up(torch.add(torch.maximum(abs_g, rg), own))
-    other_candidate = rounding.up(torch.add(abs_g, rg))
-    expand = (Ellipsis,) + (None,) * pool.d
-    winner = slots == indices[expand]
-    und = undecided[expand]
-    zero = torch.zeros((), dtype=wd, device=m.device)
-    dev = torch.where(winner, torch.where(und, undecided_winner[expand], decided_winner[expand]),
-                      torch.where(und & cand, other_candidate[expand], zero))
-    target = torch.where(valid, slot_flat, plane_size).expand(planes, -1)
-    acc = torch.zeros(planes, plane_size + 1, dtype=wd, device=m.device).scatter_add_(1, target,
-                                                                                     dev.reshape(planes, -1))
-    total = acc[:, :plane_size].reshape(x.shape)
-    if s_max <= 1 and abs_err == 0:  # one slot per position: the scatter and the midpoint are exact copies
+        total = func(dev.expand(out_shape), x_like, kernel_size, stride, padding, dilation, ceil_mode,
+                     indices).contiguous()
+    if extra is not None:
+        total.view(-1).index_add_(0, extra[0], extra[1])
+    if n_terms <= 1 and abs_err == 0:  # at most one term per position: the scatter and the midpoint are exact copies
         rad = total
-    else:
-        th = rounding.theta(max(s_max - 1, 0), rounding.unit_roundoff_exact(wd))
-        rad = rounding.up(torch.add(rounding.up(torch.mul(total, rounding.round_up_float(th, wd))),
-                                    rounding.absolute_term(abs_err, wd)))
+    else:  # theta S + a <= succ(succ(fl(S theta_up)) + a_up) (F2); without a, one succ (0 becomes eta)
+        th = rounding.theta(max(n_terms - 1, 0), rounding.unit_roundoff_exact(wd))
+        rad = rounding.up(total.mul_(rounding.round_up_float(th, wd)))
+        if abs_err:
+            rad = rounding.up(rad.add_(rounding.absolute_term(abs_err, wd)))
+    if finite_g and c_max <= 1 and rad.dtype == rd:
+        return BallTensor(m, rad)
     return result(m, _finite_only(m, rounding.clean_rad(rad)))
 
 

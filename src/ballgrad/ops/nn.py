@@ -30,6 +30,7 @@ get +inf and a ``domain`` event.
 from __future__ import annotations
 
 import math
+import struct
 from fractions import Fraction
 
 import mpmath
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 from ballgrad import accuracy, diagnostics, rounding
 from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops import elementwise, inplace
-from ballgrad.ops.common import mid_of, recentre, result
-from ballgrad.ops.nonsmooth import _add_up
+from ballgrad.ops.common import mid_of, nan_where_not_finite, recentre, result
+from ballgrad.ops.nonsmooth import _add_up, _two_sum_error
 from ballgrad.ops.registry import current_op, rule
 from ballgrad.tensor import BallTensor, _to_fraction
 
@@ -390,13 +391,171 @@ def softmax(func, x, dim, half_to_float):
     return _bounds_result(m, lower.reshape(m.shape), upper.reshape(m.shape))
 
 
+# RZBM's successor step in float64 (DESIGN F2): fl(c -+ fl(fl(phi |c|) + e0)) is <= pred(c) / >= succ(c) for any
+# e0 >= eta; e0 = 2^-600 keeps exp's arguments far from the subnormal range (libm's exp near realmin is 10x slower).
+_SUCC_PHI64 = rounding.round_up_float(rounding.unit_roundoff_exact(_F64) * (1 + 2 * rounding.unit_roundoff_exact(_F64)))
+_SUCC_E0_64 = 2.0**-600
+_POS_INF64 = torch.tensor(math.inf, dtype=torch.float64)
+_POS_INF32 = torch.tensor(math.inf, dtype=torch.float32)
+
+
+def _step(c: torch.Tensor, sign) -> torch.Tensor:
+    """In place: c - (phi|c| + e0) <= pred(c) (sign -1) or c + (phi|c| + e0) >= succ(c) (sign +1; a tensor of signs
+    too) for the round-to-nearest result c of one operation (RZBM, DESIGN F2; the product by the sign is exact;
+    non-finite c: unchanged or NaN)."""
+    e = torch.abs(c).mul_(_SUCC_PHI64).add_(_SUCC_E0_64)
+    return c.addcmul_(sign, e) if isinstance(sign, torch.Tensor) else c.add_(e, alpha=sign)
+
+
+def _exact_pairs(mid: torch.Tensor, rad) -> bool:
+    """True when every m -+ r and every (m_j - r_j) - (m_i + r_i) along the last dim is exact in float64, for
+    float32-representable m and r (float16/bfloat16 too): all are multiples of g >= mu 2^-24 (mu the least non-zero
+    |m| or r of the row; a float32 x is a multiple of 2^(e_x - 23)) and below 2A in magnitude (A = max |m| + r), so
+    A <= 2^28 mu keeps them under 2^53 g."""
+    a = torch.abs(mid)
+    top = a if rad is None else a + rad
+    low = torch.where(a > 0, a, _INF)
+    if rad is not None:
+        low = torch.minimum(low, torch.where(rad > 0, rad, _INF))
+    return bool((torch.amax(top, -1) <= torch.amin(low, -1).mul_(2.0**28)).all())
+
+
+_SIGNS: dict = {}
+
+
+def _half_signs(ndim: int, device) -> torch.Tensor:
+    """The float64 tensor [-1, 1] shaped (2, 1, ..., 1) with ``ndim`` dims in all (cached per device)."""
+    key = (ndim, str(device))
+    if key not in _SIGNS:
+        _SIGNS[key] = torch.tensor([-1.0, 1.0], dtype=_F64, device=device).view((2,) + (1,) * (ndim - 1))
+    return _SIGNS[key]
+
+
+# The pairwise fast path of log_softmax: rows of at most this many classes and at most this many pair terms in all.
+_PAIRWISE_MAX_CLASSES = 64
+_PAIRWISE_MAX_TERMS = 1 << 18
+_PAIRWISE_CONSTANTS: dict = {}
+
+
+def _pairwise_constants(n_classes: int, backend: str) -> tuple:
+    """(c_l, (kd, kx, ka), (phi, a)) of ``_log_softmax_pairwise``: exact rationals rounded up offline, cached.
+
+    c_e, a_e / c_x, a_x / c_l, a_l: trust-table coefficients of exp / expm1 / log1p (|lib - f| <= c|v| + a);
+    g = gamma_(C-1) (a sum of C non-negative terms in any order is within a factor 1 -+ g of the exact sum);
+    alpha = (C - 1) a_e; delta = max(1 - (1 - c_e)/(1 + g), (1 + c_e)/(1 - g) - 1); u' = u(1 + u).
+    eps <= N = delta T + c_x|B| + u|A| + alpha + a_x; N <= rho (1 + A) with rho = max(rho0, rho1)/(1 - rho1):
+    K = 0 (|B| <= a_x/(1 - c_x)): rho0 = 3 delta + 2u' + alpha + 2(alpha + a_x + (c_x + u') a_x/(1 - c_x));
+    K > 0 (|B| <= (1 + a_x)/(1 - c_x), 1 + A^ >= max(1, T(1 - delta) - alpha)): rho1 = (delta + u')(1 + alpha)/
+    (1 - delta) + (c_x + u')(1 + a_x)/(1 - c_x) + alpha + a_x. So eps/(1 + A - eps) <= kappa N/(1 + A),
+    kappa = 1/(1 - rho), and N <= N' = (delta + u') T + (c_x + u')|B| + alpha + a_x (|A| <= (1 + u)(T + |B|)).
+    q = fl(fl(fl(T kd) + fl(|B| kx)) + ka) / fl(1 + A)) with (kd, kx, ka) = g_q kappa (delta + u', c_x + u',
+    alpha + a_x), g_q = (1 + u)^7/(1 - u) >= (1 + u)^5/(1 - u): by ``rounding.inflate``'s lemma (4 operations) and F1
+    for the division (fl(1 + A) >= 1/2), kappa N'/(1 + A) <= q + 7 eta. (phi, a) = ``rounding.inflate``'s constants
+    for the final slack u(|P| + |v|) + c_l|w| + q (5 operations) with the absolute term a_l + 7 eta."""
+    key = (n_classes, backend)
+    if key not in _PAIRWISE_CONSTANTS:
+        u = rounding.unit_roundoff_exact(_F64)
+        u1 = u * (1 + u)
+        k = n_classes - 1
+        g = k * u / (1 - k * u)
+        c_e, a_e = (Fraction(v) for v in accuracy._coefficients("exp", backend))
+        c_x, a_x = (Fraction(v) for v in accuracy._coefficients("expm1", backend))
+        c_l, a_l = (Fraction(v) for v in accuracy._coefficients("log1p", backend))
+        delta = max(1 - (1 - c_e) / (1 + g), (1 + c_e) / (1 - g) - 1)
+        alpha = k * a_e
+        rho0 = 3 * delta + 2 * u1 + alpha + 2 * (alpha + a_x + (c_x + u1) * a_x / (1 - c_x))
+        rho1 = (delta + u1) * (1 + alpha) / (1 - delta) + (c_x + u1) * (1 + a_x) / (1 - c_x) + alpha + a_x
+        kappa = 1 / (1 - max(rho0, rho1) / (1 - rho1))
+        up = rounding.round_up_float
+        g_q = (1 + u) ** 7 / (1 - u)
+        phi, a_abs = rounding._inflation_constants(5, _F64, a_l + 7 * Fraction(rounding.eta(_F64)))
+        _PAIRWISE_CONSTANTS[key] = (up(c_l), (up(g_q * kappa * (delta + u1)), up(g_q * kappa * (c_x + u1)),
+                                              up(g_q * kappa * (alpha + a_x))), (phi, a_abs))
+    return _PAIRWISE_CONSTANTS[key]
+
+
+def _log_softmax_pairwise(m: torch.Tensor, x: BallTensor, dim: int):
+    """The radius of log_softmax for short finite rows, from the pairwise form (None: use the general rule).
+
+    y_i = -log1p(S_i), S_i = sum_(j != i) exp(x_j - x_i): increasing in x_i, decreasing in every other x_j, so over
+    the box y_i lies exactly in [-log1p(S_hi), -log1p(S_lo)], S_lo = sum_j exp(lo_j - hi_i), S_hi = sum_j exp(hi_j -
+    lo_i) -- the same exact range as ``_softmax_w`` (no dependency lost). z <= lo_j - hi_i and -z^T >= hi_j - lo_i,
+    with lo, hi and z exact for float32/16 values of a moderate spread (``_exact_pairs``), else rounded outward by
+    ``nonsmooth._add_up`` (TwoSum: exact results stay exact, F2 otherwise):
+    one stack [z, -z^T] (diagonal -inf) bounds both ends; per half S^ = sum_j e^(z_ij) is below S_lo (half 0) /
+    above S_hi (half 1).
+    Shift (no overflow, and the large part exact): for K = max(0, max_j z_ij), log1p(S^) = K + log1p(A^) exactly,
+    A^ = expm1(-K) + sum_j e^(z_ij - K). Computed: T = fl(sum_j exp(dir(fl(z - K)))) (dir: below pred / above succ
+    per half by RZBM's step, F2, which keeps exp's arguments normal: subnormal or huge ones take libm's slow path),
+    B = expm1(-K), A = fl(T + B), w = log1p(A), v = fl(K + w). With the trust table and F3,
+    |A^ - A| <= eps <= N = delta T + c_x|B| + u|A| + alpha + a_x, and 1 + A^ >= 1 (>= 1 + e^-K when K > 0: the
+    argmax term is e^0), so by concavity |log1p(A^) - log1p(A)| <= eps/(1 + A - eps) <= q + 7 eta with
+    q = fl(fl(T kd + |B| kx + ka)/fl(1 + A)) (``_pairwise_constants``), and |log1p(S^) - v| <= u|v| + c_l|w| + a_l +
+    q + 7 eta: the large part K is exact, only u|v| grows with |y|, and q is relative to S for the largest class
+    (K = 0). The radius around the kernel's m is max_k(P_k + err_k) with P_0 = -(v_0 + m), P_1 = v_1 + m (one
+    rounded addition each: exact <= P + u|P|): rad = max_k up(P_k + inflate(u(|P_k| + |v_k|) + c_l|w_k| + q_k, 5,
+    a_l + 7 eta)) (F2, ``rounding.inflate``: products of two exact floats, three additions). A non-finite input,
+    midpoint or overflow makes some radius non-finite: then None (the general rule copes)."""
+    d = dim % x.dim()
+    n_classes = x.shape[d]
+    if n_classes > _PAIRWISE_MAX_CLASSES or x.numel() * n_classes > _PAIRWISE_MAX_TERMS:
+        return None
+    mid = x.mid.detach().movedim(d, -1).to(_F64)
+    point = not bool(x.rad.any())
+    r = None if point else x.rad.movedim(d, -1).to(_F64)
+    if x.mid.dtype != _F64 and _exact_pairs(mid, r):  # float32/16 values of a moderate spread: all exact
+        lo, hi = (mid, mid) if point else (mid - r, mid + r)
+        pair = lo.unsqueeze(-2) - hi.unsqueeze(-1)
+    else:  # outward rounding that keeps exact results exact (TwoSum, F2)
+        lo, hi = (mid, mid) if point else (-_add_up(-mid, r), _add_up(mid, r))
+        pair = -_add_up(hi.unsqueeze(-1), -lo.unsqueeze(-2))  # [..., i, j] <= lo_j - hi_i
+    z = torch.stack((pair, -pair.transpose(-1, -2)))  # z[1][..., i, j] >= hi_j - lo_i
+    z.diagonal(dim1=-2, dim2=-1).fill_(-_INF)
+    shift = torch.amax(z, -1, keepdim=True).clamp_min_(0)
+    sign = _half_signs(z.dim(), m.device)
+    y = _step(z - shift, sign)  # pred (half 0) / succ (half 1) by RZBM's step: never a subnormal exp argument
+    y.diagonal(dim1=-2, dim2=-1).fill_(-_INF)  # (-inf + inf on the diagonal of half 1)
+    t = torch.exp(y).sum(-1)
+    shift = shift.squeeze(-1)
+    b = torch.expm1(-shift)
+    a = t + b
+    w = torch.log1p(a)
+    v = shift + w
+    c_l, (kd, kx, ka), (phi, a_abs) = _pairwise_constants(n_classes, accuracy.backend_for(m.device.type))
+    # q = fl(fl(T kd + |B| kx + ka) / fl(1 + A)) >= eps/(1 + A - eps) - 7 eta (``_pairwise_constants``); 1 + A <= 0
+    # would give q = inf: None
+    q = t.mul_(kd).add_(torch.abs(b).mul_(kx)).add_(ka).div_(a.add_(1).clamp_min_(0))
+    p = (v + m.detach().movedim(d, -1).to(_F64)) * sign.squeeze(-1)  # p[0] = -(v_0 + m), p[1] = v_1 + m (exact)
+    c = torch.abs(p).add_(torch.abs(v)).mul_(_U64).add_(torch.abs(w).mul_(c_l)).add_(q)
+    rad = torch.amax(torch.nextafter(p.add_(c.mul_(phi).add_(a_abs)), _POS_INF64), 0).clamp_min_(0)
+    if not math.isfinite(float(rad.sum())):
+        return None
+    return _radius_result(m, rad.movedim(-1, d))
+
+
+def _radius_result(m: torch.Tensor, rad: torch.Tensor) -> BallTensor:
+    """``common.result`` for a finite float64 radius of m's shape: rounded up to the radius dtype (round to nearest,
+    then one nextafter where that went down, as ``rounding.to_dtype_up``), without its NaN and shape passes."""
+    rd = rounding.rad_dtype(m.dtype)
+    if rd == _F64:
+        return BallTensor(m, rad)
+    y = rad.to(rd)
+    return BallTensor(m, torch.where(y.to(_F64) < rad, torch.nextafter(y, _POS_INF32), y))
+
+
 @rule(aten._log_softmax.default)
 def log_softmax(func, x, dim, half_to_float):
     """log_softmax_i = -log S_i = -log(1 + e^(w_i)): with ``_softmax_w``'s bounds, in
-    [-softplus(w_hi), -softplus(w_lo)], softplus bounded overflow-free (``elementwise._log1p_exp_bounds``), and <= 0."""
+    [-softplus(w_hi), -softplus(w_lo)], softplus bounded overflow-free (``elementwise._log1p_exp_bounds``), and <= 0.
+    Short finite rows take the pairwise form (``_log_softmax_pairwise``: the same exact range, one exp and one log1p
+    pass in float64)."""
     m = func(x.mid, dim, half_to_float)
     if m.numel() == 0:
         return result(m, torch.zeros_like(m, dtype=rounding.rad_dtype(m.dtype)))
+    if x.dim() > 0 and x.is_floating_point():
+        fast = _log_softmax_pairwise(m, x, dim)
+        if fast is not None:
+            return fast
     xw, _ = _row_view(wide(x), m)
     dims = _dims(xw.dim(), dim)
     dev = m.device.type
@@ -404,6 +563,88 @@ def log_softmax(func, x, dim, half_to_float):
     lower = -elementwise._log1p_exp_bounds(w_hi, dev, upper=True)
     upper = torch.clamp_max(-elementwise._log1p_exp_bounds(w_lo, dev, upper=False), 0)
     return _bounds_result(m, lower.reshape(m.shape), upper.reshape(m.shape))
+
+
+def _parts64(x):
+    """(mid, rad) of a float tensor argument in float64, exactly; rad None for a plain tensor or all-zero radii."""
+    if isinstance(x, BallTensor):
+        return x.mid.detach().to(_F64), (x.rad.to(_F64) if bool(x.rad.any()) else None)
+    return x.detach().to(_F64), None
+
+
+_BACKWARD_CONSTANTS: dict = {}
+
+
+def _log_softmax_backward_constants(n: int, backend: str) -> tuple[float, float, float, float]:
+    """(c_e, g_s, th, u) of ``log_softmax_backward_radius``: the exp trust-table coefficient; g_s >= g/(1 - g) and
+    th >= 1/(1 - g) for g = gamma_(n-1) (a sum of n terms in any order); u = 2^-53. Rounded up, cached."""
+    key = (n, backend)
+    if key not in _BACKWARD_CONSTANTS:
+        u = rounding.unit_roundoff_exact(_F64)
+        g = (n - 1) * u / (1 - (n - 1) * u) if n > 1 else Fraction(0)
+        c_e = accuracy._coefficients("exp", backend)[0]
+        _BACKWARD_CONSTANTS[key] = (c_e, rounding.round_up_float(g / (1 - g)), rounding.round_up_float(1 / (1 - g)),
+                                    float(u))
+    return _BACKWARD_CONSTANTS[key]
+
+
+def log_softmax_backward_radius(m: torch.Tensor, grad, z, dim: int):
+    """The ball of _log_softmax_backward_data, f_i = G_i - P_i s with P_i = exp(z_i), s = sum_j G_j, over the balls of
+    G and z, without composing ball rules (None for non-floating arguments or a non-finite result: use the rule's
+    composition).
+
+    Exact range: f_i = (1 - P_i) G_i - P_i T_i with T_i = sum_(j != i) G_j, disjoint from G_i, so for fixed P_i it is
+    c(P) +- w(P), c(P) = mG_i - P ms, w(P) = |1 - P| rG_i + P rT_i (ms = sum mG, rT_i = sum_(j != i) rG_j), and f_i is
+    affine in P_i: sup |f_i - m_i| = max over P in {a_i, b_i} of |c(P) - m_i| + w(P), with a_i <= exp(z_lo),
+    b_i >= exp(z_hi) (trust table: e -+ (c_e e + a_e), rounded outward by one nextafter, F2). This is the exact range
+    (the composition counted G_i twice: rG_i (1 + P_i) instead of |1 - P_i| rG_i). Rounding: s~ = fl(sum mG) with
+    |s~ - ms| <= e_s = g_s fl(sum |mG|) (F3), and e_s = 0 when at most one G of the row is non-zero, or when the G
+    are float32 values (float16/bfloat16 too) with n max|G| <= 2^29 min|G != 0| (``_exact_sum_mask``: every partial
+    sum is then exact in float64 in any order); rT_i <= up(up(fl(sum rG) th) - rG_i); t1 = fl(P s~), t2 = fl(mG - t1) with its exact
+    error e2 (TwoSum), t3 = fl(t2 - m), t4 = fl(t3 + e2) give |c(P) - m| <= |t4| + P e_s + u(|t1| + |t3| + |t4|) +
+    eta/2 (F1 for t1, t3, t4), and |1 - P| <= (1 + u)|fl(1 - P)|:
+    rad = max_P inflate(|t4| + u(|t1| + |t3| + |t4|) + P (e_s + rT) + |fl(1 - P)| rG, 10, eta/2)
+    (``rounding.inflate``: products of two factors, each an exact float or a once-rounded sum)."""
+    for t in (grad, z):
+        if isinstance(t, torch.Tensor) and not t.is_floating_point():
+            return None
+    if m.dim() == 0:
+        return None
+    d = dim % m.dim()
+    mg, rg = _parts64(grad)
+    mz, rz = _parts64(z)
+    c_e, g_s, th, u = _log_softmax_backward_constants(m.shape[d], accuracy.backend_for(m.device.type))
+    a_e = accuracy._coefficients("exp", accuracy.backend_for(m.device.type))[1]
+    ends = torch.stack((mz, mz) if rz is None else (rounding.sub_down(mz, rz), rounding.add_up(mz, rz)))
+    e = torch.exp(ends)
+    sign = _half_signs(m.dim() + 1, m.device)
+    # P[0] <= exp(z_lo) (clamped at 0 <= exp), P[1] >= exp(z_hi): e -+ inflate(c_e e, 1, a_e), rounded outward
+    p = torch.nextafter(torch.addcmul(e, sign, rounding.inflate(e * c_e, 1, a_e)), sign * _INF).clamp_min_(0)
+    s = torch.sum(mg, d, keepdim=True)
+    a = torch.abs(mg)
+    e_s = rounding.up(torch.sum(a, d, keepdim=True).mul_(g_s))
+    inexact = torch.sum(a > 0, d, keepdim=True) > 1  # a row with at most one non-zero term sums exactly
+    if mid_of(grad).dtype != _F64:  # float32/16 values: the float64 sum is exact when n max|x| <= 2^29 min|x != 0|
+        inexact &= ~_exact_sum_mask(a, [d], True)
+    e_s.mul_(inexact)
+    m64 = m.detach().to(_F64)
+    t1 = p * s
+    t2 = mg - t1
+    t3 = t2 - m64
+    t4 = t3 + _two_sum_error(mg, -t1, t2)  # the exact error of t2 added back before taking the modulus
+    c = torch.abs(t4)
+    c.add_(torch.abs(t1).add_(torch.abs(t3)).add_(c).mul_(u))
+    if rg is None:
+        c.add_(p * e_s)
+        n_ops = 6
+    else:
+        rest = rounding.sub_up(rounding.up(torch.sum(rg, d, keepdim=True).mul_(th)), rg)
+        c.add_(p * (e_s + rest)).add_(torch.abs(1 - p).mul_(rg))
+        n_ops = 10
+    rad = torch.amax(rounding.inflate(c, n_ops, _HALF_ETA64), 0)
+    if not math.isfinite(float(rad.sum())):
+        return None
+    return result(m, rad)
 
 
 @rule(aten.logsumexp.default)
@@ -453,6 +694,155 @@ def nll_parts(x, target, weight, ignore_index):
     return pick(kept, picked, zero), pick(kept, w_t, zero), kept
 
 
+def _fadd_up(a: float, b: float) -> float:
+    """Upper bound of a + b for Python floats a, b >= 0 (F2: succ of the rounded sum; an exact 0 when both are 0)."""
+    t = a + b
+    return math.nextafter(t, math.inf) if t != 0 else 0.0
+
+
+def _fmul_up(a: float, b: float) -> float:
+    """Upper bound of a b for a, b >= 0 (F2; 0 exactly when a factor is 0, succ otherwise, underflow included)."""
+    return math.nextafter(a * b, math.inf) if a != 0 and b != 0 else 0.0
+
+
+def _fdiv_up(a: float, b: float) -> float:
+    """Upper bound of a / b for a >= 0, b > 0 (F2; 0 exactly when a is 0)."""
+    return math.nextafter(a / b, math.inf) if a != 0 else 0.0
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_U64 = float(rounding.unit_roundoff_exact(_F64))
+_HALF_ETA64 = Fraction(rounding.eta(_F64)) / 2
+
+
+def _scalar_ball(mid: torch.Tensor, rad: float) -> BallTensor:
+    """A 0-d ball with a float64 radius bound ``rad`` >= 0 (NaN: unknown), rounded up to the radius dtype without
+    tensor passes: float32 by round to nearest (``struct``) and one step up (the next bit pattern) if it went down;
+    +inf for a non-finite midpoint."""
+    rd = rounding.rad_dtype(mid.dtype)
+    if not (rad >= 0) or not math.isfinite(float(mid)):
+        rad = math.inf
+    if rd == torch.float32:
+        if rad > _F32_MAX:
+            rad = math.inf
+        elif rad > 0:
+            y = struct.unpack("<f", struct.pack("<f", rad))[0]
+            if y < rad:
+                y = struct.unpack("<f", struct.pack("<I", struct.unpack("<I", struct.pack("<f", y))[0] + 1))[0]
+            rad = y
+    return BallTensor(mid, torch.tensor(rad, dtype=rd, device=mid.device))
+
+
+_NLL_CONSTANTS: dict = {}
+
+
+def _sum_constants(n: int) -> tuple[float, float]:
+    """(g1, th) >= (g/(1 - g), 1/(1 - g)), g = gamma_(n-1) in float64: a sum of n terms in any order has
+    |fl - S| <= g sum|x| <= g1 fl(sum|x|), and a sum of non-negative terms S <= th fl(S) (F3). Cached."""
+    if n not in _NLL_CONSTANTS:
+        u = rounding.unit_roundoff_exact(_F64)
+        g = (n - 1) * u / (1 - (n - 1) * u) if n > 1 else Fraction(0)
+        _NLL_CONSTANTS[n] = (rounding.round_up_float(g / (1 - g)), rounding.round_up_float(1 / (1 - g)))
+    return _NLL_CONSTANTS[n]
+
+
+def _exact_sum_mask(a: torch.Tensor, dims, keepdim: bool, differences: bool = False) -> torch.Tensor:
+    """True where the float64 sum over ``dims`` of the float32-representable values a >= 0 is exact in any order:
+    n max a <= 2^29 min(a != 0) (every partial sum is a multiple of 2^(e_min - 23) below 2^53 of those).
+    ``differences``: where every difference of two of the values is exact, max a <= 2^28 min(a != 0) (a difference
+    is below 2^(e_max + 2) in magnitude and a multiple of 2^(e_min - 23))."""
+    scale = 1 if differences else math.prod(a.shape[d] for d in dims)
+    return torch.amax(a, dims, keepdim=keepdim).mul_(scale) <= torch.amin(
+        torch.where(a > 0, a, _INF), dims, keepdim=keepdim).mul_(2.0**28 if differences else 2.0**29)
+
+
+def nll_loss_forward_fast(out, total, x, target, reduction, ignore_index):
+    """(output, total_weight) balls of nll_loss without class weights, directly (None: use the composition).
+
+    l_n = -x[n, t_n] exactly (a gather and a negation); W = the number of kept samples, exact. none: the ball of
+    -x[n, t_n], re-centred on the kernel's value (|out - c| exactly 0 when it is the negation, else rounded up).
+    sum / mean: s~ = fl(sum x[n, t_n]) in float64 with |s~ - S| <= e_s = g1 fl(sum |x|) (0 when the float32 values
+    sum exactly, ``_exact_sum_mask``), radii sum R <= th fl(sum r) (``_sum_constants``); mean: q = fl(s~/W) with
+    |S/W - q| <= e_s/W + u|q| + eta/2 (F1). rad = |out - c| + e_s [/W] + R [/W] (+ u|q| + eta/2), every operation
+    rounded up (F2, ``_fadd_up`` etc.). total_weight = W (0 for reduction none on batched input), re-centred
+    likewise."""
+    if not x.is_floating_point() or reduction not in (NONE, MEAN, SUM):
+        return None
+    cd = class_dim(x)
+    kept = target != ignore_index
+    safe_t = torch.where(kept, target, torch.zeros_like(target)).unsqueeze(cd)
+    pm = torch.where(kept, torch.gather(x.mid.detach(), cd, safe_t).squeeze(cd).to(_F64), 0.0)
+    pr = torch.where(kept, torch.gather(x.rad, cd, safe_t).squeeze(cd).to(_F64), 0.0)
+    if reduction == NONE:
+        diff = torch.abs(out.detach().to(_F64) + pm)  # |out - (-x[n, t_n])|
+        rad = torch.where(diff == 0, pr, rounding.add_up(pr, rounding.up(diff)))
+        tw_exact = 0 if x.dim() >= 2 else int(kept)
+        return result(out, nan_where_not_finite(out, rad)), _exact_scalar(total, tw_exact)
+    a = torch.abs(pm)
+    dims = list(range(pm.dim()))
+    parts = [torch.sum(pm), torch.sum(a), torch.sum(pr), torch.sum(kept, dtype=_F64)]
+    if x.mid.dtype != _F64 and pm.numel():
+        parts.append(_exact_sum_mask(a, dims, False).to(_F64))
+    vals = torch.stack(parts).tolist()
+    s, a_sum, r_sum, w = vals[:4]
+    g1, th = _sum_constants(max(pm.numel(), 1))
+    e_s = 0.0 if len(vals) > 4 and vals[4] else _fmul_up(a_sum, g1)
+    r_up = r_sum if th == 1 else _fmul_up(r_sum, th)
+    o = float(out)
+    if reduction == SUM:
+        c, slack = -s, _fadd_up(e_s, r_up)
+    elif w == 0:  # 0/0: the kernel's NaN
+        c, slack = math.nan, math.inf
+    else:
+        q = s / w
+        c = -q
+        quotient = _fadd_up(_fmul_up(abs(q), float(rounding.unit_roundoff_exact(_F64))), rounding.eta(_F64))
+        slack = _fadd_up(_fadd_up(_fdiv_up(e_s, w), _fdiv_up(r_up, w)), quotient)
+    diff = abs(o - c)
+    rad = slack if diff == 0 else _fadd_up(slack, math.nextafter(diff, math.inf))
+    return _scalar_ball(out, rad), _exact_scalar(total, int(w))
+
+
+def nll_loss_backward_fast(m, grad, target, reduction, ignore_index, total_weight):
+    """grad_input of nll_loss without class weights and with an exact (point) total weight, directly (None: use the
+    composition). At (n, t_n) of kept samples the exact value is -G_n (none), -G (sum) or -G/W (mean, W the exact
+    total weight): c = -mG [/W] with |G/W - fl(mG/W)| <= rG/W + u|q| + eta/2 (F1; the last two by
+    ``rounding.inflate(u|q|, 1, eta/2)``, rG/W rounded up by F2); rad = r + |m - c| (exact 0 when equal, else rounded
+    up). Everywhere else the exact gradient is 0: rad = |m| (0 where the kernel wrote 0)."""
+    if isinstance(total_weight, BallTensor) and bool(total_weight.rad.any()):
+        return None
+    if isinstance(grad, torch.Tensor) and not grad.is_floating_point():
+        return None
+    if reduction not in (NONE, MEAN, SUM):
+        return None
+    cd = class_dim(m)
+    kept = target != ignore_index
+    safe_t = torch.where(kept, target, torch.zeros_like(target)).unsqueeze(cd)
+    mg, rg = _parts64(grad)
+    if reduction == MEAN:
+        w = float(mid_of(total_weight))
+        q = mg / w
+        r = rounding.inflate(torch.abs(q).mul_(_U64), 1, _HALF_ETA64)
+        if rg is not None:
+            r = rounding.add_up(r, rounding.div_up(rg, w))
+        c = -q
+    else:
+        c = -mg
+        r = torch.zeros((), dtype=_F64, device=m.device) if rg is None else rg
+    at = torch.gather(m.detach(), cd, safe_t).squeeze(cd).to(_F64)
+    diff = torch.abs(at - c)
+    rad_t = torch.where(diff == 0, r, rounding.add_up(r, rounding.up(diff)))
+    rad_t = torch.where(kept, rad_t, torch.abs(at))  # ignored samples: the kernel's zeros (|m|)
+    rad = torch.abs(m.detach()).to(_F64).scatter_(cd, safe_t, rad_t.expand(safe_t.squeeze(cd).shape).unsqueeze(cd))
+    return result(m, nan_where_not_finite(m, rad))
+
+
+def _exact_scalar(total: torch.Tensor, exact: int) -> BallTensor:
+    """The ball of a 0-d kernel output whose exact value is the integer ``exact``: radius |total - exact|."""
+    d = abs(float(total) - exact)
+    return _scalar_ball(total, 0.0 if d == 0 else math.nextafter(d, math.inf))
+
+
 @rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
 def nll_loss_forward(func, x, target, weight, reduction, ignore_index):
     """(output, total_weight) of nll_loss, real meaning: l_n = -w_{t_n} x[n, t_n] (0 for ignored samples);
@@ -461,6 +851,10 @@ def nll_loss_forward(func, x, target, weight, reduction, ignore_index):
     (gather is exact, then mul, sum, div) and re-centred on both kernel outputs. A mean whose total weight ball
     contains 0 gets +inf and a ``domain`` event (the division rule's)."""
     out, total = func(mid_of(x), target, mid_of(weight), reduction, ignore_index)
+    if weight is None and isinstance(x, BallTensor):
+        fast = nll_loss_forward_fast(out, total, x, target, reduction, ignore_index)
+        if fast is not None:
+            return fast
     picked, w_t, kept = nll_parts(x, target, weight, ignore_index)
     losses = -(w_t * picked)
     tw = torch.sum(w_t)
