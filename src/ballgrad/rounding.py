@@ -165,54 +165,69 @@ def work_dtype(rad_dtype: torch.dtype, n: int) -> torch.dtype:
 # Directed results from round-to-nearest operations (F2).
 
 
+@functools.lru_cache(maxsize=64)
+def _infinity(dtype: torch.dtype, device: torch.device, sign: float) -> torch.Tensor:
+    """A shared 0-d +-inf of ``dtype`` (the direction argument of nextafter; never written to)."""
+    return torch.full((), sign * math.inf, dtype=dtype, device=device)
+
+
 def up(x: torch.Tensor) -> torch.Tensor:
     """succ(x): an upper bound for the exact value of the single RN operation that produced ``x`` (F2)."""
-    return torch.nextafter(x, x.new_full((), math.inf))
+    return torch.nextafter(x, _infinity(x.dtype, x.device, 1.0))
 
 
 def down(x: torch.Tensor) -> torch.Tensor:
     """pred(x): a lower bound for the exact value of the single RN operation that produced ``x`` (F2)."""
-    return torch.nextafter(x, x.new_full((), -math.inf))
+    return torch.nextafter(x, _infinity(x.dtype, x.device, -1.0))
+
+
+def _up_fresh(x: torch.Tensor) -> torch.Tensor:
+    """``up`` on a result nobody else holds (the helpers below), in place."""
+    return x.nextafter_(_infinity(x.dtype, x.device, 1.0))
+
+
+def _down_fresh(x: torch.Tensor) -> torch.Tensor:
+    return x.nextafter_(_infinity(x.dtype, x.device, -1.0))
 
 
 def add_up(a, b):
     """Upper bound of a + b (F2)."""
-    return up(torch.add(a, b))
+    return _up_fresh(torch.add(a, b))
 
 
 def add_down(a, b):
     """Lower bound of a + b (F2)."""
-    return down(torch.add(a, b))
+    return _down_fresh(torch.add(a, b))
 
 
 def sub_up(a, b):
     """Upper bound of a - b (F2)."""
-    return up(torch.sub(a, b))
+    return _up_fresh(torch.sub(a, b))
 
 
 def sub_down(a, b):
     """Lower bound of a - b (F2)."""
-    return down(torch.sub(a, b))
+    return _down_fresh(torch.sub(a, b))
 
 
 def mul_up(a, b):
     """Upper bound of a * b for a, b >= 0 (F2)."""
-    return up(torch.mul(a, b))
+    return _up_fresh(torch.mul(a, b))
 
 
 def mul_down(a, b):
     """Lower bound of a * b for a, b >= 0 (F2; clamped at 0, which the exact product cannot go below)."""
-    return torch.clamp_min(down(torch.mul(a, b)), 0)
+    return _down_fresh(torch.mul(a, b)).clamp_min_(0)
 
 
 def div_up(a, b):
     """Upper bound of a / b for a >= 0, b > 0 (F2)."""
-    return up(torch.div(a, b))
+    return _up_fresh(torch.div(a, b))
 
 
 def div_down(a, b):
     """Lower bound of a / b for a >= 0, b > 0 (F2; clamped at 0)."""
-    return torch.clamp_min(down(torch.div(a, b)), 0)
+    return _down_fresh(torch.div(a, b)).clamp_min_(0)
 
 
 def inflate(c: torch.Tensor, n_ops: int, extra: Fraction | float = 0) -> torch.Tensor:

@@ -490,8 +490,10 @@ def _bn_forward(outs, x, weight, bias, running_mean, running_var, training, mome
 
 
 def _snapshot(running_mean, running_var, training):
-    """The running statistics as float64 balls before the kernel updates them (training mode only)."""
-    if not training:
+    """The running statistics as float64 balls before the kernel updates them, when there is a ball buffer to update
+    (training mode only; plain buffers are updated by the kernel alone and carry no radius, so their ball update would
+    be thrown away)."""
+    if not training or not (isinstance(running_mean, BallTensor) or isinstance(running_var, BallTensor)):
         return None
     return _wide(running_mean), _wide(running_var)
 
