@@ -234,6 +234,20 @@ def _measured_radius(m: torch.Tensor, reference: torch.Tensor, op, ma, ra, mb, r
     return rounding.inflate_(t, n_ops, extra=absolute)
 
 
+def _product_ball(m: torch.Tensor, op, ma, ra, mb, rb, k: int) -> BallTensor:
+    """The ball of one backward product B(A, B') of inner dimension k (no bias): measured and combined in float32 for
+    narrow midpoints (``_measured_radius``); otherwise (float64 midpoints, or k too long for float32 radius arithmetic)
+    the bracket of ``_bilinear_bracket`` with the a posteriori residual where ``_measured`` gives one."""
+    if m.dtype != torch.float64 and rounding.work_dtype(torch.float32, k) == torch.float32:
+        return BallTensor(m, _measured_radius(m, op(ma.to(torch.float64), mb.to(torch.float64)), op, ma, ra, mb, rb,
+                                              k, k))
+    measured = _measured(m, op, ma, mb, k)
+    g, abs_err = measured[:2] if measured else _mid_error(k, m.dtype)
+    bound = _with_residual(_bilinear_bracket(op, ma, ra, mb, rb, k, g, rounding.rad_dtype(m.dtype)), measured)
+    rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
+    return result(m, _finite_only(m, rounding.clean_rad(rad)))
+
+
 def _with_residual(bound: torch.Tensor, measured) -> torch.Tensor:
     """bound (+ the measured residual, in float64, when there is one)."""
     if measured is None:
@@ -352,18 +366,7 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
             return func(a, dummy, b, None, stride, padding, dilation, transposed, output_padding, groups,
                         [True, False, False])[0]
 
-        if gx_m.dtype != torch.float64 and rounding.work_dtype(torch.float32, k) == torch.float32:
-            reference = grad_input_op(mg.to(torch.float64), mw.to(torch.float64))
-            balls[0] = BallTensor(gx_m, _measured_radius(gx_m, reference, grad_input_op, mg, rg, mw, rw, k, k))
-            measured = None
-        else:
-            measured = _measured(gx_m, grad_input_op, mg, mw, k)
-        g, abs_err = measured[:2] if measured else _mid_error(k, gx_m.dtype)
-        if balls[0] is None:
-            bound = _with_residual(_bilinear_bracket(grad_input_op, mg, rg, mw, rw, k, g,
-                                                     rounding.rad_dtype(gx_m.dtype)), measured)
-            rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
-            balls[0] = result(gx_m, _finite_only(gx_m, rounding.clean_rad(rad)))
+        balls[0] = _product_ball(gx_m, grad_input_op, mg, rg, mw, rw, k)
 
     if gw_m is not None:
         mg, rg = _ball_operand(grad_output, gw_m.dtype)
@@ -377,16 +380,7 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
             return func(a, b, dummy, None, stride, padding, dilation, transposed, output_padding, groups,
                         [False, True, False])[1]
 
-        if gw_m.dtype != torch.float64 and rounding.work_dtype(torch.float32, k) == torch.float32:
-            reference = grad_weight_op(mg.to(torch.float64), mx.to(torch.float64))
-            balls[1] = BallTensor(gw_m, _measured_radius(gw_m, reference, grad_weight_op, mg, rg, mx, rx, k, k))
-        else:
-            measured = _measured(gw_m, grad_weight_op, mg, mx, k)
-            g, abs_err = measured[:2] if measured else _mid_error(k, gw_m.dtype)
-            bound = _with_residual(_bilinear_bracket(grad_weight_op, mg, rg, mx, rx, k, g,
-                                                     rounding.rad_dtype(gw_m.dtype)), measured)
-            rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
-            balls[1] = result(gw_m, _finite_only(gw_m, rounding.clean_rad(rad)))
+        balls[1] = _product_ball(gw_m, grad_weight_op, mg, rg, mx, rx, k)
 
     if gb_m is not None:
         mg, rg = _ball_operand(grad_output, gb_m.dtype)
