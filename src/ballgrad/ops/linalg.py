@@ -453,21 +453,19 @@ def _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=
     t.mul_(_RESIDUAL_FACTOR)
     absolute = _ETA32 / 2 * Fraction(_RESIDUAL_FACTOR) + a64
     n_ops = 1
-    prop = None
-    if k > 0 and alpha != 0 and _bf16_propagation(plain, m, k):
+    prop = lemma_b = None
+    if k > 0 and alpha != 0:
         a_point, b_point = _is_point(ra), _is_point(rb)
-        if not (a_point and b_point):
-            bound = _bf16_bracket(plain, ma, ra.to(f32), mb, rb.to(f32), k, Fraction(0), b_dim, a_point, b_point,
-                                  raw=True)
-            if bound is not None:  # Lemma B: the propagation term is <= C1 S^ + C2 (S^ the bfloat16 GEMM, exact)
-                s_hat, c1, c2 = bound
-                t.add_(s_hat, alpha=rounding.round_up_float(abs(Fraction(alpha)) * Fraction(c1), f32))
-                absolute += abs(Fraction(alpha)) * Fraction(c2)
-                n_ops += 2
-            else:
-                prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim)
-    elif k > 0 and alpha != 0:
-        prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim)
+        if not (a_point and b_point) and _bf16_propagation(plain, m, k):  # None where Lemma B does not apply
+            lemma_b = _bf16_bracket(plain, ma, ra.to(f32), mb, rb.to(f32), k, Fraction(0), b_dim, a_point, b_point,
+                                    raw=True)
+        if lemma_b is None:
+            prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim)
+    if lemma_b is not None:  # the propagation term is <= C1 S^ + C2 (S^ the bfloat16 GEMM, an exact float32 value)
+        s_hat, c1, c2 = lemma_b
+        t.add_(s_hat, alpha=rounding.round_up_float(abs(Fraction(alpha)) * Fraction(c1), f32))
+        absolute += abs(Fraction(alpha)) * Fraction(c2)
+        n_ops += 2
     if prop is not None:
         s, n, scale = prop
         coef, prop_absolute = _propagation_constants(n, Fraction(alpha), scale)
