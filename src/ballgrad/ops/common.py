@@ -111,13 +111,6 @@ def infinite_where(rad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, torch.full_like(rad, math.inf), rad)
 
 
-def float_scalar(x) -> float:
-    """A Python number argument (alpha, value, exponent) as a float; tensors are rejected here."""
-    if isinstance(x, torch.Tensor):
-        raise TypeError("expected a Python number")
-    return float(x)
-
-
 def recentre(mid: torch.Tensor, enclosure: BallTensor) -> BallTensor:
     """Re-centre a ball on PyTorch's own midpoint (DESIGN.md §4, fused kernels and audited decompositions).
 

@@ -71,18 +71,9 @@ def _hull(lo: torch.Tensor, hi: torch.Tensor) -> BallTensor:
     return BallTensor(mid, rounding.clean_rad(rad))
 
 
-def _hull_of(a: BallTensor, b: BallTensor) -> BallTensor:
-    """A ball containing both balls (same shape)."""
-    return _hull(torch.minimum(a.lower(), b.lower()), torch.maximum(a.upper(), b.upper()))
-
-
 def _constant(mid: float, rad: float) -> BallTensor:
     """A 0-d float64 ball for a real constant (CPU scalars mix with tensors of any device)."""
     return BallTensor(torch.tensor(mid, dtype=_F64), torch.tensor(rad, dtype=_F64))
-
-
-def _reshaped(x: BallTensor, shape) -> BallTensor:
-    return BallTensor(x.mid.reshape(shape), x.rad.reshape(shape))
 
 
 def _where(cond: torch.Tensor, a: BallTensor, mid: float = 0.0) -> BallTensor:
