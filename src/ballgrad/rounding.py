@@ -44,8 +44,9 @@ def rad_dtype(mid_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if mid_dtype in REDUCED_DTYPES else mid_dtype
 
 
+@functools.lru_cache(maxsize=None)
 def unit_roundoff_exact(dtype: torch.dtype) -> Fraction:
-    """u = 2^-p as an exact rational."""
+    """u = 2^-p as an exact rational (cached: rules call this per op, and Fraction construction is slow)."""
     return Fraction(1, 2 ** _PRECISION[dtype])
 
 
@@ -54,6 +55,7 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return float(unit_roundoff_exact(dtype))
 
 
+@functools.lru_cache(maxsize=None)
 def eta(dtype: torch.dtype) -> float:
     """Smallest positive subnormal of ``dtype`` (exact as a Python float)."""
     return float(torch.finfo(dtype).smallest_normal) * float(torch.finfo(dtype).eps)
@@ -145,6 +147,7 @@ def growth(n: int, u: Fraction) -> Fraction:
     return result_g
 
 
+@functools.lru_cache(maxsize=4096)
 def theta(n: int, u: Fraction) -> Fraction:
     """1/(1 - gamma_n) = (1 - nu)/(1 - 2nu): exact <= theta * computed for a sum of n non-negative terms (n u < 1/4)."""
     if n * u >= Fraction(1, 4):
@@ -152,6 +155,7 @@ def theta(n: int, u: Fraction) -> Fraction:
     return (1 - n * u) / (1 - 2 * n * u)
 
 
+@functools.lru_cache(maxsize=4096)
 def work_dtype(rad_dtype: torch.dtype, n: int) -> torch.dtype:
     """The dtype for a radius sum/GEMM of inner length n: the radius dtype while n u < 1/4, else float64."""
     if n * unit_roundoff_exact(rad_dtype) < Fraction(1, 4):
@@ -253,6 +257,11 @@ def inflate_(c: torch.Tensor, n_ops: int, extra: Fraction | float = 0) -> torch.
     """``inflate`` in place (c is overwritten with the bound; same constants and proof)."""
     phi, a = _inflation_constants(n_ops, c.dtype, Fraction(extra))
     return c.mul_(phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+def inflation_constants(n_ops: int, dtype: torch.dtype, extra: Fraction = Fraction(0)) -> tuple[float, float]:
+    """(phi, a) of ``inflate``, for a caller that caches them with its own constants and applies t phi + a itself."""
+    return _inflation_constants(n_ops, dtype, extra)
 
 
 @functools.lru_cache(maxsize=1024)

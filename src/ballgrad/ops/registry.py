@@ -36,7 +36,7 @@ def rule(*ops):
 
 def current_op() -> str:
     """The aten overload being evaluated (for event messages)."""
-    return getattr(_state, "op", "?")
+    return str(getattr(_state, "op", "?"))
 
 
 def dispatch(func, args, kwargs):
@@ -50,7 +50,7 @@ def dispatch(func, args, kwargs):
     guard.check_once(_device_type(args))
     frame = diagnostics.begin_op(func, args, kwargs) if diagnostics.active else None  # one attribute read
     previous = getattr(_state, "op", "?")
-    _state.op = str(func)
+    _state.op = func  # the overload itself; current_op() formats it only when a message needs it
     try:
         out = fn(func, *args, **kwargs)
         if frame is not None:
