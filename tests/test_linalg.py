@@ -588,6 +588,7 @@ def test_blocked_float64_reference_contains_exact(bias_shape, block, monkeypatch
     bias = None if bias_shape is None else make_operand(bias_shape, torch.float32, gen, "ball")
     unblocked = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b, beta=0.5, alpha=-2.0)
     monkeypatch.setattr(linalg, "_REFERENCE_BLOCK", block)
+    monkeypatch.setattr(linalg, "_MIN_BLOCK", 1)
     with bg.gemm_bound("measured"):
         if bias is None:
             out = check_gemm(torch.mm, [a, b], exact_matmul)

@@ -216,27 +216,34 @@ _COMPUTED = (1 + _U32) / (1 - _U32) ** 2 * _TO_BF16  # a factor of <= 2 float32 
 
 
 def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point: bool, b_point: bool,
-                  extra: Fraction = Fraction(0), raw: bool = False):
+                  extra: Fraction = Fraction(0), raw: bool = False, abs_operands=None):
     """The bracket of ``_bracket`` (float32 radii) plus ``extra`` from bfloat16 GEMMs (Lemma B in the module
     docstring), or None where Lemma B's constants do not apply. Both balls: S = X1 Y1 + X2 Y2 as one bfloat16
     addmm(mm(X1, Y1), X2, Y2) with X1 = |mA|, Y1 = rB + g'|mB|, X2 = rA, Y2 = |mB| + rB (inner dimension k each;
-    Lemma B's N = k + 2 and 3 bfloat16 roundings cover the two chains and the addition)."""
+    Lemma B's N = k + 2 and 3 bfloat16 roundings cover the two chains and the addition). ``abs_operands``: |mA|, |mB|
+    in float32 if the caller has them (|mB| is then overwritten with |mB| + rB when both operands are balls)."""
     both_points = a_point and b_point
     consts = _lemma_b_constants(k, g * _TO_BF16**2 if both_points else _COMPUTED**2, extra)
     if consts is None:
         return None
     c1, c2 = consts
     bf = rounding.to_bf16_normal
-    abs_ma, abs_mb = torch.abs(ma).to(torch.float32), torch.abs(mb).to(torch.float32)  # exact widening
+    if abs_operands is None:
+        abs_operands = torch.abs(ma).to(torch.float32), torch.abs(mb).to(torch.float32)  # exact widening
+    abs_ma, abs_mb = abs_operands
     g_w = rounding.round_up_float(g, torch.float32)
+
+    def plus_g(r, abs_m):  # r + g'|m|: <= 2 roundings; exactly r when g = 0 (the measured bound's call)
+        return r.expand(abs_m.shape) if g == 0 else torch.add(r, abs_m, alpha=g_w)
+
     if both_points:
         s = gemm(bf(abs_ma), bf(abs_mb))
     elif a_point:
-        s = gemm(bf(abs_ma), bf(torch.add(rb, abs_mb, alpha=g_w)))  # rB + g'|mB|: <= 2 roundings
+        s = gemm(bf(abs_ma), bf(plus_g(rb, abs_mb)))
     elif b_point:
-        s = gemm(bf(torch.add(ra, abs_ma, alpha=g_w)), bf(abs_mb))
+        s = gemm(bf(plus_g(ra, abs_ma)), bf(abs_mb))
     else:
-        s = gemm(bf(abs_ma), bf(torch.add(rb, abs_mb, alpha=g_w)))
+        s = gemm(bf(abs_ma), bf(plus_g(rb, abs_mb)))
         s = _ACCUMULATE[gemm](s, bf(ra).expand(abs_ma.shape), bf(abs_mb.add_(rb)).expand(abs_mb.shape))
     if raw:  # (S^, C1, C2) with the bound C1 S^ + C2, for a caller that folds it into its own inflate
         return s, c1, c2
@@ -326,6 +333,7 @@ def _propagation_bound(plain, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: tor
 _U64 = rounding.unit_roundoff_exact(_F64)
 _ETA32 = Fraction(rounding.eta(torch.float32))
 _RESIDUAL_FACTOR = rounding.round_up_float(1 / ((1 - _U32) * (1 - _U64)), torch.float32)
+_RESIDUAL_ABSOLUTE = _ETA32 / 2 * Fraction(_RESIDUAL_FACTOR)  # the eta32/2 of ``_residual32``, scaled by C_e
 
 
 def _residual32(m: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -341,8 +349,10 @@ def _residual32(m: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 # Float64 reference GEMMs are evaluated a block of the output at a time when the output has more than this many
 # elements, so that the float64 output (2x the float32 one) and the float64 operand copies do not set the rule's peak
-# memory.
+# memory; a block spans at least _MIN_BLOCK rows or columns (narrower float64 GEMMs run at half speed: 64 columns of
+# a 512 x 2048 x 2048 product take 1.5x the time of 128).
 _REFERENCE_BLOCK = 2**15
+_MIN_BLOCK = 128
 
 
 def _blocked_residual(m: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, reference_block) -> torch.Tensor:
@@ -357,12 +367,12 @@ def _blocked_residual(m: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, refer
     rows, cols = m.shape
     e = torch.empty(m.shape, dtype=torch.float32, device=m.device)
     if ma.numel() <= mb.numel():
-        ma64, step = ma.to(_F64), max(1, _REFERENCE_BLOCK // rows)
+        ma64, step = ma.to(_F64), max(_MIN_BLOCK, _REFERENCE_BLOCK // rows)
         for j in range(0, cols, step):
             block = slice(j, min(j + step, cols))
             e[:, block].copy_(reference_block(slice(None), block, ma64, mb[:, block].to(_F64)).sub_(m[:, block]).abs_())
     else:
-        mb64, step = mb.to(_F64), max(1, _REFERENCE_BLOCK // cols)
+        mb64, step = mb.to(_F64), max(_MIN_BLOCK, _REFERENCE_BLOCK // cols)
         for i in range(0, rows, step):
             block = slice(i, min(i + step, rows))
             e[block].copy_(reference_block(block, slice(None), ma[block].to(_F64), mb64).sub_(m[block]).abs_())
@@ -370,49 +380,71 @@ def _blocked_residual(m: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, refer
 
 
 @functools.lru_cache(maxsize=1024)
-def _scaled_theta64(k: int, scale: Fraction) -> float:
-    """theta_k scale rounded up to float64 (``_row_col_bounds``; cached: rational arithmetic costs ~100 us per GEMM)."""
-    return rounding.round_up_float(rounding.theta(k, _U64) * scale, _F64)
-
-
-@functools.lru_cache(maxsize=1024)
-def _propagation_constants(n: int, alpha: Fraction, scale: Fraction) -> tuple[float, Fraction]:
+def _propagation_constants(n: int, alpha: float, scale: Fraction) -> tuple[float, Fraction]:
     """(C_s, A_s) of ``_measured_radius_f32``: C_s >= |alpha| theta_n scale (float32, rounded up) and the absolute
-    term A_s = |alpha| theta_n scale n eta32 (exact)."""
-    th = rounding.theta(n, _U32) * abs(alpha) * scale
+    term A_s = |alpha| theta_n scale n eta32 (exact). Cached, like every constant here: the rational arithmetic costs
+    more than a small GEMM's kernels."""
+    th = rounding.theta(n, _U32) * abs(Fraction(alpha)) * scale
     return rounding.round_up_float(th, torch.float32), th * n * _ETA32
 
 
-def _row_col_bounds(ma: torch.Tensor, mb: torch.Tensor, k: int, b_dim: int, scale: Fraction):
-    """(rows, cols), float32, broadcasting to the output, with scale (|mA||mB|)_il <= rows_i cols_l exactly:
-    rows_i >= scale sum_j |mA_ij| (float64 sum of exact terms, F3 via theta_k, then scaled and rounded up: vectors,
-    so nextafter is cheap here) and cols_l = max_j |mB_jl| (exact). None when k == 0 (the product is exactly 0)."""
+@functools.lru_cache(maxsize=1024)
+def _lemma_b_terms(alpha: float, c1: float, c2: float) -> tuple[float, Fraction]:
+    """(C, A) of ``_measured_radius_f32`` for Lemma B's bound C1 S^ + C2 scaled by |alpha|: C >= |alpha| C1 (float32,
+    rounded up) and the absolute term A = |alpha| C2 (exact)."""
+    a = abs(Fraction(alpha))
+    return rounding.round_up_float(a * Fraction(c1), torch.float32), a * Fraction(c2)
+
+
+@functools.lru_cache(maxsize=1024)
+def _bias_coefficients(coefs: tuple[Fraction, ...]) -> tuple[float, ...]:
+    """The bias terms' coefficients c_j rounded up to float32 (C_j >= c_j)."""
+    return tuple(rounding.round_up_float(c, torch.float32) for c in coefs)
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_scale(k: int, g64: Fraction, alpha: float) -> float:
+    """theta_k(u32) g64 |alpha| rounded up to float32 (``_row_col_bounds``; cached: rational arithmetic costs ~100 us
+    per GEMM)."""
+    return rounding.round_up_float(rounding.theta(k, _U32) * g64 * abs(Fraction(alpha)), torch.float32)
+
+
+def _row_col_bounds(abs_ma: torch.Tensor, abs_mb: torch.Tensor, k: int, b_dim: int, g64: Fraction, alpha: float):
+    """(rows, cols), float32, broadcasting to the output, with g64 |alpha| (|mA||mB|)_il <= rows_i cols_l exactly,
+    from |mA| and |mB| in float32 (exact): rows_i = up(fl(S_i) C) with S_i = sum_j |mA_ij| summed in float32 (any
+    order, non-negative terms: S_i <= theta_k fl(S_i), F3; the caller keeps 2k u32 < 1/4) and C >= theta_k g64 |alpha|
+    (``_row_scale``), the product bumped up (F2); cols_l = max_j |mB_jl| (exact). None when k == 0 (the product is
+    exactly 0)."""
     if k == 0:
         return None
-    th = _scaled_theta64(k, scale)
-    rows = rounding.to_dtype_up(rounding.up(torch.mul(torch.sum(torch.abs(ma), dim=-1, dtype=_F64), th)),
-                                torch.float32)
-    cols = torch.amax(torch.abs(mb), dim=b_dim).to(torch.float32)
-    if ma.dim() >= 2 and mb.dim() >= 2:
+    rows = rounding.mul_up(torch.sum(abs_ma, dim=-1), _row_scale(k, g64, alpha))
+    cols = torch.amax(abs_mb, dim=b_dim)
+    if abs_ma.dim() >= 2 and abs_mb.dim() >= 2:
         return rows.unsqueeze(-1), cols.unsqueeze(-2)
     return rows, cols
 
 
 def _propagation_gemm(plain, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: torch.dtype = torch.float32):
     """(s, n, scale) with |mA| rB + rA |mB| + rA rB <= scale theta_n (s + n eta) (F3 for non-negative GEMMs of inner
-    dimension n in ``work_dtype(rad_dtype, n)``, s's dtype), or None when both operands are points.
+    dimension n in ``work_dtype(rad_dtype, n)``, s's dtype), or None when both operands are points
+    (``_propagation_products``)."""
+    a_point, b_point = _is_point(ra), _is_point(rb)
+    if a_point and b_point:
+        return None
+    wd = rounding.work_dtype(rad_dtype, k if (a_point or b_point) else 2 * k)
+    return _propagation_products(plain, torch.abs(ma).to(wd), ra.to(wd), torch.abs(mb).to(wd), rb.to(wd), k, b_dim,
+                                 a_point, b_point)
+
+
+def _propagation_products(plain, abs_ma, ra, abs_mb, rb, k: int, b_dim: int, a_point: bool, b_point: bool):
+    """``_propagation_gemm`` from |mA|, rA, |mB|, rB in the work dtype (not both points); ``abs_mb`` is overwritten
+    with |mB| + rB when both operands are balls.
 
     Two balls: |mA| rB + rA (|mB| + rB), 2k non-negative products. mm/bmm/mv accumulate the second product onto the
     first with their add-form (addmm/baddbmm/addmv: some summation order of the 2k products, which F3 covers with
     n = 2k); other ops take one GEMM of concatenated operands. |mB| + rB is rounded to nearest, and an addition of
     non-negative floats loses at most a factor (1 - u) (no underflow), so scale = 1/(1 - u); otherwise scale = 1."""
-    a_point, b_point = _is_point(ra), _is_point(rb)
-    if a_point and b_point:
-        return None
     n = k if (a_point or b_point) else 2 * k
-    wd = rounding.work_dtype(rad_dtype, n)
-    abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
-    ra, rb = ra.to(wd), rb.to(wd)
     if a_point:
         return plain(abs_ma, rb.expand(abs_mb.shape)), n, Fraction(1)
     if b_point:
@@ -424,7 +456,7 @@ def _propagation_gemm(plain, ma, ra, mb, rb, k: int, b_dim: int, rad_dtype: torc
     else:
         left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
         s = plain(left, torch.cat([first, abs_mb.add_(rb)], dim=b_dim))
-    return s, n, 1 / (1 - rounding.unit_roundoff_exact(wd))
+    return s, n, 1 / (1 - rounding.unit_roundoff_exact(abs_mb.dtype))
 
 
 # Radius GEMMs of the measured bound run in bfloat16 (Lemma B) from this many multiply-adds (m n k) on, where the
@@ -442,7 +474,7 @@ def _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=
     ``bias_terms`` (pairs (t, c): c t with t >= 0 float32 exact, c a Fraction), where R is the float64 reference and
     e = ``_residual32(m, R)`` (computed by the caller, so that R is freed before the radius GEMMs allocate).
 
-    t = e C_e + s C_s + rows cols + sum t_j C_j + A with e = ``_residual32``, (s, n) = ``_propagation_gemm``, rows and
+    t = e C_e + s C_s + rows cols + sum t_j C_j + A with e = ``_residual32``, (s, n) = ``_propagation_products``, rows and
     cols from ``_row_col_bounds`` (scale g64 |alpha|), constants rounded up: C_e >= 1/((1 - u32)(1 - u64)),
     C_s >= |alpha| theta_n, C_j >= c_j, and the absolute A = eta32/2 C_e + a64 + |alpha| theta_n n eta32 passed to
     ``inflate`` as its ``extra``. Every term of t is a product of two non-negative floats, so ``inflate(t, n_ops,
@@ -451,35 +483,46 @@ def _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=
     f32 = torch.float32
     t = e.expand(m.shape).clone() if e.shape != m.shape else e
     t.mul_(_RESIDUAL_FACTOR)
-    absolute = _ETA32 / 2 * Fraction(_RESIDUAL_FACTOR) + a64
+    absolute = [_RESIDUAL_ABSOLUTE, a64]  # exact absolute terms, summed by the cached ``_inflation_of``
     n_ops = 1
-    prop = lemma_b = None
+    prop = lemma_b = bounds = None
     if k > 0 and alpha != 0:
         a_point, b_point = _is_point(ra), _is_point(rb)
+        abs_ma, abs_mb = torch.abs(ma), torch.abs(mb)  # float32 (the operands' radius dtype): exact
+        bounds = _row_col_bounds(abs_ma, abs_mb, k, b_dim, g64, float(alpha))  # before abs_mb is overwritten
         if not (a_point and b_point) and _bf16_propagation(plain, m, k):  # None where Lemma B does not apply
             lemma_b = _bf16_bracket(plain, ma, ra.to(f32), mb, rb.to(f32), k, Fraction(0), b_dim, a_point, b_point,
-                                    raw=True)
-        if lemma_b is None:
-            prop = _propagation_gemm(plain, ma, ra, mb, rb, k, b_dim)
+                                    raw=True, abs_operands=(abs_ma, abs_mb))
+        if lemma_b is None and not (a_point and b_point):
+            prop = _propagation_products(plain, abs_ma, ra, abs_mb, rb, k, b_dim, a_point, b_point)
+        del abs_ma, abs_mb
     if lemma_b is not None:  # the propagation term is <= C1 S^ + C2 (S^ the bfloat16 GEMM, an exact float32 value)
         s_hat, c1, c2 = lemma_b
-        t.add_(s_hat, alpha=rounding.round_up_float(abs(Fraction(alpha)) * Fraction(c1), f32))
-        absolute += abs(Fraction(alpha)) * Fraction(c2)
+        coef, lemma_b_absolute = _lemma_b_terms(float(alpha), c1, c2)
+        t.add_(s_hat, alpha=coef)
+        absolute.append(lemma_b_absolute)
         n_ops += 2
     if prop is not None:
         s, n, scale = prop
-        coef, prop_absolute = _propagation_constants(n, Fraction(alpha), scale)
+        coef, prop_absolute = _propagation_constants(n, float(alpha), scale)
         t.add_(s, alpha=coef)
-        absolute += prop_absolute
+        absolute.append(prop_absolute)
         n_ops += 2
-    bounds = _row_col_bounds(ma, mb, k, b_dim, g64 * abs(Fraction(alpha))) if alpha != 0 else None
     if bounds is not None:
         t.addcmul_(*bounds)
         n_ops += 2
-    for term, coef in bias_terms:
-        t.add_(term.to(f32), alpha=rounding.round_up_float(coef, f32))
-        n_ops += 2
-    return rounding.inflate_(t, n_ops, extra=absolute)  # t is this function's own buffer
+    if bias_terms:
+        for (term, _), coef in zip(bias_terms, _bias_coefficients(tuple(c for _, c in bias_terms))):
+            t.add_(term.to(f32), alpha=coef)
+            n_ops += 2
+    phi, a = _inflation_of(n_ops, tuple(absolute))
+    return t.mul_(phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)  # rounding.inflate_, t our own buffer
+
+
+@functools.lru_cache(maxsize=1024)
+def _inflation_of(n_ops: int, absolute: tuple[Fraction, ...]) -> tuple[float, float]:
+    """``rounding.inflate``'s float32 (phi, a) for n_ops operations and the extra absolute term sum(absolute)."""
+    return rounding.inflation_constants(n_ops, torch.float32, sum(absolute, Fraction(0)))
 
 
 def _check_fp32_gemm_precision() -> None:
