@@ -101,7 +101,7 @@ import torch
 from ballgrad import guard, rounding
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import finite_only as _finite_only
-from ballgrad.ops.common import operand, result
+from ballgrad.ops.common import operand, result, result_in_place
 from ballgrad.ops.registry import rule
 from ballgrad.tensor import BallTensor
 
@@ -255,24 +255,25 @@ _ACCUMULATE = {aten.mm.default: torch.Tensor.addmm_, aten.bmm.default: torch.Ten
                aten.mv.default: torch.Tensor.addmv_}
 
 
-def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: torch.dtype) -> torch.Tensor:
-    """An upper bound, elementwise, of |mA| rB + rA |mB| + rA rB + g |mA||mB| (exact real GEMMs); see the module
-    docstring. ``gemm`` is the plain op (mm, bmm, mv, dot); ``b_dim`` is B's contraction dimension."""
+def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: torch.dtype,
+             extra: Fraction = Fraction(0)) -> torch.Tensor:
+    """An upper bound, elementwise, of |mA| rB + rA |mB| + rA rB + g |mA||mB| (exact real GEMMs) plus ``extra``; see
+    the module docstring. ``gemm`` is the plain op (mm, bmm, mv, dot); ``b_dim`` is B's contraction dimension. The
+    result is a fresh tensor (callers may overwrite it); NaN (from a NaN operand) becomes +inf."""
     a_point, b_point = _is_point(ra), _is_point(rb)
     n = k if (a_point or b_point) else 2 * k
     wd = rounding.work_dtype(rad_dtype, n)
     if wd == torch.float32 and gemm is not aten.dot.default and _bf16_radius_gemms():
-        bound = _bf16_bracket(gemm, ma, ra.to(wd), mb, rb.to(wd), k, g, b_dim, a_point, b_point)
+        bound = _bf16_bracket(gemm, ma, ra.to(wd), mb, rb.to(wd), k, g, b_dim, a_point, b_point, extra=extra)
         if bound is not None:
-            return bound
+            return bound.nan_to_num_(nan=math.inf, posinf=math.inf)
     u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
     th = rounding.theta(n, u)
     abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
     g_w = rounding.round_up_float(g, wd)
-    if a_point and b_point:
+    if a_point and b_point:  # g theta (s + n eta) + extra: ``inflate``'s lemma on the one product s (g theta)'
         s = gemm(abs_ma, abs_mb)
-        scaled = rounding.up(torch.mul(s, rounding.round_up_float(g * th, wd)))
-        return rounding.up(torch.add(scaled, rounding.absolute_term(g * th * n * eta, wd)))
+        return rounding.inflate_(s.mul_(rounding.round_up_float(g * th, wd)), 1, extra=g * th * n * eta + extra)
     ra, rb = ra.to(wd), rb.to(wd)
     if a_point:
         v = rounding.up(torch.add(rb, rounding.up(torch.mul(abs_mb, g_w))))
@@ -286,7 +287,8 @@ def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: t
         left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
         right = torch.cat([v.expand(abs_mb.shape), w_u.expand(abs_mb.shape)], dim=b_dim)
         s = gemm(left, right)
-    return rounding.up(torch.add(rounding.up(torch.mul(s, rounding.round_up_float(th, wd))), rounding.absolute_term(th * n * eta, wd)))
+    # theta (s + n eta) + extra: ``inflate``'s lemma on the one product s theta' (s is this call's own GEMM output)
+    return rounding.inflate_(s.mul_(rounding.round_up_float(th, wd)), 1, extra=th * n * eta + extra)
 
 
 def _abs_product_bound(ma64: torch.Tensor, mb64: torch.Tensor, k: int, b_dim: int) -> torch.Tensor:
@@ -580,9 +582,10 @@ def gemm(func, a, b):
         rad = _checked_bracket(plain, m, ma, ra, mb, rb, k, b_dim, rd, reference)
         return result(m, _finite_only(m, rounding.clean_rad(rad)))
     g, abs_err = _mid_error(k, m.dtype)
-    bound = _bracket(plain, ma, ra, mb, rb, k, g, b_dim, rd)
-    rad = rounding.up(torch.add(bound, rounding.absolute_term(abs_err, bound.dtype)))
-    return result(m, _finite_only(m, rounding.clean_rad(rad)))
+    bound = _bracket(plain, ma, ra, mb, rb, k, g, b_dim, rd, extra=abs_err)  # fresh; the absolute term folded in
+    if bound.shape == m.shape and bound.dtype == rd:
+        return result_in_place(m, bound)
+    return result(m, _finite_only(m, rounding.clean_rad(bound)))
 
 
 @rule(aten.addmm.default, aten.baddbmm.default, aten.addmv.default)
@@ -617,7 +620,7 @@ def addmm(func, bias, a, b, *, beta=1, alpha=1):
     alpha_f, beta_f = Fraction(float(alpha)), Fraction(float(beta))
     wd = rounding.work_dtype(rd, 2 * k)
     terms = []  # pairs (tensor, coefficient) of non-negative factors, summed and inflated below
-    unbounded = None
+    unbounded = bound = None
 
     if beta_f != 0:
         mc, rc = operand(bias, m.dtype)
@@ -631,7 +634,7 @@ def addmm(func, bias, a, b, *, beta=1, alpha=1):
         _, r_alpha = operand(alpha, m.dtype)
         r_alpha = Fraction(float(r_alpha))
         g_alpha = (r_alpha + g * (abs(alpha_f) + r_alpha)) / abs(alpha_f)
-        bound = _bracket(_PLAIN_GEMM[func], ma, ra, mb, rb, k, g_alpha, b_dim, rd).to(wd)
+        bound = _bracket(_PLAIN_GEMM[func], ma, ra, mb, rb, k, g_alpha, b_dim, rd).to(wd)  # fresh: summed into
         terms.append((bound, rounding.round_up_float(abs(alpha_f), wd)))
         if abs(alpha_f) != 1:  # pre-scaling underflow, bounded by the largest row and column sums (a scalar)
             wk = rounding.work_dtype(rd, k)
@@ -647,13 +650,22 @@ def addmm(func, bias, a, b, *, beta=1, alpha=1):
             unbounded = (row_bad.unsqueeze(-1) | col_bad.unsqueeze(-2)) if (m.dim() >= 2 and mb.dim() >= 2) else (
                 row_bad | col_bad)
 
-    c = torch.zeros((), dtype=wd)
+    # c = sum of coef t over the terms, accumulated in one output-sized buffer (the GEMM bracket's own when there is
+    # one), then ``inflate``'s lemma: 2 operations per term (a product and an addition) and the absolute term abs_err
+    if bound is not None and bound.shape == m.shape:
+        c = bound
+        if terms[-1][1] != 1:
+            c.mul_(terms[-1][1])
+        terms = terms[:-1]
+    else:
+        c = torch.zeros(m.shape, dtype=wd, device=m.device)
     for t, coef in terms:
-        c = c + (t if coef == 1 else t * coef)
-    c = c + rounding.absolute_term(abs_err, wd)
-    rad = rounding.inflate(c.expand(m.shape) if c.shape != m.shape else c, 2 * len(terms) + 1)
+        c.add_(t, alpha=coef)
+    rad = rounding.inflate_(c, 2 * len(terms) + 2, extra=abs_err)
     if unbounded is not None:
-        rad = torch.where(unbounded, torch.full_like(rad, math.inf), rad)
+        rad.masked_fill_(unbounded, math.inf)
+    if rad.dtype == rd:
+        return result_in_place(m, rad)
     return result(m, _finite_only(m, rad))
 
 
