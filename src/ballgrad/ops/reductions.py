@@ -23,6 +23,7 @@ PyTorch's midpoint (``common.recentre``); their docstrings give the identities u
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -32,7 +33,7 @@ from ballgrad import diagnostics, rounding
 from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops import arith
 from ballgrad.ops.common import finite_only as _finite_only
-from ballgrad.ops.common import operand, recentre, result
+from ballgrad.ops.common import operand, recentre, result, result_in_place
 from ballgrad.rounding import growth, inflate, theta, work_dtype
 from ballgrad.ops.registry import current_op, rule
 from ballgrad.tensor import BallTensor
@@ -117,20 +118,37 @@ def _sum_parts(x, out_dtype, dims, n):
     return s_r, s_m, th, g
 
 
+@functools.lru_cache(maxsize=1024)
+def _sum_coefficients(th: Fraction, g: Fraction, wd: torch.dtype) -> tuple[float, float]:
+    """(theta, g theta) rounded up in ``wd`` (cached: the rational product costs more than a small sum's kernels)."""
+    return _up(th, wd), _up(g * th, wd)
+
+
 def _sum_radius(x, m, dim):
     """The sum bound (kept-dim shape): theta (fl sum r) + g theta (fl sum |m|), plus the final rounding of
-    float16/bfloat16 results, inflated; shared by sum and nansum."""
+    float16/bfloat16 results, inflated; shared by sum and nansum. Returns a fresh tensor (NaN -> +inf)."""
     dims = _dims(x.dim(), dim)
     n = _count(x.shape, dims)
     s_r, s_m, th, g = _sum_parts(x, m.dtype, dims, n)
     wd = s_r.dtype
-    c = s_r * _up(th, wd) + s_m * _up(g * th, wd)
+    c_r, c_m = _sum_coefficients(th, g, wd)
+    c = s_r.mul_(c_r).add_(s_m, alpha=c_m)  # s_r is the sum's own fresh output; 3 operations
     ops = 3
     if m.dtype in rounding.REDUCED_DTYPES:
         c = c + torch.abs(m).reshape(c.shape).to(wd) * rounding.unit_roundoff(m.dtype) + max(
             rounding.eta(m.dtype), float(torch.finfo(wd).smallest_normal))
         ops = 6
-    return inflate(c, ops)
+    return rounding.inflate_(c, ops)
+
+
+def _sum_result(m: torch.Tensor, rad: torch.Tensor, keepdim: bool) -> BallTensor:
+    """The ball of a sum-like kernel output m from ``_sum_radius``'s fresh kept-dim radius: +inf where m is not
+    finite, written in place when the radius already has m's radius dtype."""
+    if not keepdim:
+        rad = rad.reshape(m.shape)
+    if rad.dtype == rounding.rad_dtype(m.dtype) and rad.shape == m.shape and rad.is_contiguous():
+        return result_in_place(m, rad)
+    return result(m, _finite_only(m, rad))
 
 
 @rule(aten.sum.default, aten.sum.dim_IntList)
@@ -151,10 +169,7 @@ def sum_(func, x, *args, **kwargs):
     keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
     if func is aten.sum.default:
         dim, keepdim = None, False
-    rad = _sum_radius(x, m, dim)
-    if not keepdim:
-        rad = rad.reshape(m.shape)
-    return result(m, _finite_only(m, rad))
+    return _sum_result(m, _sum_radius(x, m, dim), keepdim)
 
 
 def _mean_constants(n: int, out_dtype: torch.dtype) -> tuple[Fraction, Fraction]:
@@ -668,10 +683,7 @@ def nansum(func, x, dim=None, keepdim=False, *, dtype=None):
     reduced elements gives +inf. Otherwise it is ``sum`` (same bound, PyTorch's nansum midpoint)."""
     _check_float_ball(func, x)
     m = func(x.mid, dim, keepdim, dtype=dtype)
-    rad = _sum_radius(x, m, dim)  # NaN midpoints make the |m| sum NaN, hence +inf
-    if not keepdim:
-        rad = rad.reshape(m.shape)
-    return result(m, _finite_only(m, rad))
+    return _sum_result(m, _sum_radius(x, m, dim), keepdim)  # NaN midpoints make the |m| sum NaN, hence +inf
 
 
 @rule(aten.count_nonzero.default, aten.count_nonzero.dim_IntList)
