@@ -20,7 +20,8 @@ from ballgrad.testing import balls
 from helpers import EXAMPLES, assert_same_bits, assert_valid_radius
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from test_conv import _bcast, assert_contains, exact_bn_stats, exact_bn_train, joint_points, mp
+from test_conv import _bcast, _bn_inputs, assert_contains, exact_bn_stats, exact_bn_train, joint_points, mp
+from test_linalg import make_operand
 from test_transformer import check, exact_layer_norm, exact_layer_norm_backward
 
 aten = torch.ops.aten
@@ -89,6 +90,74 @@ def _batch_norm_case(dtype, data, offset, eps):
         assert_contains(grads[0], exact_gx, f"point {p} grad_input")
         assert_contains(grads[1], list(sum_gx), f"point {p} grad_weight")
         assert_contains(grads[2], list(sum_g), f"point {p} grad_bias")
+
+
+@pytest.mark.parametrize("block", [8, 16])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_backward_in_channel_blocks(monkeypatch, dtype, train, block):
+    """native_batch_norm_backward works on a block of whole channels at a time (``_CHANNEL_BLOCK`` elements). Forced to
+    blocks of one channel (8) and of two channels with a remainder (16) on 3 channels of 8 elements: midpoints
+    bit-identical, every point's exact gradients inside (mpmath), radii as in one block up to the summation order of
+    the channel sums (every block wrote its own), and None where an output is not asked for."""
+    monkeypatch.setattr(normalization, "_CHANNEL_BLOCK", block)
+    x, w, _ = _bn_inputs(dtype, shape=(2, 3, 2, 2), seed=6)
+    eps = 1e-5
+    gen = torch.Generator().manual_seed(7)
+    gy = make_operand(x.shape, dtype, gen, "ball")
+    rm = bg.ball(torch.tensor([0.25, 0.5, -0.75], dtype=dtype), 2.0 ** -12)
+    rv = bg.ball(torch.tensor([0.75, 1.25, 2.0], dtype=dtype), 2.0 ** -12)
+    stats_args = (None, None) if train else (rm, rv)
+    _, sm, si = aten.native_batch_norm.default(x, w, None, *stats_args, train, 0.1, eps)
+    plain_stats = [None if a is None else a.mid for a in stats_args]
+    _, psm, psi = aten.native_batch_norm.default(x.mid, w.mid, None, *plain_stats, train, 0.1, eps)
+    mask = [True] * 3
+    outs = aten.native_batch_norm_backward.default(gy, x, w, rm, rv, sm, si, train, eps, mask)
+    ref = aten.native_batch_norm_backward.default(gy.mid, x.mid, w.mid, rm.mid, rv.mid, psm, psi, train, eps, mask)
+    for o, r in zip(outs, ref):
+        assert_same_bits(o.mid, r)
+        assert_valid_radius(o)
+    gx, gw, gb = outs
+    nd = x.dim()
+    axes = (0,) + tuple(range(2, nd))
+    n = x.numel() // x.shape[1]
+    for p, (gyp, xp, wp, rmp, rvp) in enumerate(joint_points([gy, x, w, rm, rv], n_random=1)):
+        g = np.vectorize(mp, otypes=[object])(gyp)
+        if train:
+            stats = exact_bn_stats(xp, eps)
+            mean, invstd = [mp(t[0]) for t in stats], [t[2] for t in stats]
+        else:
+            mean = [mp(v) for v in rmp]
+            invstd = [1 / mpmath.sqrt(mp(v) + mp(Fraction(eps))) for v in rvp]
+        xhat = (np.vectorize(mp, otypes=[object])(xp) - _bcast(mean, nd)) * _bcast(invstd, nd)
+        sum_g, sum_gx = np.sum(g, axis=axes), np.sum(g * xhat, axis=axes)
+        scale = _bcast([mp(v) for v in wp], nd) * _bcast(invstd, nd)
+        exact_gx = scale / n * (g * n - _bcast(sum_g, nd) - xhat * _bcast(sum_gx, nd)) if train else g * scale
+        assert_contains(gx, exact_gx, f"point {p} grad_input")
+        assert_contains(gw, list(sum_gx), f"point {p} grad_weight")
+        assert_contains(gb, list(sum_g), f"point {p} grad_bias")
+    monkeypatch.setattr(normalization, "_CHANNEL_BLOCK", 2**16)
+    whole = aten.native_batch_norm_backward.default(gy, x, w, rm, rv, sm, si, train, eps, mask)
+    for o, one in zip(outs, whole):
+        assert torch.allclose(o.rad, one.rad, rtol=1e-6, atol=0)
+    monkeypatch.setattr(normalization, "_CHANNEL_BLOCK", block)
+    for mask in ([True, False, False], [False, True, True]):
+        outs = aten.native_batch_norm_backward.default(gy, x, w, rm, rv, sm, si, train, eps, mask)
+        ref = aten.native_batch_norm_backward.default(gy.mid, x.mid, w.mid, rm.mid, rv.mid, psm, psi, train, eps, mask)
+        for o, r, asked in zip(outs, ref, mask):
+            assert (o is None) == (r is None) == (not asked)
+            if asked:
+                assert_same_bits(o.mid, r)
+                assert_valid_radius(o)
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_batch_norm_adversarial_in_channel_blocks(monkeypatch, examples):
+    """The adversarial training-mode case with one channel per block (``_CHANNEL_BLOCK`` = 1)."""
+    monkeypatch.setattr(normalization, "_CHANNEL_BLOCK", 1)
+    settings(max_examples=examples, deadline=None)(
+        given(dtype=st.sampled_from(DTYPES), data=st.data(), offset=OFFSETS,
+              eps=st.sampled_from([1e-5, 0.0, 0.5]))(_batch_norm_case))()
 
 
 @pytest.mark.parametrize("examples", EXAMPLES)

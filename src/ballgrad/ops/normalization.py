@@ -34,6 +34,8 @@ buffers' midpoints, so ``running_mean``/``running_var`` midpoints stay bit-ident
   certified *relative to the stored statistics*.
 ``_native_batch_norm_legit_functional`` returns the new statistics as outputs: they are always balls (old plain
 statistics count as exact points).
+*Memory*: the backward runs a block of whole channels at a time (``_CHANNEL_BLOCK``), so that its float64
+full-size arrays are block-sized; every group quantity belongs to one channel, so the bounds are the same.
 
 **Layer norm** (``native_layer_norm``, ``native_layer_norm_backward``) over the last ``len(normalized_shape)`` dims,
 with an elementwise weight and bias over those dims.
@@ -337,8 +339,15 @@ def layer_norm_enclosure(xb: BallTensor, k: int, weight, bias, eps: float) -> Ba
 
 def _gradient_input(mid: torch.Tensor, g: _Ball, z: _Centred | None, k1: _Ball, k2: _Ball | None,
                     k3: _Ball | None) -> BallTensor:
-    """gx = K1 g - K2 - K3 z (K's per group, g and z full size; K2 and K3 both given or both None), re-centred on the
-    kernel's ``mid``. Overwrites z.d (the centre is computed in its storage).
+    """gx = K1 g - K2 - K3 z re-centred on the kernel's ``mid``: the ball of ``_gradient_input_rad``."""
+    return BallTensor(mid, _gradient_input_rad(mid, g, z, k1, k2, k3))
+
+
+def _gradient_input_rad(mid: torch.Tensor, g: _Ball, z: _Centred | None, k1: _Ball, k2: _Ball | None,
+                        k3: _Ball | None) -> torch.Tensor:
+    """The radius (radius dtype, mid's shape) of gx = K1 g - K2 - K3 z (K's per group, g and z full size; K2 and K3
+    both given or both None) re-centred on the kernel's ``mid``. Overwrites z.d (the centre is computed in its
+    storage).
 
     Centre c = fl(fl(fl(-K3.c d) + fl(K1.c g.c)) - K2.c) (-fl(K3.c d) is fl(-K3.c d) exactly):
     |c - (K1.c g.c - K3.c d - K2.c)| <= 4u (|K1.c||g.c| + |K3.c| a) + 2u|K2.c| + 3 eta
@@ -372,7 +381,7 @@ def _gradient_input(mid: torch.Tensor, g: _Ball, z: _Centred | None, k1: _Ball, 
         c = torch.mul(g.c, k1.c)
         n_ops, extra = 5, _ETA
     expr += c.sub_(mid).abs_()
-    return BallTensor(mid, rounding.inflate_to_(expr, n_ops, rounding.rad_dtype(mid.dtype), extra))
+    return rounding.inflate_to_(expr, n_ops, rounding.rad_dtype(mid.dtype), extra)
 
 
 def _dot_ball(g: _Ball, z: _Centred, sums: _Sums, dims, n: int) -> _Ball:
@@ -422,6 +431,38 @@ def _wide(x):
 
 def _bn_dims(ndim: int) -> list[int]:
     return [0] + list(range(2, ndim))
+
+
+# Memory: batch norm's groups are channels (dim 1), so its full-size float64 work -- the centred input, the backward's
+# products and output expressions, and the float64 copies that CPU kernels make of a float32 operand in every mixed
+# float32/float64 operation -- runs a block of whole channels at a time, at most this many elements per block (at
+# least one channel), each block's radius written into the output's radius buffer. The same bounds: every group
+# quantity depends on its own channel only and every full-size quantity is elementwise; a block's channel sums may
+# come out in another summation order than the whole tensor's (PyTorch's reduction order depends on the shape), which
+# F3 covers.
+_CHANNEL_BLOCK = 2**16
+
+
+def _channel_blocks(shape) -> list[slice]:
+    """Slices of dim 1 covering all channels, each of at most ``_CHANNEL_BLOCK`` elements or one channel."""
+    c = int(shape[1])
+    per_channel = math.prod(int(s) for s in shape) // max(c, 1)
+    step = max(1, _CHANNEL_BLOCK // max(per_channel, 1))
+    return [slice(i, min(i + step, c)) for i in range(0, c, step)] or [slice(0, c)]
+
+
+def _channels(b: _Ball | None, cs: slice) -> _Ball | None:
+    """A per-channel ``_Ball`` (channels on dim 1; a 0-d radius is shared) restricted to the channels ``cs``."""
+    if b is None:
+        return None
+    return _Ball(b.c[:, cs], b.r[:, cs] if b.r.dim() else b.r)
+
+
+def _cat_channels(parts: list[_Ball]) -> _Ball:
+    """The per-channel balls of consecutive channel blocks joined along dim 1."""
+    if len(parts) == 1:
+        return parts[0]
+    return _Ball(torch.cat([b.c for b in parts], 1), torch.cat([b.r.expand(b.c.shape) for b in parts], 1))
 
 
 def _radius_of(x, m: torch.Tensor) -> torch.Tensor | None:
@@ -580,22 +621,41 @@ def native_batch_norm_backward(func, grad_out, x, weight, running_mean, running_
         var = _as_ball(running_var, shape)
         invstd = _rstd(rounding.sub_down(var.c, var.r), rounding.add_up(var.c, var.r), eps)
     need_dot = gw_m is not None or (train and gx_m is not None)
-    sums = _sum_ball(g, dims, n) if (need_dot or gb_m is not None) else None
-    z = _centred(m, _radius_of(x, m), mean) if need_dot else None
-    dot = _dot_ball(g, z, sums, dims, n) if need_dot else None
+    need_sums = need_dot or gb_m is not None
+    r = _radius_of(x, m) if need_dot else None
+    w = _as_ball(weight, shape) if gx_m is not None else None
+    blocks = _channel_blocks(m.shape)  # a block of whole channels at a time (memory, ``_CHANNEL_BLOCK``)
+    gx_rad = None
+    if gx_m is not None and len(blocks) > 1:
+        gx_rad = torch.empty_like(gx_m, dtype=rounding.rad_dtype(gx_m.dtype))
+    totals, dots = [], []
+    for cs in blocks:
+        g_b = _Ball(g.c[:, cs], None if g.r is None else g.r[:, cs])
+        invstd_b = _channels(invstd, cs)
+        sums = _sum_ball(g_b, dims, n) if need_sums else None
+        z = _centred(m[:, cs], None if r is None else r[:, cs], _channels(mean, cs)) if need_dot else None
+        dot = _dot_ball(g_b, z, sums, dims, n) if need_dot else None
+        if gx_m is not None:
+            k1 = invstd_b if w is None else _mul(invstd_b, _channels(w, cs))
+            k2 = k3 = None
+            if train:
+                k2 = _mul(k1, _div_count(sums.total, n))
+                k3 = _mul(_mul(k1, _mul(invstd_b, invstd_b)), _div_count(dot, n))
+            block_rad = _gradient_input_rad(gx_m[:, cs], g_b, z, k1, k2, k3)
+            if gx_rad is None:
+                gx_rad = block_rad
+            else:
+                gx_rad[:, cs] = block_rad
+        del z
+        totals.append(sums.total if need_sums else None)
+        dots.append(dot)
     balls = [None, None, None]
     if gw_m is not None:
-        balls[1] = _recentre_ball(gw_m, _mul(dot, invstd))
+        balls[1] = _recentre_ball(gw_m, _mul(_cat_channels(dots), invstd))
     if gb_m is not None:
-        balls[2] = _recentre_ball(gb_m, sums.total)
+        balls[2] = _recentre_ball(gb_m, _cat_channels(totals))
     if gx_m is not None:
-        w = _as_ball(weight, shape)
-        k1 = invstd if w is None else _mul(invstd, w)
-        k2 = k3 = None
-        if train:
-            k2 = _mul(k1, _div_count(sums.total, n))
-            k3 = _mul(_mul(k1, _mul(invstd, invstd)), _div_count(dot, n))
-        balls[0] = _gradient_input(gx_m, g, z, k1, k2, k3)
+        balls[0] = BallTensor(gx_m, gx_rad)
     return tuple(balls)
 
 
