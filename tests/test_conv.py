@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import ballgrad as bg
 from ballgrad import rounding
 from ballgrad.errors import NumericsGuardError
+from ballgrad.ops import conv as conv_ops
 from ballgrad.ops.registry import RULES
 from ballgrad.tensor import BallTensor
 from ballgrad.testing import balls
@@ -301,6 +302,20 @@ def test_convolution_reduced_dtypes(dtype):
     x = make_operand(cfg.x_shape, dtype, gen, "plain")
     check_gemm(lambda g, ww: cfg.backward(g, x, ww, [True, False, False])[0],
                [gy, make_operand(cfg.w_shape, dtype, gen, "ball")], cfg.exact_grad_input, max_points=4)
+
+
+@pytest.mark.parametrize("block", [1, 216])
+def test_convolution_reference_in_blocks(monkeypatch, block):
+    """Narrow midpoints: the float64 reference is evaluated a block of samples at a time (forward and grad_input) or of
+    input channels (grad_weight, one group) when large (``conv._REFERENCE_BLOCK`` float64 elements). Forced to one
+    sample / channel per block (1), and to two samples per block with a remainder (216: 108 elements per sample for
+    this geometry), every configuration still contains the exact values with bit-identical midpoints."""
+    monkeypatch.setattr(conv_ops, "_REFERENCE_BLOCK", block)
+    for cfg in CONVS + [Conv(2, 5, 3, 2, (4, 4), (2, 2))]:
+        test_convolution_contains_exact(cfg, torch.float32)
+        test_convolution_backward_contains_exact(cfg, torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        test_convolution_reduced_dtypes(dtype)
 
 
 def test_convolution_bfloat16_subnormal_inputs():

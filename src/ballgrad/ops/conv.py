@@ -20,7 +20,10 @@ products in some order, so by F3 fl(B) >= (1 - gamma_k) B - k eta, i.e. B <= the
 theta_k = 1/(1 - gamma_k) (``rounding.theta``). This is ``linalg._bracket`` with its concatenated GEMM evaluated as
 two calls (no concatenation dimension is common to the three maps), which gives theta_k instead of theta_2k; point
 operands drop their terms exactly as there. float16/bfloat16 midpoints use linalg's reduced-dtype model (float32 or
-storage-dtype roundings, AMX reading subnormal inputs as zero: ``linalg._daz_radius``).
+storage-dtype roundings, AMX reading subnormal inputs as zero: ``linalg._daz_radius``). Midpoints narrower than float64
+measure their rounding error against a float64 reference (``_measured_radius``), evaluated a block of samples (or, for
+grad_weight, of input channels) at a time when large (``_blocked_residual``), so that the reference's output and
+unfold buffer do not set the rule's peak memory.
 
 What the bound needs from the kernel is that it *is* a sum of products. Winograd and FFT algorithms are not (their
 error is not bounded by gamma_k |X||W|): on CPU only NNPACK uses them (``torch._C._select_conv_backend`` picks it for
@@ -71,6 +74,7 @@ from __future__ import annotations
 import functools
 import math
 from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -190,19 +194,64 @@ def _measured(m: torch.Tensor, op, ma: torch.Tensor, mb: torch.Tensor, k: int):
     return g, a, rounding.up(torch.abs(m.to(torch.float64) - reference))
 
 
-def _measured_radius(m: torch.Tensor, reference: torch.Tensor, op, ma, ra, mb, rb, k: int, steps: int,
+# Float64 reference convolutions (the measured residual of narrow midpoints) are evaluated a slice at a time (samples,
+# or input channels for grad_weight) when one call would otherwise hold more than this many float64 elements (its
+# output, or the kernel's unfold buffer: slow_conv2d's im2col columns, C_in x kernel volume x output positions per
+# sample, for the whole batch), so that the reference does not set the rule's peak memory.
+_REFERENCE_BLOCK = 2**17
+
+
+def _block_step(per_index: int) -> int:
+    """Indices per reference block when one index of the split dim costs ``per_index`` float64 elements."""
+    return max(1, _REFERENCE_BLOCK // max(per_index, 1))
+
+
+def _per_sample(m: torch.Tensor, unfolded: torch.Tensor, positions: torch.Tensor, kernel_volume: int) -> int:
+    """float64 elements per sample of a convolution-like reference with output ``m`` (samples on dim 0): the larger of
+    the output per sample and the unfold buffer per sample, (channels of ``unfolded``) x kernel volume x (positions
+    of ``positions``): slow_conv2d's im2col columns of the input over the output's positions for a forward, and the
+    columns that col2im folds into grad_input (grad_input's channels over grad_output's positions) for a backward."""
+    return max(_volume(m.shape[1:]), int(unfolded.shape[1]) * kernel_volume * _volume(positions.shape[2:]))
+
+
+class _Split(NamedTuple):
+    """The output's slices along ``dim`` depend only on the same slices (along ``dim``) of operand A (``of_a``) or
+    B: the float64 reference may be evaluated ``step`` indices at a time (``_blocked_residual``)."""
+
+    dim: int
+    of_a: bool
+    step: int
+
+
+def _blocked_residual(m: torch.Tensor, reference, split: _Split | None) -> torch.Tensor:
+    """``linalg._residual32(m, R)`` (float32 |m - R|, rounded to nearest, with the same bound) where
+    ``reference(index)`` returns the float64 reference R[index] from the operands' matching slices (index a tuple of
+    slices; all of R for the full slice). Each element of R is a float64 dot product of the same operand elements in
+    a block as in the whole (here: one sample's, or one input channel's), and its error bound (``_mid_error``, F3)
+    holds element by element in any evaluation order; each block's difference is written into the float32 result by
+    ``copy_``, which rounds to nearest like ``.to``."""
+    size = m.shape[split.dim] if split is not None else 0
+    if split is None or split.step >= size:
+        return _residual32(m, reference((slice(None),) * m.dim()))
+    e = torch.empty_like(m, dtype=torch.float32)
+    for i in range(0, size, split.step):
+        index = (slice(None),) * split.dim + (slice(i, min(i + split.step, size)),)
+        e[index].copy_(reference(index).sub_(m[index]).abs_())
+    return e
+
+
+def _measured_radius(m: torch.Tensor, e: torch.Tensor, op, ma, ra, mb, rb, k: int, steps: int,
                      bias=None) -> torch.Tensor:
     """The float32 radius of a convolution (or backward product) B(A, B') [+ bias] with narrow midpoints, measured:
     |m - R| for the float64 reference R (same op and operands, products exact), plus |R - exact| <= g64 B(|mA|, |mB|)
     + a64 ((g64, a64) = ``_mid_error(steps, float64)``), plus the propagation B(|mA|, rB) + B(rA, |mB| + rB), plus
     rb + g64 |mb| for a bias ball (mb, rb). As ``linalg._measured_radius_f32``, in one float32 buffer:
-    t = e C_e + theta_k (s1 + s2) + bias + A, with e = ``linalg._residual32`` (R overwritten), the bracket calls
-    s1 = B(|mA|, V), s2 = B(rA, W), V >= rB + g64|mB|, W >= |mB| + rB (``inflate``d operands; one call with V or with
-    rA + g64|mA| when an operand is a point, g64 B(|mA|, |mB|) when both are), each call <= theta_k (s + k eta32)
-    (F3: sums of <= k non-negative products), and A the absolute terms, folded into one in-place ``inflate``."""
+    t = e C_e + theta_k (s1 + s2) + bias + A, with e = ``linalg._residual32`` of R (given; ``_blocked_residual``,
+    which this function overwrites), the bracket calls s1 = B(|mA|, V), s2 = B(rA, W), V >= rB + g64|mB|,
+    W >= |mB| + rB (``inflate``d operands; one call with V or with rA + g64|mA| when an operand is a point,
+    g64 B(|mA|, |mB|) when both are), each call <= theta_k (s + k eta32) (F3: sums of <= k non-negative products), and
+    A the absolute terms, folded into one in-place ``inflate``."""
     f32 = torch.float32
-    e = _residual32(m, reference)
-    del reference
     t = e.expand(m.shape).clone() if e.shape != m.shape else e
     t.mul_(_RESIDUAL_FACTOR)
     g64, a64 = _mid_error(steps, torch.float64)
@@ -234,13 +283,24 @@ def _measured_radius(m: torch.Tensor, reference: torch.Tensor, op, ma, ra, mb, r
     return rounding.inflate_(t, n_ops, extra=absolute)
 
 
-def _product_ball(m: torch.Tensor, op, ma, ra, mb, rb, k: int) -> BallTensor:
+def _product_ball(m: torch.Tensor, op, ma, ra, mb, rb, k: int, split: _Split | None = None) -> BallTensor:
     """The ball of one backward product B(A, B') of inner dimension k (no bias): measured and combined in float32 for
-    narrow midpoints (``_measured_radius``); otherwise (float64 midpoints, or k too long for float32 radius arithmetic)
-    the bracket of ``_bilinear_bracket`` with the a posteriori residual where ``_measured`` gives one."""
+    narrow midpoints (``_measured_radius``, the float64 reference in blocks along ``split`` when given); otherwise
+    (float64 midpoints, or k too long for float32 radius arithmetic) the bracket of ``_bilinear_bracket`` with the a
+    posteriori residual where ``_measured`` gives one."""
     if m.dtype != torch.float64 and rounding.work_dtype(torch.float32, k) == torch.float32:
-        return BallTensor(m, _measured_radius(m, op(ma.to(torch.float64), mb.to(torch.float64)), op, ma, ra, mb, rb,
-                                              k, k))
+        whole = split is None or not split.of_a
+        ma64 = ma.to(torch.float64) if whole else None
+        mb64 = mb.to(torch.float64) if split is None or split.of_a else None
+
+        def reference(index):
+            if ma64 is None:
+                return op(ma[index].to(torch.float64), mb64)
+            return op(ma64, mb64 if mb64 is not None else mb[index].to(torch.float64))
+
+        e = _blocked_residual(m, reference, split)
+        del ma64, mb64
+        return BallTensor(m, _measured_radius(m, e, op, ma, ra, mb, rb, k, k))
     measured = _measured(m, op, ma, mb, k)
     g, abs_err = measured[:2] if measured else _mid_error(k, m.dtype)
     bound = _with_residual(_bilinear_bracket(op, ma, ra, mb, rb, k, g, rounding.rad_dtype(m.dtype)), measured)
@@ -313,12 +373,22 @@ def convolution(func, x, weight, bias, stride, padding, dilation, transposed, ou
     measured = None
     if m.dtype != torch.float64:  # a posteriori: R = the same convolution (with the bias) in float64
         mb_used = None if bias is None else _ball_operand(bias, m.dtype)[0].to(torch.float64)
-        reference = func(mx.to(torch.float64), mw.to(torch.float64), mb_used, stride, padding, dilation, transposed,
-                         output_padding, groups)
+        mw64 = mw.to(torch.float64)
+
+        def reference_of(index):  # the output's samples are the input's (each from its own sample)
+            return func(mx[index[:1]].to(torch.float64), mw64, mb_used, stride, padding, dilation, transposed,
+                        output_padding, groups)
+
         if rounding.work_dtype(rd, k) == torch.float32:
             bias_ball = None if bias is None else _ball_operand(bias, m.dtype)
-            return BallTensor(m, _measured_radius(m, reference, functools.partial(_plain_conv, **args), mx, rx, mw,
+            unfolded, positions = (m, mx) if args["transposed"] else (mx, m)
+            split = _Split(0, True, _block_step(_per_sample(m, unfolded, positions, _volume(mw.shape[2:]))))
+            e = _blocked_residual(m, reference_of, split)
+            del mw64
+            return BallTensor(m, _measured_radius(m, e, functools.partial(_plain_conv, **args), mx, rx, mw,
                                                   rw, k, steps, bias_ball))
+        reference = reference_of((slice(None),))
+        del mw64
         g, abs_err = _mid_error(steps, torch.float64)
         measured = (g, abs_err, rounding.up(torch.abs(m.to(torch.float64) - reference)))
     bound = _with_residual(_bilinear_bracket(functools.partial(_plain_conv, **args), mx, rx, mw, rw, k, g, rd),
@@ -360,13 +430,15 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
         mw, rw = _ball_operand(weight, gx_m.dtype)
         k = (mw.shape[1] if args["transposed"] else mw.shape[0] // args["groups"]) * vol
 
-        def grad_input_op(a, b):
-            dummy = torch.zeros(mx0.shape, dtype=a.dtype, device=a.device)
+        def grad_input_op(a, b):  # sample by sample: a block of grad_output's samples gives grad_input's
+            dummy = torch.zeros((a.shape[0], *mx0.shape[1:]), dtype=a.dtype, device=a.device)
             _check_conv(dummy, b, None, **args, backward=True)
             return func(a, dummy, b, None, stride, padding, dilation, transposed, output_padding, groups,
                         [True, False, False])[0]
 
-        balls[0] = _product_ball(gx_m, grad_input_op, mg, rg, mw, rw, k)
+        unfolded, positions = (mg, gx_m) if args["transposed"] else (gx_m, mg)
+        split = _Split(0, True, _block_step(_per_sample(gx_m, unfolded, positions, vol)))
+        balls[0] = _product_ball(gx_m, grad_input_op, mg, rg, mw, rw, k, split)
 
     if gw_m is not None:
         mg, rg = _ball_operand(grad_output, gw_m.dtype)
@@ -374,13 +446,19 @@ def convolution_backward(func, grad_output, x, weight, bias_sizes, stride, paddi
         spatial = mx0.shape[2:] if args["transposed"] else mg0.shape[2:]
         k = mx0.shape[0] * _volume(spatial)
 
-        def grad_weight_op(a, b):
-            dummy = torch.zeros(mw0.shape, dtype=a.dtype, device=a.device)
+        def grad_weight_op(a, b):  # one group, not transposed: a block of the input's channels gives grad_weight's
+            shape = mw0.shape if b.shape[1] == mx0.shape[1] else (mw0.shape[0], b.shape[1], *mw0.shape[2:])
+            dummy = torch.zeros(shape, dtype=a.dtype, device=a.device)
             _check_conv(b, dummy, None, **args, backward=True)
             return func(a, b, dummy, None, stride, padding, dilation, transposed, output_padding, groups,
                         [False, True, False])[1]
 
-        balls[1] = _product_ball(gw_m, grad_weight_op, mg, rg, mx, rx, k)
+        split = None
+        if args["groups"] == 1 and not args["transposed"]:
+            # float64 elements per input channel: C_out x kernel volume outputs, N x kernel volume x positions unfolded
+            per_channel = max(mw0.shape[0] * vol, mx0.shape[0] * vol * _volume(mg0.shape[2:]))
+            split = _Split(1, False, _block_step(per_channel))
+        balls[1] = _product_ball(gw_m, grad_weight_op, mg, rg, mx, rx, k, split)
 
     if gb_m is not None:
         mg, rg = _ball_operand(grad_output, gb_m.dtype)
