@@ -88,17 +88,29 @@ def _relu_backward_fast(m, grad, s):
     comparisons of S = (ms, rs): ms > rs (lo > 0): G, radius rG; -ms > rs (hi < 0) or the exact point 0 (relu's
     inactive unit): exactly 0 = m, radius 0; otherwise (touching 0, or NaN): the hull of {0} and G, which lies within
     max(|mG|, rG) of m = mG (ms > 0) and within |mG| + rG (rounded up, F2) of m = 0. A NaN or infinite midpoint gets
-    +inf (``result``)."""
+    +inf (``result_in_place``).
+
+    Memory: the output's radius buffer is the only full-size float temporary; it first holds -ms (negation and the
+    widening of a reduced-dtype ms are exact) for the comparisons, then the 0/1 indicator of ms > rs (``gt_``: 1.0 where
+    the comparison holds, in the buffer's dtype), times rG."""
     gm, gr = (grad.mid, grad.rad) if isinstance(grad, BallTensor) else (grad, None)
     sm, sr = (s.mid, s.rad) if isinstance(s, BallTensor) else (s, torch.zeros((), dtype=m.dtype))
-    above = sm > sr
-    exact_zero = (torch.neg(sm) > sr) | ((sm == 0) & (sr == 0))
-    touch = ~(above | exact_zero)
     rd = rounding.rad_dtype(m.dtype)
-    # rG where above, else 0: a multiply by the mask (rG is finite or +inf; an infinite rG with a decided 0 branch
-    # would give inf * 0 = NaN -> +inf in ``result``: looser, still sound)
-    rad = gr * above if gr is not None else torch.zeros(m.shape, dtype=rd)
-    n_touch = int(touch.sum())
+    rad = torch.neg(sm) if sm.dtype == rd else sm.to(rd).neg_()
+    touch = torch.gt(rad, sr)  # -ms > rs: below
+    exact_zero = torch.eq(sm, 0)
+    exact_zero &= torch.eq(sr, 0)  # the exact point 0
+    touch |= exact_zero
+    del exact_zero
+    touch |= torch.gt(sm, sr)  # above
+    touch.logical_not_()  # neither above, below nor the exact point 0 (NaN included)
+    # rG where above, else 0: the indicator times rG (rG is finite or +inf; an infinite rG with a decided 0 branch
+    # would give inf * 0 = NaN -> +inf in ``result_in_place``: looser, still sound)
+    if gr is not None:
+        rad.copy_(sm).gt_(sr).mul_(gr)
+    else:
+        rad.zero_()
+    n_touch = int(torch.count_nonzero(touch))
     if n_touch:  # the hull on the touching elements: gathered when few (usual), full-size passes when many
         few = 8 * n_touch < touch.numel()
         pick = (lambda t: t[touch]) if few else (lambda t: t)
@@ -108,6 +120,7 @@ def _relu_backward_fast(m, grad, s):
             abs_g = torch.where(pick(sm) > 0, torch.maximum(abs_g, gr_t), rounding.add_up(abs_g, gr_t))
         rad = rad.index_put_((touch,), abs_g) if few else torch.where(touch, abs_g, rad)
         _emit_kink(touch, m, "saved ball touches the threshold: hull of the one-sided derivatives {0, grad}")
+    del touch
     return result_in_place(m, rad)
 
 
