@@ -153,6 +153,9 @@ def _pair(m, r):
 def structural(func, *args, **kwargs):
     """Exact element movement: (f(mid), f(rad)). Padding and backward-of-slicing fill with exact zeros (radius 0).
     ``constant_pad_nd``'s fill value must be exact in the dtype (it is checked)."""
+    x = args[0]
+    if func in _ONE_TENSOR and type(x) is BallTensor and x.is_floating_point():  # the common views, directly
+        return BallTensor(func(x.mid, *args[1:], **kwargs), func(x.rad, *args[1:], **kwargs))
     if func is aten.constant_pad_nd.default and len(args) > 2:
         value = args[2]
         _, r_fill = operand(value, args[0].dtype)
@@ -161,6 +164,18 @@ def structural(func, *args, **kwargs):
     m = func(*_mid_arg(args), **_mid_arg(kwargs) if kwargs else {})
     r = func(*_rad_arg(args), **_rad_arg(kwargs) if kwargs else {})
     return _pair(m, r)
+
+
+# Views and copies whose only tensor argument is the first (the rest are ints, int lists, dims, memory formats):
+# autograd and nn modules call these around every op, so ``structural`` applies them to (mid, rad) without walking the
+# arguments (the radius keeps its dtype: the same op on a tensor of the radius dtype).
+_ONE_TENSOR = frozenset({
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default, aten.transpose.int,
+    aten.permute.default, aten.expand.default, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.unsqueeze.default, aten.select.int, aten.slice.Tensor, aten.clone.default, aten.detach.default,
+    aten.alias.default, aten.contiguous.default, aten._reshape_alias.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.movedim.int, aten.diagonal.default, aten.narrow.default,
+})
 
 
 _FILL_POSITION = {
