@@ -51,12 +51,12 @@ def _add_rad(m, a, b, alpha, sign=1):
     ma, ra = operand(a, m.dtype)
     mb, rb = operand(b, m.dtype)
     u, eta = _constants(m.dtype)
-    abs_m = torch.abs(m).to(ra.dtype)
     if alpha == 1:
         if m.dtype in _SINGLE_ROUNDING:  # the exact rounding error (TwoSum) instead of u|m|
-            error = rounding.exact_sum_error(ma, mb * sign, m)
+            error = rounding.exact_sum_error(ma, mb if sign == 1 else torch.neg(mb), m)  # negation is exact
             return _exact_or_inflated((ra == 0) & (rb == 0), ra + rb, error, 2)
-        return rounding.inflate(ra + rb + abs_m * u, 3)
+        return rounding.inflate(ra + rb + torch.abs(m).to(ra.dtype) * u, 3)
+    abs_m = torch.abs(m).to(ra.dtype)
     a_up, coef = alpha_constants(alpha, m.dtype, ra.dtype)
     # c = |m| u + ra + a_up rb + coef |mb|, accumulated in place in the fresh |m| (3 products, 3 additions); the + eta
     # is left to inflate, whose absolute term (n+1) eta (1+u)^n/(1-u) exceeds (1+u)^n (eta + n eta/2) for n >= 1
