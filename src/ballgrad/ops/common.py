@@ -58,10 +58,11 @@ def operand(x, out_dtype: torch.dtype):
                 cast_err = torch.where(cast_err == 0, r64, rounding.add_up(r64, cast_err))
             r = rounding.to_dtype_up(cast_err, rd)
         m = used
-    m = m.to(rd)
+    if m.dtype != rd:  # (a dtype comparison is cheaper than a no-op .to call: this runs twice per rule)
+        m = m.to(rd)
     if r is None:
         r = torch.zeros((), dtype=rd, device=m.device)
-    else:
+    elif r.dtype != rd:
         r = r.to(rd)
     return m, r
 
