@@ -33,8 +33,10 @@ _SINGLE_ROUNDING = (torch.float32, torch.float64)  # kernels round once, in the 
 def _exact_or_inflated(points: torch.Tensor, propagation: torch.Tensor, error: torch.Tensor, n_ops: int):
     """``error`` (an exact rounding error) where both operands are points (``points``: both radii exactly 0 -- not
     ``propagation == 0``, which a product of tiny radii can underflow to), else inflate(propagation + error, n_ops):
-    the exact error needs no inflation, the propagation terms do."""
-    return torch.where(points, error, rounding.inflate(propagation + error, n_ops))
+    the exact error needs no inflation, the propagation terms do. ``propagation`` is the caller's fresh tensor
+    (the sum is accumulated in it when it has the error's shape)."""
+    c = propagation.add_(error) if propagation.shape == error.shape else torch.add(propagation, error)
+    return torch.where(points, error, rounding.inflate_(c, n_ops))
 
 
 def _add_rad(m, a, b, alpha, sign=1):
