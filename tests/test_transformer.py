@@ -622,6 +622,106 @@ def test_attention_backward_reuses_forward_bounds_only_when_unchanged():
           modes=("lo", "hi", "rand"))
 
 
+def _attention_balls(q, k, v, mask, causal, scale, g):
+    fwd = aten._scaled_dot_product_flash_attention_for_cpu.default
+    bwd = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    out, lse = fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    return (out, lse, *bwd(g, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale))
+
+
+# A block budget in scores (one byte a score): per kv head, per batch element, and uneven (two batch elements a block
+# of three: blocks of 2 and 1)
+BLOCK_BUDGETS = {"heads": lambda g, l, s, kv: g * l * s, "batch": lambda g, l, s, kv: kv * g * l * s,
+                 "uneven": lambda g, l, s, kv: 2 * kv * g * l * s}
+
+
+@pytest.mark.parametrize("budget", list(BLOCK_BUDGETS))
+@pytest.mark.parametrize("case", list(FAST_CASES))
+def test_attention_fast_path_blocks(case, budget, monkeypatch):
+    """The fast path computed in blocks (``_blocks``: here forced small on small inputs) gives the very radii of one
+    block, and they contain the exact values (the oracle), for every mask layout: per batch element, per head,
+    broadcast, causal, grouped-query heads. The forward keeps only its row statistics for the backward (not P), and
+    the backward gives the same radii with them as without them, also in other blocks than the forward's."""
+    import ballgrad.ops.transformer as tr
+
+    spec = FAST_CASES[case]
+    q, k, v, mask, causal = _fast_inputs(spec, seed=list(FAST_CASES).index(case))
+    if budget == "uneven":  # three batch elements: blocks of 2 and 1
+        q2, k2, v2, mask2, _ = _fast_inputs(spec, seed=50 + list(FAST_CASES).index(case))
+        q, k, v = (bg.ball(torch.cat([a.mid, b.mid[:1]]), torch.cat([a.rad, b.rad[:1]])) for a, b in
+                   ((q, q2), (k, k2), (v, v2)))
+        if mask is not None and mask.shape[0] != 1:
+            mask = torch.cat([mask, mask2[:1]])
+    for x in (q, k, v):
+        x.requires_grad_()
+    scale = spec.get("scale")
+    b, h, length, e = q.shape
+    kv, src = k.shape[1], k.shape[2]
+    g = torch.randn(b, h, length, e, generator=torch.Generator().manual_seed(4)).to(q.dtype)
+    g = bg.ball(g, spec["rel"] or None)
+    whole = _attention_balls(q, k, v, mask, causal, scale, g)
+    monkeypatch.setattr(tr, "_BYTES_PER_SCORE", {"forward": 1, "backward": 1})
+    monkeypatch.setattr(tr, "_BLOCK_BYTES", BLOCK_BUDGETS[budget](h // kv, length, src, kv))
+    blocks = tr._blocks(b, kv, h // kv, length, src, "forward")
+    assert len(blocks) > 1 and blocks == tr._blocks(b, kv, h // kv, length, src, "backward")
+    assert budget != "uneven" or [b1 - b0 for b0, b1, _, _ in blocks] == [2, 1]
+    fwd = aten._scaled_dot_product_flash_attention_for_cpu.default
+    bwd = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    tr._REUSE.clear()
+    out, lse = fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    assert tr._REUSE[id(q)][2][0] == "rows"  # P is not kept across blocks, only the row statistics
+    blocked = (out, lse, *bwd(g, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale))
+    assert id(q) not in tr._REUSE
+    recomputed = bwd(g, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)  # no statistics: all recomputed
+    for a, c in zip(whole, blocked):
+        assert_same_bits(a.mid, c.mid)
+        assert torch.equal(a.rad, c.rad)
+    for a, c in zip(blocked[2:], recomputed):
+        assert_same_bits(a.mid, c.mid)
+        assert torch.equal(a.rad, c.rad)
+    with monkeypatch.context() as m:  # the forward in one block (keeping the row statistics), the backward in blocks
+        m.setattr(tr, "_REUSE_LIMIT", 0)
+        m.setattr(tr, "_BYTES_PER_SCORE", {"forward": 1, "backward": 1000})
+        m.setattr(tr, "_BLOCK_BYTES", 1000 * BLOCK_BUDGETS[budget](h // kv, length, src, kv))
+        assert len(tr._blocks(b, kv, h // kv, length, src, "forward")) == 1
+        assert tr._blocks(b, kv, h // kv, length, src, "backward") == blocks
+        o, l_ = fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        assert tr._REUSE[id(q)][2][0] == "rows"
+        for a, c in zip(whole[2:], bwd(g, q, k, v, o, l_, 0.0, causal, attn_mask=mask, scale=scale)):
+            assert_same_bits(a.mid, c.mid)
+            assert torch.equal(a.rad, c.rad)
+    additive, excluded = _mask_parts(mask, causal, length, src)
+    out, lse = check(lambda q_, k_, v_: fwd(q_, k_, v_, 0.0, causal, attn_mask=mask, scale=scale), (q, k, v),
+                     lambda q_, k_, v_: exact_attention(q_, k_, v_, scale, additive, excluded),
+                     modes=("lo", "hi", "rand"))
+    check(lambda g_, q_, k_, v_, o_, l_: bwd(g_, q_, k_, v_, o_, l_, 0.0, causal, attn_mask=mask, scale=scale),
+          (g, q, k, v, out, lse),
+          lambda g_, q_, k_, v_, o_, l_: exact_attention_backward(g_, q_, k_, v_, scale, additive, excluded),
+          modes=("lo", "hi", "rand"))
+
+
+def test_attention_a_failing_block_sends_the_whole_call_to_the_composed_rules(monkeypatch):
+    """Scores that overflow in the second block only: the whole call (every block) takes the composed rules, as it
+    does with the fast path off."""
+    import ballgrad.ops.transformer as tr
+
+    q, k, v, _, _ = _fast_inputs(dict(rel=1e-4, mag=1.0, kv=2, dtype=torch.float64), seed=21)
+    big = q.mid.clone()
+    big[1, 0, 0] = 1e300  # batch element 1: scores of about 1e300 |k|, past the fast path's limit (``_probs``)
+    q = bg.ball(big, q.rad)
+    g = bg.ball(torch.randn(2, 4, 3, 4, generator=torch.Generator().manual_seed(22), dtype=torch.float64), 1e-4)
+    monkeypatch.setattr(tr, "_BYTES_PER_SCORE", {"forward": 1, "backward": 1})
+    monkeypatch.setattr(tr, "_BLOCK_BYTES", 4 * 3 * 5)  # one batch element a block
+    assert tr._FastAttention.build(aten._scaled_dot_product_flash_attention_for_cpu.default, q[:1], k[:1], v[:1],
+                                   False, None, None) is not None  # the first block alone takes the fast path
+    blocked = _attention_balls(q, k, v, None, False, None, g)
+    monkeypatch.setattr(tr._FastCall, "make", classmethod(lambda cls, *a, **kw: None))
+    composed = _attention_balls(q, k, v, None, False, None, g)
+    for a, c in zip(blocked, composed):
+        assert_same_bits(a.mid, c.mid)
+        assert torch.equal(a.rad, c.rad)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention: eval-mode fast paths
 

@@ -408,15 +408,19 @@ def sdpa_flash_cpu(func, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=N
     """(out, logsumexp) = (P v, logsumexp(q k^T scale + mask)) with P = softmax(q k^T scale + mask): P and the
     logsumexp by ``_Probs`` (exact monotone end points over the score balls), out by the ball bmm of P and v, all in
     float64, re-centred on the kernel's outputs. scale None means the real 1/sqrt(E) (enclosed). dropout_p must be 0.
-    The same bounds are computed directly on float64 tensors by ``_FastAttention`` wherever everything is finite.
+    The same bounds are computed directly on float64 tensors, block by block (``_FastCall``, ``_FastAttention``),
+    wherever everything is finite.
     """
     out, lse = func(_mid(q), _mid(k), _mid(v), dropout_p, is_causal, attn_mask=_mid(attn_mask), scale=scale)
     _check_sdpa(func, q, k, v, dropout_p)
-    fast = _FastAttention.build(func, q, k, v, is_causal, attn_mask, scale)
-    if fast is not None:
-        balls = fast.forward(out, lse)
-        _remember(fast, q, k, v, is_causal, attn_mask, scale)
-        return balls
+    call = _FastCall.make(func, q, k, v, is_causal, attn_mask, scale)
+    if call is not None:
+        keep = _to_keep(call, q, k, v)
+        balls = call.forward(out, lse, keep=keep)
+        if balls is not None:
+            if keep is not None:
+                _remember((keep, call.kept), q, k, v, is_causal, attn_mask, scale)
+            return balls
     case = _SdpaCase(func, q, k, v, dropout_p, is_causal, attn_mask, scale)
     o = _bmm(case.probs.p, case.v_centred) + _point(case.v_centre)
     return case.probs.exact_empty_rows(_finish(out, o)), _finish(lse, case.lse)
@@ -429,17 +433,17 @@ def sdpa_flash_cpu_backward(func, grad_out, q, k, v, out, logsumexp, dropout_p, 
     logsumexp are functions of q, k, v; only the kernel's midpoint uses them):
         dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),  dQ = dS K scale,  dK = dS^T Q scale,
     excluded entries having P = 0 exactly; grouped-query heads summed back. Ball rules in float64, re-centred; or the
-    same bounds directly on float64 tensors (``_FastAttention``) wherever everything is finite, with the bounds of P
-    taken from the forward call when q, k, v, the mask and the scale are provably unchanged (``_recall``)."""
+    same bounds directly on float64 tensors, block by block (``_FastCall``, ``_FastAttention``), wherever everything
+    is finite, P recomputed, or for small calls taken from the forward call when q, k, v, the mask and the scale are
+    provably unchanged (``_recall``)."""
     grads = func(*mids((grad_out, q, k, v, out, logsumexp, dropout_p, is_causal)), attn_mask=_mid(attn_mask),
                  scale=scale)
     _check_sdpa(func, q, k, v, dropout_p)
-    fast = _recall(q, k, v, is_causal, attn_mask, scale)
-    fast = fast.with_grad(grad_out) if fast is not None else None
-    if fast is None:
-        fast = _FastAttention.build(func, q, k, v, is_causal, attn_mask, scale, grad_out=grad_out)
-    if fast is not None:
-        return fast.backward(grads)
+    kept = _recall(q, k, v, is_causal, attn_mask, scale)
+    call = _FastCall.make(func, q, k, v, is_causal, attn_mask, scale, grad_out=grad_out)
+    balls = call.backward(grads, kept) if call is not None else None
+    if balls is not None:
+        return balls
     case = _SdpaCase(func, q, k, v, dropout_p, is_causal, attn_mask, scale)
     p, g = case.probs.p, _ball64(grad_out)
     dv = _bmm(p.transpose(-2, -1), g)
@@ -458,8 +462,8 @@ def sdpa_flash_cpu_backward(func, grad_out, q, k, v, out, logsumexp, dropout_p, 
 # rounding folded into constants: about a hundred vectorized passes instead of ~40 dispatched ball rules, and no
 # nextafter or boolean select on full-size tensors. Where an input or a score bound is not finite or near overflow
 # (unknown rows, NaN, inf), a dimension is empty or a mask is not a tensor we read, the composed rules above run
-# instead (``_FastAttention.build`` returns None). Grouped-query heads: query head h = j g + i reads kv head j, so q
-# is viewed as (B, kv, g L, E) ("rows"); keys and values are not repeated, and the GEMMs for dK, dV sum over each
+# instead (``_FastCall.make`` or a block returns None). Grouped-query heads: query head h = j g + i reads kv head j,
+# so q is viewed as (B, kv, g L, E) ("rows"); keys and values are not repeated, and the GEMMs for dK, dV sum over each
 # group themselves (the same exact real sums as ``_group_sum``).
 #
 # Notation: u = 2^-53, eta = 2^-1074, lam_A = 2^-1000, lam_B = 2^-512. One RN float64 operation with exact result e
@@ -524,7 +528,7 @@ def sdpa_flash_cpu_backward(func, grad_out, q, k, v, out, logsumexp, dropout_p, 
 # (pr's 3u pm covers u pm|dPm|); dS_m = fl(pm Xm), Xm = fl(dPm - Dm): |P X - dS_m| <= p_hi (rdP + rD) + (1 + u) pr
 # |Xm| + eta/2 (|Xm - (dPm - Dm)| <= u|Xm|, u p_hi + u pm <= u pr + 2u pm). GEMMs by Lemma G.
 #
-# Re-centring (``_recentred``): |x - mid| <= rad + |mid - c| <= rad + |fl(mid - c)|/(1 - u), rounded up with the
+# Re-centring (``_recentre_into``): |x - mid| <= rad + |mid - c| <= rad + |fl(mid - c)|/(1 - u), rounded up with the
 # conversion to the radius dtype folded in (``_to_rad``).
 
 _U64 = rounding.unit_roundoff_exact(_F64)
@@ -565,14 +569,15 @@ def _inflation(n_ops: int, extra: Fraction, mult: Fraction = Fraction(1),
 
 
 def _bound(t: torch.Tensor, consts: tuple[float, float]) -> torch.Tensor:
-    """fl(a + fl(phi t)) for (phi, a) from ``_inflation``: one pass."""
+    """fl(a + fl(phi t)) for (phi, a) from ``_inflation``: one pass, written over ``t`` (every caller's t is its own
+    temporary)."""
     phi, a = consts
-    return torch.add(_scalar(a, t.device), t, alpha=phi)
+    return torch.add(_scalar(a, t.device), t, alpha=phi, out=t)
 
 
 @functools.lru_cache(maxsize=None)
 def _to_rad(rd: torch.dtype) -> tuple[float, float]:
-    """``_inflation`` for ``_recentred``'s t = rad + C|d| (2 operations) followed by the RN conversion to the radius
+    """``_inflation`` for ``_recentre_into``'s t = rad + C|d| (2 operations) followed by the RN conversion to the radius
     dtype rd, which loses at most a factor 1 - u_rd and eta_rd/2: multiplier 1/(1 - u_rd), extra eta_rd/(2(1 - u_rd))
     (no floor: an exact 0 keeps a radius of one subnormal eta_rd, as ``common.recentre`` gives)."""
     if rd == _F64:
@@ -584,16 +589,17 @@ def _to_rad(rd: torch.dtype) -> tuple[float, float]:
 _RECENTRE = _ru(1 / (1 - _U64))  # |mid - centre| <= |fl(mid - centre)|/(1 - u)
 
 
-def _recentred(mid: torch.Tensor, centre: torch.Tensor, rad: torch.Tensor, empty=None) -> BallTensor:
-    """The ball on the kernel's ``mid`` that contains every x with |x - centre| <= rad (float64 tensors of mid's shape):
-    |x - mid| <= rad + |fl(mid - centre)|/(1 - u) (two operations, bounded and converted by ``_to_rad``); NaN -> +inf.
-    ``empty``: rows whose exact value is 0 get the radius |mid|."""
-    rd = rounding.rad_dtype(mid.dtype)
-    t = torch.add(rad, torch.sub(mid, centre).abs_(), alpha=_RECENTRE)
-    r = _bound(t, _to_rad(rd)).to(rd).nan_to_num_(nan=math.inf, posinf=math.inf)
+def _recentre_into(dst: torch.Tensor, mid: torch.Tensor, centre: torch.Tensor, rad: torch.Tensor, empty=None) -> None:
+    """Write into ``dst`` (a slice of an output's radius tensor, in the radius dtype) the radius of the ball on the
+    kernel's ``mid`` that contains every x with |x - centre| <= rad (float64 temporaries of mid's shape, overwritten):
+    |x - mid| <= rad + |fl(mid - centre)|/(1 - u) (two operations, bounded and converted by ``_to_rad``, the
+    conversion being ``copy_``'s round to nearest); NaN -> +inf. ``empty``: rows whose exact value is 0 get the radius
+    |mid|."""
+    rd = dst.dtype
+    rad.add_(torch.sub(mid, centre, out=centre).abs_(), alpha=_RECENTRE)
+    dst.copy_(_bound(rad, _to_rad(rd))).nan_to_num_(nan=math.inf, posinf=math.inf)
     if empty is not None:
-        r = torch.where(empty.expand(mid.shape), torch.abs(mid).to(rd), r)
-    return BallTensor(mid, r)
+        dst.copy_(torch.where(empty.expand(mid.shape), torch.abs(mid).to(rd), dst))
 
 
 _SLACKS = (Fraction(0), _U64, _U64 * (2 + _U64))  # none; u|C| (scores); u(2 + u)|C| (scores plus an additive mask)
@@ -641,7 +647,8 @@ def _ball_mm(am, ar, bm, br, *, abs_a=None, abs_b=None, eps_u=False, scale=(1.0,
     """(C, R), float64: C = fl(am @ bm) (times scale[0] unless the scale is exactly 1) and R >= (|sigma x y - C| +
     slack |C|) (/(1 - u) for the scores) + sum of ``terms`` for every x, y, sigma of Lemma G (ar, br None: points;
     ``_mm_constants``). ``terms`` are pairs (t >= 0 broadcastable to C, coefficient >= the exact one). ``abs_a``,
-    ``abs_b``: |am|, |bm| when the caller has them (read only)."""
+    ``abs_b``: |am|, |bm| when the caller has them (read only). ``br`` may be float32 (or any float dtype): it only
+    meets float64 tensors in additions, which compute in float64 on its exact widening."""
     sm, sr = scale
     w, c2, coefs, consts = _mm_constants(am.shape[-1], br is not None, ar is not None, eps_u, sm, sr, slack, scores,
                                          tuple(c for _, c in terms))
@@ -680,16 +687,16 @@ def _exp_constants(backend: str) -> tuple[float, ...]:
 
 
 def _exp_dn(x: torch.Tensor, g1: float, g2: float, b2: float) -> torch.Tensor:
-    """Lemma E's lower bound of e^t at x = fl(t) in [-700, 0] (x is overwritten)."""
+    """Lemma E's lower bound of e^t at x = fl(t) in [-700, 0] (x is overwritten; the result is a new tensor)."""
     g = torch.add(_scalar(g1, x.device), x, alpha=g2)  # G1 - G2|x|
-    return torch.addcmul(_scalar(-b2, x.device), x.exp_(), g).clamp_min_(0)
+    return torch.addcmul(_scalar(-b2, x.device), x.exp_(), g, out=g).clamp_min_(0)
 
 
 def _exp_up(x: torch.Tensor, f1, f2, a2) -> torch.Tensor:
     """Lemma E's upper bound of e^t at x = fl(t) in [-700, 0] (x is overwritten); f1, f2 (= -F2), a2 are 0-d or
     masked constant tensors (0 on excluded entries)."""
     f = torch.addcmul(f1, x, f2)  # F1 + F2|x|
-    return torch.addcmul(a2, x.exp_(), f)
+    return torch.addcmul(a2, x.exp_(), f, out=f)
 
 
 _K1 = _ru((1 + _U64) ** 3 * (1 + _ETA64 / _LAM_A) / (1 - _U64) ** 3)
@@ -772,13 +779,74 @@ def _masked_constants(allowed: torch.Tensor, f1: float, f2: float, a2: float):
     return allowed * f1, allowed * -f2, allowed * a2, allowed * _K2
 
 
-class _FastAttention:
-    """Float64 bounds of one fused attention call (Lemmas G, E, P, C above): scores, P as (p_hi, pm, pr), logsumexp.
-    ``build`` returns None where the composed rules must run (non-finite inputs or scores, empty dimensions, a mask
-    the fast path does not read)."""
+# Blocks. Nothing in these bounds mixes two (batch element, kv head) pairs: every GEMM is per head, every reduction
+# over a row of scores or over the keys of one head (the centres c_k, c_v). So a call is computed in blocks of whole
+# batch elements (of kv heads when one batch element alone is over the budget), each block holding only its own
+# float64 working set, and its outputs' radii are written into the call's radius tensors. Every lemma above holds
+# block by block (they are statements per head and per row), and the operations and operands are those of one block
+# over the whole call, so the radii are the same bit for bit (checked in the tests; were a kernel's summation order to
+# depend on the layout of a block's float64 copies, a centre c_k, c_v or a GEMM's rounding would move, which the
+# lemmas allow: they hold for any centre and any summation order). The call-wide decisions are taken once (which
+# operands are points: ``_nonzero_radii``); those taken per block only skip work that would not change a value (the
+# clamp at -700 is a no-op where 2 mag + 1 < 700, nan_to_num where no 0/0 can arise). A block whose scores are not
+# finite or near overflow sends the whole call to the composed rules. The P of a block is not kept for the
+# backward (it would hold 24 bytes per score from forward to backward, where the kernel itself stores none); the
+# backward recomputes it (with the forward's row statistics), except for calls of at most ``_REUSE_LIMIT`` scores
+# (``_remember``).
+# Working set per score, measured: the forward about 7 score-shaped float64 tensors at once (56 bytes a score), the
+# backward about 10 (P, dP and a GEMM's temporaries: 80 bytes), besides the per-head operands; a block holds at most
+# ``_BLOCK_BYTES`` of them where whole heads allow, and the blocks of a call are of equal size (up to one batch
+# element or head).
+_BLOCK_BYTES = 1 << 21
+_BYTES_PER_SCORE = {"forward": 56, "backward": 80}
+
+
+def _blocks(b: int, kv: int, g: int, l: int, s: int, phase: str) -> list[tuple[int, int, int, int]]:
+    """(b0, b1, j0, j1): the blocks (batch elements b0:b1, kv heads j0:j1) covering a call, in order."""
+    budget = max(1, _BLOCK_BYTES // _BYTES_PER_SCORE[phase])  # scores a block
+    per_head = g * l * s
+    if kv * per_head <= budget:
+        n = -(-b // (budget // (kv * per_head)))  # blocks of whole batch elements, as few as fit, equal sizes
+        step = -(-b // n)
+        return [(i, min(i + step, b), 0, kv) for i in range(0, b, step)]
+    n = -(-kv // max(1, budget // per_head))
+    step = -(-kv // n)
+    return [(i, i + 1, j, min(j + step, kv)) for i in range(b) for j in range(0, kv, step)]
+
+
+def _nonzero_radii(tensors) -> list[bool]:
+    """Per tensor: a ball whose radius is not identically zero (else a point: the GEMMs skip its radius terms). One
+    sync for all radius sums (a sum of non-negative floats is 0 iff all are)."""
+    balls = [x for x in tensors if isinstance(x, BallTensor)]
+    totals = iter(torch.stack([x.rad.sum() for x in balls]).tolist() if balls else [])  # fl(sum) >= max term
+    return [isinstance(x, BallTensor) and next(totals) != 0 for x in tensors]
+
+
+def _part(x, ball: bool, index, wide_rad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mid, rad or None) of ``x[index]``, the midpoint in float64 (exact widening), the radius too when
+    ``wide_rad`` (an operand that ``_ball_mm`` multiplies as A), else in its own dtype (a B operand's radius is only
+    added to float64 tensors, which widens it exactly on the fly). Read only: these may be views of the argument."""
+    m = _mid(x)[index].to(_F64)
+    if not ball:
+        return m, None
+    r = x.rad.expand(x.shape)[index]
+    return m, (r.to(_F64) if wide_rad else r)
+
+
+def _mask_block(t: torch.Tensor, index) -> torch.Tensor:
+    """A mask broadcastable to (B, H, L, S) cut to a block's batch elements and query heads ``index`` (its broadcast
+    dimensions of size 1 stay)."""
+    t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    return t[index[0] if t.shape[0] != 1 else slice(None), index[1] if t.shape[1] != 1 else slice(None)]
+
+
+class _FastCall:
+    """One fused attention call on the fast path: its arguments, the call-wide decisions (which operands are points,
+    the scale) and its blocks (``_FastAttention``). ``make`` returns None where the composed rules must run (empty
+    dimensions, non-floating inputs, a mask the fast path does not read, a zero or non-finite scale)."""
 
     @classmethod
-    def build(cls, func, q, k, v, is_causal, attn_mask, scale, grad_out=None):
+    def make(cls, func, q, k, v, is_causal, attn_mask, scale, grad_out=None):
         if isinstance(attn_mask, BallTensor) and not attn_mask.is_floating_point():
             return None
         if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
@@ -791,32 +859,127 @@ class _FastAttention:
             raise UnsupportedOpError(func, f"{h} query heads and {kv} key/value heads")
         if not all(x.is_floating_point() for x in (q, k, v) + (() if grad_out is None else (grad_out,))):
             return None
+        scale = (float(scale), 0.0) if scale is not None else _inverse_sqrt(int(e))
+        if scale[0] == 0.0 or not math.isfinite(scale[0]):  # Lemma G's constants need s1 > 0
+            return None
         self = cls()
         self.b, self.h, self.l, self.kv, self.g, self.s = b, h, l, kv, h // kv, s
-        self.rows = self.g * l
-        (qm, rq), (km, rk), (vm, rv), (gm, rg) = _parts64((q, k, v, grad_out))
+        self.q, self.k, self.v, self.grad = q, k, v, grad_out
+        self.is_causal, self.attn_mask, self.scale = is_causal, attn_mask, scale
         # q and k are checked through the scores (``_probs``); non-finite values of v, dO or of their radii only
-        # propagate to NaN or infinite output radii, which ``_recentred`` makes +inf
-        self.qm, self.rq = _rows(qm, kv, self.rows), _rows(rq, kv, self.rows)
-        self.gm, self.rg = _rows(gm, kv, self.rows), _rows(rg, kv, self.rows)
-        self.ck = torch.mean(km, dim=-2, keepdim=True)
-        self.kcm, self.rk = km - self.ck, rk
-        self.cv = torch.mean(vm, dim=-2, keepdim=True)
-        self.vcm, self.rv = vm - self.cv, rv
-        self.scale = (float(scale), 0.0) if scale is not None else _inverse_sqrt(int(e))
-        if self.scale[0] == 0.0 or not math.isfinite(self.scale[0]):  # Lemma G's constants need s1 > 0
-            return None
-        self._mask(attn_mask, is_causal, q.device)
-        if not self._probs(q.device, need_lse=grad_out is None):
-            return None
+        # propagate to NaN or infinite output radii, which ``_recentre_into`` makes +inf
+        self.ball = _nonzero_radii((q, k, v, grad_out))
+        self.recording, self.rows = False, None
         return self
 
-    def _mask(self, attn_mask, is_causal, device):
-        """Row-layout mask pieces: allowed (0/1), neg (0/-inf), empty rows (from the excluded entries: a causal mask,
-        a bool mask's False entries, a float mask's -inf entries), the additive mask's centre ``mf`` and its term
-        mterm >= (rm + u(2 + u)|mf|)/(1 - u) (the mask's radius and the rounding of sc2 = fl(sc + mf):
+    def block(self, b0: int, b1: int, j0: int, j1: int, need_lse: bool, probs=None):
+        """The block (batch elements b0:b1, kv heads j0:j1) with its P: ``probs`` (p_hi, pm, pr) when given, else
+        computed (Lemmas E, P; with the forward's row statistics when ``self.rows`` holds them); None where a score
+        bound is not finite or near overflow."""
+        blk = _FastAttention(self, b0, b1, j0, j1)
+        device = self.q.device
+        blk._mask(device)
+        if probs is not None:
+            blk.p_hi, blk.pm, blk.pr = probs
+            blk.mf = blk.mterm = None  # the scores' operands
+            return blk
+        return blk if blk._probs(device, need_lse) else None
+
+    def forward(self, out: torch.Tensor, lse: torch.Tensor, keep: str | None = None):
+        """(out, logsumexp) balls on the kernel's midpoints, block by block; None where a block fails. ``keep`` (for
+        ``_remember``): "P", the call is one block and its P stays in ``self.kept``; "rows", the row statistics of
+        every block are recorded in ``self.kept`` (``_FastAttention._probs``)."""
+        out_rad = torch.empty_like(out, dtype=rounding.rad_dtype(out.dtype))
+        lse_rad = torch.empty_like(lse, dtype=rounding.rad_dtype(lse.dtype))
+        self.recording = keep == "rows"
+        if self.recording:
+            self.kept = [torch.empty(5, self.b, self.kv, self.g * self.l, 1, dtype=_F64, device=out.device), False]
+        for b0, b1, j0, j1 in _blocks(self.b, self.kv, self.g, self.l, self.s, "forward"):
+            blk = self.block(b0, b1, j0, j1, need_lse=True)
+            if blk is None:
+                return None
+            qi = blk.q_index
+            if keep == "P":
+                self.kept = (blk.p_hi, blk.pm, blk.pr)
+            blk.p_hi = None  # the forward reads pm and pr only
+            blk.forward_into(out[qi], lse[qi], out_rad[qi], lse_rad[qi])
+            del blk  # before the next block's working set
+        return BallTensor(out, out_rad), BallTensor(lse, lse_rad)
+
+    def backward(self, grads, kept=None):
+        """(dq, dk, dv) balls on the kernel's midpoints, block by block; None where a block fails. ``kept``: what the
+        forward left for exactly these inputs (``_recall``): ("P", P), one block over the whole call with the forward's
+        P, or ("rows", statistics), P recomputed with the forward's row statistics."""
+        rads = [torch.empty_like(t, dtype=rounding.rad_dtype(t.dtype)) for t in grads]
+        kind, value = kept if kept is not None else (None, None)
+        self.rows = value if kind == "rows" else None
+        probs = value if kind == "P" else None
+        blocks = ([(0, self.b, 0, self.kv)] if probs is not None
+                  else _blocks(self.b, self.kv, self.g, self.l, self.s, "backward"))
+        for b0, b1, j0, j1 in blocks:
+            blk = self.block(b0, b1, j0, j1, need_lse=False, probs=probs)
+            if blk is None:
+                return None
+            qi, ki = blk.q_index, blk.kv_index
+            blk.backward_into((grads[0][qi], grads[1][ki], grads[2][ki]), (rads[0][qi], rads[1][ki], rads[2][ki]))
+            del blk
+        return tuple(BallTensor(m, r) for m, r in zip(grads, rads))
+
+
+class _FastAttention:
+    """Float64 bounds of one block of a fused attention call (Lemmas G, E, P, C above): the scores, P as (p_hi, pm,
+    pr), the logsumexp bounds, and the outputs' radii (``forward_into``, ``backward_into``). Each float64 operand
+    (``_q_parts`` ...) is made when needed and dropped after its last use."""
+
+    @classmethod
+    def build(cls, func, q, k, v, is_causal, attn_mask, scale, grad_out=None):
+        """The bounds of a whole call as one block (P computed), or None where the composed rules must run."""
+        call = _FastCall.make(func, q, k, v, is_causal, attn_mask, scale, grad_out)
+        if call is None:
+            return None
+        return call.block(0, call.b, 0, call.kv, need_lse=grad_out is None)
+
+    def __init__(self, call: _FastCall, b0: int, b1: int, j0: int, j1: int):
+        self.call, self.scale = call, call.scale
+        self.b, self.kv, self.g, self.l, self.s = b1 - b0, j1 - j0, call.g, call.l, call.s
+        self.h, self.rows = self.kv * self.g, self.g * self.l
+        self.q_index = (slice(b0, b1), slice(j0 * self.g, j1 * self.g))
+        self.kv_index = (slice(b0, b1), slice(j0, j1))
+        self.row_index = (slice(None), slice(b0, b1), slice(j0, j1))  # of the row statistics (5, B, kv, g L, 1)
+
+    def _q_parts(self):
+        """(qm, rq, |qm|) in the row layout."""
+        qm, rq = _part(self.call.q, self.call.ball[0], self.q_index)
+        qm, rq = _rows(qm, self.kv, self.rows), _rows(rq, self.kv, self.rows)
+        return qm, rq, torch.abs(qm)
+
+    def _k_parts(self):
+        """(kc, rk, |kc|, c_k): the keys centred on their mean c_k (Lemma C); always B in ``_ball_mm``."""
+        km, rk = _part(self.call.k, self.call.ball[1], self.kv_index, wide_rad=False)
+        ck = torch.mean(km, dim=-2, keepdim=True)
+        kcm = km - ck
+        return kcm, rk, torch.abs(kcm), ck
+
+    def _v_parts(self):
+        """(vc, rv, |vc|, c_v): the values centred on their mean c_v (Lemma C); always B in ``_ball_mm``."""
+        vm, rv = _part(self.call.v, self.call.ball[2], self.kv_index, wide_rad=False)
+        cv = torch.mean(vm, dim=-2, keepdim=True)
+        vcm = vm - cv
+        return vcm, rv, torch.abs(vcm), cv
+
+    def _g_parts(self):
+        """(gm, rg, |gm|) of dO in the row layout."""
+        gm, rg = _part(self.call.grad, self.call.ball[3], self.q_index)
+        gm, rg = _rows(gm, self.kv, self.rows), _rows(rg, self.kv, self.rows)
+        return gm, rg, torch.abs(gm)
+
+    def _mask(self, device):
+        """Row-layout mask pieces of the block: allowed (0/1), neg (0/-inf), empty rows (from the excluded entries: a
+        causal mask, a bool mask's False entries, a float mask's -inf entries), the additive mask's centre ``mf`` and
+        its term mterm >= (rm + u(2 + u)|mf|)/(1 - u) (the mask's radius and the rounding of sc2 = fl(sc + mf):
         |sc + mf - sc2| + u|sc2| <= u(2 + u)(|sc| + |mf|), see ``_probs``)."""
         b, h, l, s, kv, g = self.b, self.h, self.l, self.s, self.kv, self.g
+        attn_mask, is_causal = self.call.attn_mask, self.call.is_causal
         self.allowed = self.neg = self.empty = self.mf = self.mterm = None
         self.cached_mask = attn_mask is None
         if attn_mask is None:
@@ -827,11 +990,13 @@ class _FastAttention:
         if is_causal:
             excluded = ~torch.ones(l, s, dtype=torch.bool, device=device).tril()
         if isinstance(attn_mask, BallTensor):
-            mf, rm = attn_mask.mid.to(_F64), attn_mask.rad.to(_F64).expand(attn_mask.shape)
+            mf = _mask_block(attn_mask.mid, self.q_index).to(_F64)
+            rm = _mask_block(attn_mask.rad.expand(attn_mask.shape), self.q_index).to(_F64)
         elif attn_mask.dtype == torch.bool:
-            excluded = ~attn_mask if excluded is None else excluded | ~attn_mask
+            kept = _mask_block(attn_mask, self.q_index)
+            excluded = ~kept if excluded is None else excluded | ~kept
         else:
-            mf = attn_mask.to(_F64)
+            mf = _mask_block(attn_mask, self.q_index).to(_F64)
             minus_inf = mf == -math.inf
             excluded = minus_inf if excluded is None else excluded | minus_inf
             mf = mf.masked_fill(minus_inf, 0.0)
@@ -846,42 +1011,59 @@ class _FastAttention:
 
     def _probs(self, device, need_lse: bool) -> bool:
         """Scores, then P (and the logsumexp bounds) by Lemmas E, P. False where a score bound is not finite or near
-        overflow.
+        overflow. Every score-shaped temporary is overwritten or dropped after its last use (about four live at once).
 
         Scores: sc2 = fl(sc + mf) with sc, R from Lemma G (slack u, or u(2 + u) with a mask, divided by 1 - u) plus the
         mask's term: R (1 - u) >= rho + u|sc2| with rho >= |exact - sc2|, so lo = fl(sc2 - R) <= sc2 - R + u(|sc2| + R)
         <= sc2 - rho and likewise hi = fl(sc2 + R) >= sc2 + rho."""
         has_mask = self.mf is not None
-        terms = ((self.mterm, 1.0),) if has_mask else ()
-        self.qabs, self.kabs, self.vabs = torch.abs(self.qm), torch.abs(self.kcm), torch.abs(self.vcm)
-        sc, rad = _ball_mm(self.qm, self.rq, self.kcm.mT, None if self.rk is None else self.rk.mT, abs_a=self.qabs,
-                           abs_b=self.kabs.mT, eps_u=True, scale=self.scale, slack=2 if has_mask else 1, scores=True,
-                           terms=terms)
+        qm, rq, qabs = self._q_parts()
+        kcm, rk, kabs, ck = self._k_parts()
+        sc, rad = _ball_mm(qm, rq, kcm.mT, None if rk is None else rk.mT, abs_a=qabs, abs_b=kabs.mT, eps_u=True,
+                           scale=self.scale, slack=2 if has_mask else 1, scores=True,
+                           terms=((self.mterm, 1.0),) if has_mask else ())
+        del kcm, rk, kabs
+        # the logsumexp's sigma q . c_k (Lemma G), while q's operands are alive (``_lse_into``)
+        self.lse_q = _ball_mm(qm, rq, ck.mT, None, abs_a=qabs, scale=self.scale) if need_lse else None
+        del qm, rq, qabs
         if has_mask:
             sc.add_(self.mf)
-        # every score bound finite and far from overflow (else the composed rules); the arguments x = fl(lo - M_lo),
-        # fl(hi - M_hi), fl(M_lo - M_hi) of allowed entries have |x| <= (1 + u)^2 (|smax| + |smin| + 2 rmax)
-        # <= 2 mag + 1 (lo, hi lie in [smin - rmax, smax + rmax] up to a factor 1 + u), so only excluded entries (-inf)
-        # or a large mag need the clamp at -700
-        smin, smax = torch.aminmax(sc)
-        smax, smin, rmax = torch.stack([smax, smin, rad.amax()]).tolist()
-        mag = abs(smax) + abs(smin) + 2 * rmax
-        if not mag < 1e300:  # also NaN
-            return False
-        wide = 2 * mag + 1 >= 700
+            self.mf = self.mterm = None
+        # With the forward's row statistics M_lo, M_hi, TL, T', d (``_remember``): the values the skipped passes give
+        # on the same, unchanged inputs, whose check below passed in the forward (its "wide", taken over the forward's
+        # blocks, only adds no-op clamps and nan_to_num here)
+        rows = self.call.rows
+        if rows is None:
+            # every score bound finite and far from overflow (else the composed rules); the arguments x = fl(lo - M_lo),
+            # fl(hi - M_hi), fl(M_lo - M_hi) of allowed entries have |x| <= (1 + u)^2 (|smax| + |smin| + 2 rmax)
+            # <= 2 mag + 1 (lo, hi lie in [smin - rmax, smax + rmax] up to a factor 1 + u), so only excluded entries
+            # (-inf) or a large mag need the clamp at -700
+            smin, smax = torch.aminmax(sc)
+            smax, smin, rmax = torch.stack([smax, smin, rad.amax()]).tolist()
+            mag = abs(smax) + abs(smin) + 2 * rmax
+            if not mag < 1e300:  # also NaN
+                return False
+            wide = 2 * mag + 1 >= 700
+        else:
+            wide = rows[1]
         clamp = self.neg is not None or wide
         f1, f2, a2, g1, g2, b2 = _exp_constants(accuracy.backend_for(device.type))
         if self.neg is not None:
             sc.add_(self.neg)
         lo = torch.sub(sc, rad)
         hi = sc.add_(rad)
-        m_lo = torch.amax(lo, dim=-1, keepdim=True)
-        m_hi = torch.amax(hi, dim=-1, keepdim=True)
-        if self.empty is not None:
-            m_lo.nan_to_num_(neginf=0.0)  # -inf in empty rows
-            m_hi.nan_to_num_(neginf=0.0)
+        del sc, rad
+        if rows is None:
+            m_lo = torch.amax(lo, dim=-1, keepdim=True)
+            m_hi = torch.amax(hi, dim=-1, keepdim=True)
+            if self.empty is not None:
+                m_lo.nan_to_num_(neginf=0.0)  # -inf in empty rows
+                m_hi.nan_to_num_(neginf=0.0)
+        else:
+            m_lo, m_hi, tl, t_prime, d = rows[0][self.row_index].unbind(0)
         x = lo.sub_(m_lo)
         e_lo = _exp_dn(x.clamp_min_(-700.0) if clamp else x, g1, g2, b2)  # El_dn (0 where excluded)
+        del lo, x
         if self.allowed is None:
             consts = (_scalar(f1, device), _scalar(-f2, device), _scalar(a2, device), _scalar(_K2, device))
         elif self.cached_mask:
@@ -890,60 +1072,62 @@ class _FastAttention:
             consts = _masked_constants.__wrapped__(self.allowed, f1, f2, a2)
         x = hi.sub_(m_hi)
         e_hi = _exp_up(x.clamp_min_(-700.0) if clamp else x, *consts[:3])  # Eh_up (+lam_A; 0 where excluded)
+        del hi, x
         k2 = consts[3]
-        tl = torch.sum(e_lo, dim=-1, keepdim=True).mul_(_sum_dn_factor(self.s))
-        t_prime = torch.add(_scalar(_LAM_UP, device), torch.sum(e_hi, dim=-1, keepdim=True),
-                            alpha=_sum_up_factor(self.s))
-        # d <= e^(M_lo - M_hi): Lemma E at x = fl(M_lo - M_hi)
-        x = torch.sub(m_lo, m_hi)
-        d = _exp_dn(x.clamp_min_(-700.0) if clamp else x, g1, g2, b2)
+        if rows is None:
+            tl = torch.sum(e_lo, dim=-1, keepdim=True).mul_(_sum_dn_factor(self.s))
+            t_prime = torch.add(_scalar(_LAM_UP, device), torch.sum(e_hi, dim=-1, keepdim=True),
+                                alpha=_sum_up_factor(self.s))
+            # d <= e^(M_lo - M_hi): Lemma E at x = fl(M_lo - M_hi)
+            x = torch.sub(m_lo, m_hi)
+            d = _exp_dn(x.clamp_min_(-700.0) if clamp else x, g1, g2, b2)
+            if self.call.recording:
+                self.call.kept[0][self.row_index].copy_(torch.stack([m_lo, m_hi, tl, t_prime, d]))
+                self.call.kept[1] = self.call.kept[1] or wide
         # upper bounds (Lemma P): K2 + K1 a / (a + d (TL - El_dn)+)
-        den = torch.addcmul(e_hi, torch.sub(tl, e_lo).clamp_min_(0), d)
-        q_hi = torch.div(e_hi, den)
+        den = torch.sub(tl, e_lo).clamp_min_(0)
+        den = torch.addcmul(e_hi, den, d, out=den)
+        q_hi = torch.div(e_hi, den, out=den)
         if self.allowed is not None and (self.empty is not None or wide):
             q_hi.nan_to_num_(nan=0.0)  # excluded: 0/0 in empty rows or where d underflows (allowed: a >= lam_A)
-        p_hi = torch.add(k2, q_hi, alpha=_K1).clamp_max_(1.0)
+        p_hi = torch.add(k2, q_hi, alpha=_K1, out=q_hi).clamp_max_(1.0)
         # lower bounds: K3 El_dn / (El_dn + (T' - Eh_up)/d) - K4
-        q_lo = e_lo.div_(torch.sub(t_prime, e_hi).div_(d).add_(e_lo))
-        p_lo = torch.add(_scalar(-_K4, device), q_lo, alpha=_K3).clamp_min_(0)
+        y = torch.sub(t_prime, e_hi, out=e_hi)
+        q_lo = e_lo.div_(y.div_(d).add_(e_lo))
+        del e_hi, y
+        p_lo = torch.add(_scalar(-_K4, device), q_lo, alpha=_K3, out=q_lo).clamp_min_(0)
         # the P ball
         wc = torch.sub(p_hi, p_lo)
-        pm = torch.add(p_lo, wc, alpha=0.5)
+        pm = torch.add(p_lo, wc, alpha=0.5, out=p_lo)
         pr = wc.add_(pm, alpha=_PR_COEF)
         self.p_hi, self.pm, self.pr = p_hi, pm, _bound(pr, _PR_INFLATION)
-        # logsumexp of the centred scores lies in [M_lo + log TL, M_hi + log T'] (row vectors; ``forward``)
+        # logsumexp of the centred scores lies in [M_lo + log TL, M_hi + log T'] (row vectors; ``_lse_into``)
         self.lse_parts = (m_lo, m_hi, torch.cat([tl, t_prime], -1)) if need_lse else None
         return True
 
-    def _lse(self, device):
-        """(c, R), row vectors: logsumexp(scores) in [c - R, c + R]. With v = log([TL, T']) (library values, |v - log|
-        <= e = c_rel|v| + c_abs by the trust table) and sigma q . c_k in [qc +- qr] (Lemma G), the exact value lies in
-        [a_lo - e_lo, a_hi + e_hi] + [qc +- qr], a = M + v. s = fl(M + v), A = fl(s_lo + s_hi), c = fl(qc + A/2),
-        d = fl(s_hi - s_lo): |c - ((a_lo + a_hi)/2 + qc)| <= u|c| + eta/2 + u|A|/2 + u(|s_lo| + |s_hi|)/2 and
-        (a_hi - a_lo)/2 <= (1 + u)|d|/2 + u(|s_lo| + |s_hi|)/2, so R >= (1 + u)|d|/2 + c_rel(1 + u) V + 1.6u(1 + u) S +
-        u|c| + qr + 2 c_abs + eta/2 with V, S the computed sums |v_lo| + |v_hi|, |s_lo| + |s_hi| (8 operations).
-        Empty rows: TL = 0, log 0 = -inf, so R = +inf (unknown), as the composed rule gives."""
+    def _lse_into(self, lse: torch.Tensor, lse_rad: torch.Tensor) -> None:
+        """logsumexp(scores) in [c - R, c + R] (row vectors), re-centred into ``lse_rad``. With v = log([TL, T'])
+        (library values, |v - log| <= e = c_rel|v| + c_abs by the trust table) and sigma q . c_k in [qc +- qr] (Lemma
+        G), the exact value lies in [a_lo - e_lo, a_hi + e_hi] + [qc +- qr], a = M + v. s = fl(M + v), A = fl(s_lo +
+        s_hi), c = fl(qc + A/2), d = fl(s_hi - s_lo): |c - ((a_lo + a_hi)/2 + qc)| <= u|c| + eta/2 + u|A|/2 + u(|s_lo| +
+        |s_hi|)/2 and (a_hi - a_lo)/2 <= (1 + u)|d|/2 + u(|s_lo| + |s_hi|)/2, so R >= (1 + u)|d|/2 + c_rel(1 + u) V +
+        1.6u(1 + u) S + u|c| + qr + 2 c_abs + eta/2 with V, S the computed sums |v_lo| + |v_hi|, |s_lo| + |s_hi| (8
+        operations). Empty rows: TL = 0, log 0 = -inf, so R = +inf (unknown), as the composed rule gives."""
         m_lo, m_hi, t = self.lse_parts
-        qc, qr = _ball_mm(self.qm, self.rq, self.ck.mT, None, abs_a=self.qabs, scale=self.scale)
-        c_rel, c_abs2 = _log_constants(accuracy.backend_for(device.type))
+        qc, qr = self.lse_q
+        self.lse_parts = self.lse_q = None
+        c_rel, c_abs2 = _log_constants(accuracy.backend_for(lse.device.type))
         v = torch.log(t)
         s = torch.cat([m_lo, m_hi], -1).add_(v)
         c = torch.add(qc, s.sum(-1, keepdim=True), alpha=0.5)
         r = torch.sub(s[..., 1:], s[..., :1]).abs_().mul_(_HALF_UP).add_(qr)
         r.add_(v.abs_().sum(-1, keepdim=True), alpha=c_rel).add_(torch.abs(c), alpha=_U_UP)
         r.add_(s.abs_().sum(-1, keepdim=True), alpha=_LSE_SLACK)
-        return c, _bound(r, _inflation(8, c_abs2 + _ETA64 / 2))
-
-    def with_grad(self, grad_out):
-        """These bounds with the backward's dO (after ``_recall``), or None where dO is not a floating tensor."""
-        if not grad_out.is_floating_point():
-            return None
-        ((gm, rg),) = _parts64((grad_out,))
-        self.gm, self.rg = _rows(gm, self.kv, self.rows), _rows(rg, self.kv, self.rows)
-        return self
+        r = _bound(r, _inflation(8, c_abs2 + _ETA64 / 2))
+        _recentre_into(lse_rad, lse, c.reshape(lse.shape), r.reshape(lse.shape))
 
     def _restore(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, kv, g L, X) -> (B, H, L, X)."""
+        """(b, kv, g L, X) -> (b, H, L, X)."""
         return t.reshape(self.b, self.h, self.l, t.shape[-1])
 
     def _empty_rows(self) -> torch.Tensor | None:
@@ -951,45 +1135,64 @@ class _FastAttention:
             return None
         return self._restore(self.empty.expand(self.b, self.kv, self.rows, 1))
 
-    def forward(self, out: torch.Tensor, lse: torch.Tensor):
-        """(out, logsumexp) balls on the kernel's midpoints: out = c_v + P vc (Lemmas G, C; the slack u and the term
-        u|c_v| pay for the final addition), logsumexp = [lse_lo, lse_hi] + sigma q . c_k."""
+    def forward_into(self, out, lse, out_rad, lse_rad) -> None:
+        """The (out, logsumexp) radii of the block (its slices of the kernel's outputs and of their radius tensors):
+        out = c_v + P vc (Lemmas G, C; the slack u and the term u|c_v| pay for the final addition), logsumexp =
+        [lse_lo, lse_hi] + sigma q . c_k."""
+        pm, pr = self.pm, self.pr
+        self.pm = self.pr = None
+        vcm, rv, vabs, cv = self._v_parts()
         if out.dtype == _F64:  # float64 midpoints: the exact error of the final addition (TwoSum), not u|c_v + oc|
-            oc, orad = _ball_mm(self.pm, self.pr, self.vcm, self.rv, abs_a=self.pm, abs_b=self.vabs, eps_u=True)
-            total = oc + self.cv
+            oc, orad = _ball_mm(pm, pr, vcm, rv, abs_a=pm, abs_b=vabs, eps_u=True)
+            total = oc + cv
             back = total - oc
-            err = torch.sub(oc, total - back).add_(self.cv - back).abs_()  # oc + c_v = total + err exactly
+            err = torch.sub(oc, total - back).add_(cv - back).abs_()  # oc + c_v = total + err exactly
             oc, orad = total, _bound(orad.add_(err), _inflation(1, Fraction(0)))
         else:
-            oc, orad = _ball_mm(self.pm, self.pr, self.vcm, self.rv, abs_a=self.pm, abs_b=self.vabs, eps_u=True,
-                                slack=1, terms=((torch.abs(self.cv), _U_UP),))
-            oc.add_(self.cv)
-        out_ball = _recentred(out, self._restore(oc), self._restore(orad), self._empty_rows())
-        c, r = self._lse(out.device)
-        lse_ball = _recentred(lse, c.reshape(lse.shape), r.reshape(lse.shape))
-        return out_ball, lse_ball
+            oc, orad = _ball_mm(pm, pr, vcm, rv, abs_a=pm, abs_b=vabs, eps_u=True, slack=1,
+                                terms=((torch.abs(cv), _U_UP),))
+            oc.add_(cv)
+        del pm, pr, vcm, rv, vabs
+        _recentre_into(out_rad, out, self._restore(oc), self._restore(orad), self._empty_rows())
+        del oc, orad
+        self._lse_into(lse, lse_rad)
 
-    def backward(self, grads):
-        """(dq, dk, dv) balls on the kernel's midpoints (the backward paragraph above)."""
+    def backward_into(self, grads, rads) -> None:
+        """The (dq, dk, dv) radii of the block (its slices of the kernel's gradients and of their radius tensors; the
+        backward paragraph above). P is dropped from the block once dS is formed."""
         pm, pr, p_hi = self.pm, self.pr, self.p_hi
-        gabs = torch.abs(self.gm)
-        dv_c, dv_r = _ball_mm(pm.mT, pr.mT, self.gm, self.rg, abs_a=pm.mT, abs_b=gabs)  # pm >= 0
-        dp_c, dp_r = _ball_mm(self.gm, self.rg, self.vcm.mT, None if self.rv is None else self.rv.mT, abs_a=gabs,
-                              abs_b=self.vabs.mT, eps_u=True)
+        self.pm = self.pr = self.p_hi = None
+        gm, rg, gabs = self._g_parts()
+        vcm, rv, vabs, _ = self._v_parts()
+        dv_c, dv_r = _ball_mm(pm.mT, pr.mT, gm, rg, abs_a=pm.mT, abs_b=gabs)  # pm >= 0
+        _recentre_into(rads[2], grads[2], dv_c, dv_r)
+        del dv_c, dv_r
+        dp_c, dp_r = _ball_mm(gm, rg, vcm.mT, None if rv is None else rv.mT, abs_a=gabs, abs_b=vabs.mT, eps_u=True)
+        del gm, rg, gabs, vcm, rv, vabs
         s = self.s
-        w = dp_c * pm
+        # t = p_hi rdP + pr |dPm| + gamma_(S-1) |W|, W = fl(pm dPm) (written over the temporary |dPm|)
+        t = torch.mul(p_hi, dp_r)
+        w = torch.abs(dp_c)
+        t.addcmul_(pr, w)
+        w = torch.mul(dp_c, pm, out=w)
         dm = w.sum(-1, keepdim=True)
-        t = torch.mul(p_hi, dp_r).addcmul_(pr, torch.abs(dp_c)).add_(w.abs_(), alpha=_gamma(s))
+        t.add_(w.abs_(), alpha=_gamma(s))
+        del w
         rd = _bound(t.sum(-1, keepdim=True), _inflation(6 * s, s * _ETA64 / 2))  # 5 ops a term, s - 1 additions
+        del t
         xm = dp_c.sub_(dm)
-        ds_c = pm * xm
+        ds_c = torch.mul(pm, xm)
         ds_r = _bound(dp_r.add_(rd).mul_(p_hi).addcmul_(pr, xm.abs_()), _DS_INFLATION)
+        del pm, pr, p_hi, xm, dp_c, dp_r
         ds_abs = torch.abs(ds_c)
-        dq_c, dq_r = _ball_mm(ds_c, ds_r, self.kcm, self.rk, abs_a=ds_abs, abs_b=self.kabs, eps_u=True,
-                              scale=self.scale)
-        dk_c, dk_r = _ball_mm(ds_c.mT, ds_r.mT, self.qm, self.rq, abs_a=ds_abs.mT, abs_b=self.qabs, scale=self.scale)
-        return (_recentred(grads[0], self._restore(dq_c), self._restore(dq_r), self._empty_rows()),
-                _recentred(grads[1], dk_c, dk_r), _recentred(grads[2], dv_c, dv_r))
+        kcm, rk, kabs, _ = self._k_parts()
+        dq_c, dq_r = _ball_mm(ds_c, ds_r, kcm, rk, abs_a=ds_abs, abs_b=kabs, eps_u=True, scale=self.scale)
+        del kcm, rk, kabs
+        _recentre_into(rads[0], grads[0], self._restore(dq_c), self._restore(dq_r), self._empty_rows())
+        del dq_c, dq_r
+        qm, rq, qabs = self._q_parts()
+        dk_c, dk_r = _ball_mm(ds_c.mT, ds_r.mT, qm, rq, abs_a=ds_abs.mT, abs_b=qabs, scale=self.scale)
+        _recentre_into(rads[1], grads[1], dk_c, dk_r)
 
 
 @functools.lru_cache(maxsize=None)
@@ -997,30 +1200,17 @@ def _gamma(s: int) -> float:
     return rounding.gamma(max(s - 1, 1), _F64)
 
 
-def _parts64(tensors):
-    """(mid, rad or None) in float64 (exact widening) per tensor argument (None -> (None, None)); a ball whose radius
-    is identically zero is a point (one sync for all radius sums: a sum of non-negative floats is 0 iff all are)."""
-    balls = [x for x in tensors if isinstance(x, BallTensor)]
-    totals = torch.stack([x.rad.sum(dtype=_F64) for x in balls]).tolist() if balls else []
-    nonzero = {id(x): total != 0 for x, total in zip(balls, totals)}
-    parts = []
-    for x in tensors:
-        if x is None:
-            parts.append((None, None))
-        elif isinstance(x, BallTensor):
-            parts.append((x.mid.to(_F64), x.rad.to(_F64).expand(x.shape) if nonzero[id(x)] else None))
-        else:
-            parts.append((x.to(_F64), None))
-    return parts
-
-
 # Forward -> backward reuse. The backward op receives the very q, k, v objects of its forward (autograd's saved
 # tensors), so the bounds of P computed by the forward serve the backward when nothing changed: the same objects (weak
 # references), the same mid and rad tensors with the same version counters (every in-place change bumps them), the
 # same mask object, causal flag and scale. Reusing them is recomputing them (the same passes on the same values);
-# anything else recomputes. Kept only while some input requires grad and for P of at most 2^20 entries (about three
-# such float64 tensors are held until the backward); one entry per q, dropped when used or when q dies.
-_REUSE_LIMIT = 1 << 20
+# anything else recomputes. Kept only while some input requires grad; one entry per q, dropped when used or when q
+# dies. What is kept: for calls of at most 2^12 scores (one block), P itself (its three float64 tensors, 24 bytes a
+# score, held until the backward); for larger calls, where that memory would cost more than recomputing P costs time
+# (the blocks paragraph above), only the row statistics M_lo, M_hi, TL, T', d of Lemma P and whether a block was
+# "wide" (40 bytes a query row): the backward recomputes the scores and P but not their row maxima, sums and the
+# overflow check.
+_REUSE_LIMIT = 1 << 12
 _REUSE: dict = {}
 
 
@@ -1036,33 +1226,43 @@ def _reuse_key(q, k, v, is_causal, attn_mask, scale):
     return objs, (tuple(versions), bool(is_causal), scale)
 
 
-def _remember(fast, q, k, v, is_causal, attn_mask, scale) -> None:
+def _to_keep(call: _FastCall, q, k, v) -> str | None:
+    """What the forward keeps for ``_remember``: nothing unless an input requires grad; P for a small call of one
+    block; else the row statistics."""
+    if not any(getattr(x, "requires_grad", False) for x in (q, k, v)):
+        return None
+    if (call.b * call.h * call.l * call.s <= _REUSE_LIMIT
+            and len(_blocks(call.b, call.kv, call.g, call.l, call.s, "forward")) == 1):
+        return "P"
+    return "rows"
+
+
+def _remember(kept, q, k, v, is_causal, attn_mask, scale) -> None:
+    """Keep ``kept`` (("P", (p_hi, pm, pr)) or ("rows", [statistics, wide])) of the forward for the backward of
+    exactly these inputs (``_recall``)."""
     import weakref
 
-    if fast.pm.numel() > _REUSE_LIMIT or not any(getattr(x, "requires_grad", False) for x in (q, k, v)):
-        return
     objs, meta = _reuse_key(q, k, v, is_causal, attn_mask, scale)
     key = id(q)
     refs = [weakref.ref(o) if isinstance(o, torch.Tensor) else o for o in objs]
     refs[0] = weakref.ref(q, lambda _ref, key=key: _REUSE.pop(key, None))
-    fast.lse_lo = fast.lse_hi = None
-    _REUSE[key] = (refs, meta, fast)
+    _REUSE[key] = (refs, meta, kept)
 
 
 def _recall(q, k, v, is_causal, attn_mask, scale):
-    """The forward's ``_FastAttention`` for exactly these inputs (``_remember``), or None."""
+    """What the forward kept for exactly these inputs (``_remember``), or None."""
     import weakref
 
     entry = _REUSE.pop(id(q), None)
     if entry is None:
         return None
-    refs, meta, fast = entry
+    refs, meta, kept = entry
     objs, now = _reuse_key(q, k, v, is_causal, attn_mask, scale)
     if now != meta or len(objs) != len(refs):
         return None
     if any((r() if isinstance(r, weakref.ref) else r) is not o for r, o in zip(refs, objs)):
         return None
-    return fast
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------------------
