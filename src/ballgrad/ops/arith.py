@@ -56,7 +56,8 @@ def _add_rad(m, a, b, alpha, sign=1):
     if alpha == 1:
         if m.dtype in _SINGLE_ROUNDING:  # the exact rounding error (TwoSum) instead of u|m|
             error = rounding.exact_sum_error(ma, mb if sign == 1 else torch.neg(mb), m)  # negation is exact
-            return _exact_or_inflated((ra == 0) & (rb == 0), ra + rb, error, 2)
+            propagation = ra + rb  # 0 exactly when both radii are (a sum of non-negative floats never underflows)
+            return _exact_or_inflated(propagation == 0, propagation, error, 2)
         return rounding.inflate(ra + rb + torch.abs(m).to(ra.dtype) * u, 3)
     abs_m = torch.abs(m).to(ra.dtype)
     a_up, coef = alpha_constants(alpha, m.dtype, ra.dtype)
