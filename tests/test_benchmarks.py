@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/overhead.py: it runs and writes the expected JSON keys (no timing is asserted)."""
+"""Smoke tests of benchmarks/overhead.py and gemm_floor.py: they run and write the expected JSON keys (no timing is
+asserted)."""
 
 import json
 import subprocess
@@ -29,3 +30,17 @@ def test_overhead_smoke(tmp_path):
     assert set(split["fractions"]) == {"mid_kernels", "radius_kernels", "python_dispatch", "outside_rules"}
     for key in ("mid_kernels_s", "radius_kernels_s", "python_dispatch_s", "outside_rules_s", "top_ops"):
         assert key in split
+
+
+def test_gemm_floor_smoke(tmp_path):
+    out = tmp_path / "floor.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gemm_floor.py"), "--model", "mlp-small", "--repeats", "1",
+         "--json", str(out)],
+        check=True, cwd=ROOT, capture_output=True, timeout=600,
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "mlp-small"
+    assert row["gemms"] == 5  # two forward addmm, three backward mm (no grad for the input)
+    assert set(row["gemm_ms"]) == {"float32", "float64", "bfloat16"}
+    assert row["measured_floor"] > row["a_priori_floor"] > 0
