@@ -403,3 +403,13 @@ def to_bf16_normal(z: torch.Tensor) -> torch.Tensor:
     the 2-byte copy; ``z`` is not modified.
     """
     return z.to(torch.bfloat16).clamp_min_(REALMIN_32)
+
+
+def sum_to_bf16_normal(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``to_bf16_normal(torch.add(x, y, alpha=alpha))`` for float32 x, y >= 0 and alpha >= 0, without the float32
+    intermediate: the add writes straight into a bfloat16 tensor. PyTorch's binary kernels compute in the inputs'
+    common dtype (float32 here: ``cast_common_dtype_to_outputs``) and round to nearest on the store to bfloat16, the
+    same conversion as ``.to``, so the result is the same bits; a large operand saves one full-size float32 buffer
+    (on CPU, a fresh allocation of a large tensor costs its page faults) and one pass."""
+    out = torch.empty(torch.broadcast_shapes(x.shape, y.shape), dtype=torch.bfloat16, device=x.device)
+    return torch.add(x, y, alpha=alpha, out=out).clamp_min_(REALMIN_32)

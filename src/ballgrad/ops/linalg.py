@@ -221,7 +221,7 @@ def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point
     docstring), or None where Lemma B's constants do not apply. Both balls: S = X1 Y1 + X2 Y2 as one bfloat16
     addmm(mm(X1, Y1), X2, Y2) with X1 = |mA|, Y1 = rB + g'|mB|, X2 = rA, Y2 = |mB| + rB (inner dimension k each;
     Lemma B's N = k + 2 and 3 bfloat16 roundings cover the two chains and the addition). ``abs_operands``: |mA|, |mB|
-    in float32 if the caller has them (|mB| is then overwritten with |mB| + rB when both operands are balls)."""
+    in float32 if the caller has them (not modified)."""
     both_points = a_point and b_point
     consts = _lemma_b_constants(k, g * _TO_BF16**2 if both_points else _COMPUTED**2, extra)
     if consts is None:
@@ -233,18 +233,18 @@ def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point
     abs_ma, abs_mb = abs_operands
     g_w = rounding.round_up_float(g, torch.float32)
 
-    def plus_g(r, abs_m):  # r + g'|m|: <= 2 roundings; exactly r when g = 0 (the measured bound's call)
-        return r.expand(abs_m.shape) if g == 0 else torch.add(r, abs_m, alpha=g_w)
+    def plus_g(r, abs_m):  # Z of r + g'|m| (<= 2 float32 roundings); of r itself when g = 0 (the measured bound)
+        return bf(r.expand(abs_m.shape)) if g == 0 else rounding.sum_to_bf16_normal(r, abs_m, g_w)
 
     if both_points:
         s = gemm(bf(abs_ma), bf(abs_mb))
     elif a_point:
-        s = gemm(bf(abs_ma), bf(plus_g(rb, abs_mb)))
+        s = gemm(bf(abs_ma), plus_g(rb, abs_mb))
     elif b_point:
-        s = gemm(bf(plus_g(ra, abs_ma)), bf(abs_mb))
+        s = gemm(plus_g(ra, abs_ma), bf(abs_mb))
     else:
-        s = gemm(bf(abs_ma), bf(plus_g(rb, abs_mb)))
-        s = _ACCUMULATE[gemm](s, bf(ra).expand(abs_ma.shape), bf(abs_mb.add_(rb)).expand(abs_mb.shape))
+        s = gemm(bf(abs_ma), plus_g(rb, abs_mb))
+        s = _ACCUMULATE[gemm](s, bf(ra).expand(abs_ma.shape), rounding.sum_to_bf16_normal(abs_mb, rb))
     if raw:  # (S^, C1, C2) with the bound C1 S^ + C2, for a caller that folds it into its own inflate
         return s, c1, c2
     return s.to(torch.float32).mul_(c1).add_(c2)
