@@ -113,12 +113,13 @@ def _relu_backward_fast(m, grad, s):
     n_touch = int(torch.count_nonzero(touch))
     if n_touch:  # the hull on the touching elements: gathered when few (usual), full-size passes when many
         few = 8 * n_touch < touch.numel()
-        pick = (lambda t: t[touch]) if few else (lambda t: t)
+        where = touch.nonzero(as_tuple=True) if few else None  # once (a boolean-mask index searches the mask)
+        pick = (lambda t: t[where]) if few else (lambda t: t)
         abs_g = torch.abs(pick(gm)).to(rd)
         if gr is not None:
             gr_t = pick(gr)
             abs_g = torch.where(pick(sm) > 0, torch.maximum(abs_g, gr_t), rounding.add_up(abs_g, gr_t))
-        rad = rad.index_put_((touch,), abs_g) if few else torch.where(touch, abs_g, rad)
+        rad = rad.index_put_(where, abs_g) if few else torch.where(touch, abs_g, rad)
         _emit_kink(touch, m, "saved ball touches the threshold: hull of the one-sided derivatives {0, grad}")
     del touch
     return result_in_place(m, rad)

@@ -590,9 +590,10 @@ def _relu_fast(m, xm, xr):
     n_touch = int(torch.count_nonzero(touch))
     if n_touch:  # gather the touching elements when they are few (usual), full-size passes when they are many
         if 8 * n_touch < touch.numel():
-            xm_t, xr_t = xm[touch], xr[touch]
+            where = touch.nonzero(as_tuple=True)  # once (each boolean-mask index would search the mask again)
+            xm_t, xr_t = xm[where], xr[where]
             hull = torch.where(xm_t < 0, _add_up(xm_t, xr_t), xr_t)
-            rad = rad.index_put_((touch,), torch.clamp_min(hull, rounding.eta(xr.dtype)))
+            rad = rad.index_put_(where, torch.clamp_min(hull, rounding.eta(xr.dtype)))
         else:
             hull = torch.where(xm < 0, _add_up(xm, xr), xr)
             rad = torch.where(touch, torch.clamp_min(hull, rounding.eta(xr.dtype)), rad)
