@@ -747,6 +747,39 @@ def test_nll_loss_direct_paths():
         assert bool(grad[0, 1].contains(torch.tensor(-1.0 / q, dtype=torch.float64)))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float16, torch.bfloat16])
+def test_nll_loss_direct_paths_targets_and_grads(dtype):
+    """The direct nll rules on cases the hypothesis test does not draw: float16/bfloat16 logits (a float32 radius: the
+    picked midpoints and radii gathered one at a time), an ignore_index that is a valid class and one beyond the
+    classes (the clamped gather index), every sample ignored (mean 0/0), and plain and ball grads, 0-d for mean and
+    sum (the backward's scalar path, Python floats), per sample for none."""
+    gen = torch.Generator().manual_seed(7)
+    x = bg.ball(torch.randn(5, 4, generator=gen).to(dtype), 2.0**-12)
+    for ignore_index, target in ((2, [0, 2, 3, 2, 1]), (7, [7, 1, 3, 0, 7]), (-100, [-100] * 5)):
+        t = torch.tensor(target)
+        for reduction in (0, 1, 2):
+            out = check_sampled(lambda a: aten.nll_loss_forward(a, t, None, reduction, ignore_index), [x],
+                                lambda p: _nll_exact(p, target, None, reduction, ignore_index), n_random=1)
+            g = bg.ball(torch.rand(tuple(out[0].shape), generator=gen).to(dtype) + 0.5, 2.0**-10)
+            for grad in (g, g.mid):
+                check_sampled(
+                    lambda gg, xx, tw: aten.nll_loss_backward(gg, xx, t, None, reduction, ignore_index, tw),
+                    [grad, x, out[1]],
+                    lambda gg, xx, tw: _nll_bwd_exact(gg, xx, target, None, reduction, ignore_index, tw), n_random=1)
+
+
+def test_log_softmax_backward_plain_arguments():
+    """_log_softmax_backward_data with a plain grad (no radius terms) and with a plain saved output (exact end
+    points of exp's argument), against the oracle."""
+    for dtype in FLOAT_DTYPES:
+        gen = torch.Generator().manual_seed(3)
+        z = torch.log_softmax(bg.ball(torch.randn(3, 5, generator=gen).to(dtype), 1e-4), 1)
+        g = torch.randn(3, 5, generator=gen).to(dtype)
+        for args in ([g, z], [bg.ball(g, 2.0**-12), z.mid]):
+            check_sampled(lambda a, b: aten._log_softmax_backward_data(a, b, 1, dtype), args,
+                          lambda a, b: _log_softmax_bwd(a, b, 1), n_random=2)
+
+
 def test_nll_loss2d_and_cross_entropy_variants():
     torch.manual_seed(0)
     x = bg.ball(torch.randn(2, 3, 2, 2, dtype=torch.float64), 1e-9)

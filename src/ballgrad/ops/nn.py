@@ -407,17 +407,29 @@ def _step(c: torch.Tensor, sign) -> torch.Tensor:
     return c.addcmul_(sign, e) if isinstance(sign, torch.Tensor) else c.add_(e, alpha=sign)
 
 
-def _exact_pairs(mid: torch.Tensor, rad) -> bool:
+def _all_zero(r: torch.Tensor) -> bool:
+    """Whether every radius is exactly 0 (radii are >= 0 and never NaN: the largest is 0). One reduction and one
+    read, half the passes of ``bool(r.any())``."""
+    return r.numel() == 0 or not float(r.max()) > 0
+
+
+def _exact_pairs(both: torch.Tensor) -> bool:
     """True when every m -+ r and every (m_j - r_j) - (m_i + r_i) along the last dim is exact in float64, for
-    float32-representable m and r (float16/bfloat16 too): all are multiples of g >= mu 2^-24 (mu the least non-zero
-    |m| or r of the row; a float32 x is a multiple of 2^(e_x - 23)) and below 2A in magnitude (A = max |m| + r), so
-    A <= 2^28 mu keeps them under 2^53 g."""
-    a = torch.abs(mid)
-    top = a if rad is None else a + rad
-    low = torch.where(a > 0, a, _INF)
-    if rad is not None:
-        low = torch.minimum(low, torch.where(rad > 0, rad, _INF))
-    return bool((torch.amax(top, -1) <= torch.amin(low, -1).mul_(2.0**28)).all())
+    float32-representable m and r (float16/bfloat16 too), given ``both`` = [m, r] stacked on dim 0 (float64): all are
+    multiples of g >= mu 2^-24 (mu the least non-zero |m| or r of the row; a float32 x is a multiple of 2^(e_x - 23))
+    and below 2A in magnitude (A = max |m| + r), so A <= 2^28 mu keeps them under 2^53 g. (|r| = r: radii are >= 0.)"""
+    a = torch.abs(both)  # [|m|, r]
+    top = torch.amax(a[0] + a[1], -1)
+    low = torch.amin(torch.where(a > 0.0, a, _POS_INF64), (0, -1))
+    return bool((top <= low.mul_(2.0**28)).all())
+
+
+def _mid_rad64(x: BallTensor) -> torch.Tensor:
+    """[mid, rad] of a floating ball stacked on a new dim 0, in float64 (exact widening; one pass when the two share
+    a dtype)."""
+    if x.mid.dtype == x.rad.dtype:
+        return torch.stack((x.mid.detach(), x.rad)).to(_F64)
+    return torch.stack((x.mid.detach().to(_F64), x.rad.to(_F64)))
 
 
 _SIGNS: dict = {}
@@ -429,6 +441,17 @@ def _half_signs(ndim: int, device) -> torch.Tensor:
     if key not in _SIGNS:
         _SIGNS[key] = torch.tensor([-1.0, 1.0], dtype=_F64, device=device).view((2,) + (1,) * (ndim - 1))
     return _SIGNS[key]
+
+
+_INFS: dict = {}
+
+
+def _half_infs(ndim: int, device) -> torch.Tensor:
+    """``_half_signs(ndim, device) * inf`` = [-inf, inf] (cached): the directions of nextafter for the two halves."""
+    key = (ndim, str(device))
+    if key not in _INFS:
+        _INFS[key] = _half_signs(ndim, device) * _INF
+    return _INFS[key]
 
 
 # The pairwise fast path of log_softmax: rows of at most this many classes and at most this many pair terms in all.
@@ -500,20 +523,22 @@ def _log_softmax_pairwise(m: torch.Tensor, x: BallTensor, dim: int):
     n_classes = x.shape[d]
     if n_classes > _PAIRWISE_MAX_CLASSES or x.numel() * n_classes > _PAIRWISE_MAX_TERMS:
         return None
-    mid = x.mid.detach().movedim(d, -1).to(_F64)
-    point = not bool(x.rad.any())
-    r = None if point else x.rad.movedim(d, -1).to(_F64)
-    if x.mid.dtype != _F64 and _exact_pairs(mid, r):  # float32/16 values of a moderate spread: all exact
-        lo, hi = (mid, mid) if point else (mid - r, mid + r)
-        pair = lo.unsqueeze(-2) - hi.unsqueeze(-1)
+    last = d == x.dim() - 1
+    both = _mid_rad64(x)  # [mid, r], classes on the last dim
+    if not last:
+        both = both.movedim(d + 1, -1).contiguous()  # (the pair sums below then run along contiguous rows)
+    mid, r = both[0], both[1]
+    sign = _half_signs(x.dim() + 2, m.device)
+    if x.mid.dtype != _F64 and _exact_pairs(both):  # float32/16 values of a moderate spread: all exact
+        lohi = torch.addcmul(mid, sign.squeeze(-1), r)  # [lo, hi] = [m - r, m + r] (the product by -+1 is exact)
+        z = lohi.unsqueeze(-2) - lohi.flip(0).unsqueeze(-1)  # z[0][..., i, j] = lo_j - hi_i, z[1] = hi_j - lo_i
     else:  # outward rounding that keeps exact results exact (TwoSum, F2)
-        lo, hi = (mid, mid) if point else (-_add_up(-mid, r), _add_up(mid, r))
+        lo, hi = (mid, mid) if _all_zero(x.rad) else (-_add_up(-mid, r), _add_up(mid, r))
         pair = -_add_up(hi.unsqueeze(-1), -lo.unsqueeze(-2))  # [..., i, j] <= lo_j - hi_i
-    z = torch.stack((pair, -pair.transpose(-1, -2)))  # z[1][..., i, j] >= hi_j - lo_i
+        z = torch.stack((pair, -pair.transpose(-1, -2)))  # z[1][..., i, j] >= hi_j - lo_i
     z.diagonal(dim1=-2, dim2=-1).fill_(-_INF)
     shift = torch.amax(z, -1, keepdim=True).clamp_min_(0)
-    sign = _half_signs(z.dim(), m.device)
-    y = _step(z - shift, sign)  # pred (half 0) / succ (half 1) by RZBM's step: never a subnormal exp argument
+    y = _step(z.sub_(shift), sign)  # pred (half 0) / succ (half 1) by RZBM's step: never a subnormal exp argument
     y.diagonal(dim1=-2, dim2=-1).fill_(-_INF)  # (-inf + inf on the diagonal of half 1)
     t = torch.exp(y).sum(-1)
     shift = shift.squeeze(-1)
@@ -524,23 +549,29 @@ def _log_softmax_pairwise(m: torch.Tensor, x: BallTensor, dim: int):
     c_l, (kd, kx, ka), (phi, a_abs) = _pairwise_constants(n_classes, accuracy.backend_for(m.device.type))
     # q = fl(fl(T kd + |B| kx + ka) / fl(1 + A)) >= eps/(1 + A - eps) - 7 eta (``_pairwise_constants``); 1 + A <= 0
     # would give q = inf: None
-    q = t.mul_(kd).add_(torch.abs(b).mul_(kx)).add_(ka).div_(a.add_(1).clamp_min_(0))
-    p = (v + m.detach().movedim(d, -1).to(_F64)) * sign.squeeze(-1)  # p[0] = -(v_0 + m), p[1] = v_1 + m (exact)
+    q = t.mul_(kd).add_(torch.abs(b).mul_(kx)).add_(ka).div_(a.add_(1.0).clamp_min_(0))
+    m64 = m.detach().to(_F64)
+    p = (v + (m64 if last else m64.movedim(d, -1))) * sign.squeeze(-1)  # p[0] = -(v_0 + m), p[1] = v_1 + m (exact)
     c = torch.abs(p).add_(torch.abs(v)).mul_(_U64).add_(torch.abs(w).mul_(c_l)).add_(q)
     rad = torch.amax(torch.nextafter(p.add_(c.mul_(phi).add_(a_abs)), _POS_INF64), 0).clamp_min_(0)
     if not math.isfinite(float(rad.sum())):
         return None
-    return _radius_result(m, rad.movedim(-1, d))
+    return _radius_result(m, rad if last else rad.movedim(-1, d))
+
+
+def _to_dtype_up(rad: torch.Tensor, rd: torch.dtype) -> torch.Tensor:
+    """``rounding.to_dtype_up`` of float64 bounds (float32 or float64 ``rd``) with one pass less: round to nearest,
+    then one nextafter where that went down (the mixed float32/float64 comparison is exact)."""
+    if rd == rad.dtype:
+        return rad
+    y = rad.to(rd)
+    return torch.where(torch.lt(y, rad), torch.nextafter(y, _POS_INF32), y)
 
 
 def _radius_result(m: torch.Tensor, rad: torch.Tensor) -> BallTensor:
-    """``common.result`` for a finite float64 radius of m's shape: rounded up to the radius dtype (round to nearest,
-    then one nextafter where that went down, as ``rounding.to_dtype_up``), without its NaN and shape passes."""
-    rd = rounding.rad_dtype(m.dtype)
-    if rd == _F64:
-        return BallTensor(m, rad)
-    y = rad.to(rd)
-    return BallTensor(m, torch.where(y.to(_F64) < rad, torch.nextafter(y, _POS_INF32), y))
+    """``common.result`` for a finite float64 radius of m's shape: rounded up to the radius dtype
+    (``_to_dtype_up``), without its NaN and shape passes."""
+    return BallTensor(m, _to_dtype_up(rad, rounding.rad_dtype(m.dtype)))
 
 
 @rule(aten._log_softmax.default)
@@ -568,23 +599,26 @@ def log_softmax(func, x, dim, half_to_float):
 def _parts64(x):
     """(mid, rad) of a float tensor argument in float64, exactly; rad None for a plain tensor or all-zero radii."""
     if isinstance(x, BallTensor):
-        return x.mid.detach().to(_F64), (x.rad.to(_F64) if bool(x.rad.any()) else None)
+        return x.mid.detach().to(_F64), (None if _all_zero(x.rad) else x.rad.to(_F64))
     return x.detach().to(_F64), None
 
 
 _BACKWARD_CONSTANTS: dict = {}
 
 
-def _log_softmax_backward_constants(n: int, backend: str) -> tuple[float, float, float, float]:
-    """(c_e, g_s, th, u) of ``log_softmax_backward_radius``: the exp trust-table coefficient; g_s >= g/(1 - g) and
-    th >= 1/(1 - g) for g = gamma_(n-1) (a sum of n terms in any order); u = 2^-53. Rounded up, cached."""
+def _log_softmax_backward_constants(n: int, backend: str) -> tuple:
+    """(c_e, g_s, th, u, (phi1, a1), {6: (phi, a), 10: (phi, a)}) of ``log_softmax_backward_radius``: the exp
+    trust-table coefficient; g_s >= g/(1 - g) and th >= 1/(1 - g) for g = gamma_(n-1) (a sum of n terms in any order);
+    u = 2^-53; ``rounding.inflate``'s constants for inflate(., 1, a_e) and inflate(., n_ops, eta/2). Rounded up,
+    cached."""
     key = (n, backend)
     if key not in _BACKWARD_CONSTANTS:
         u = rounding.unit_roundoff_exact(_F64)
         g = (n - 1) * u / (1 - (n - 1) * u) if n > 1 else Fraction(0)
-        c_e = accuracy._coefficients("exp", backend)[0]
+        c_e, a_e = accuracy._coefficients("exp", backend)
         _BACKWARD_CONSTANTS[key] = (c_e, rounding.round_up_float(g / (1 - g)), rounding.round_up_float(1 / (1 - g)),
-                                    float(u))
+                                    float(u), rounding.inflation_constants(1, _F64, Fraction(a_e)),
+                                    {k: rounding.inflation_constants(k, _F64, _HALF_ETA64) for k in (6, 10)})
     return _BACKWARD_CONSTANTS[key]
 
 
@@ -613,25 +647,33 @@ def log_softmax_backward_radius(m: torch.Tensor, grad, z, dim: int):
     d = dim % m.dim()
     mg, rg = _parts64(grad)
     mz, rz = _parts64(z)
-    c_e, g_s, th, u = _log_softmax_backward_constants(m.shape[d], accuracy.backend_for(m.device.type))
-    a_e = accuracy._coefficients("exp", accuracy.backend_for(m.device.type))[1]
-    ends = torch.stack((mz, mz) if rz is None else (rounding.sub_down(mz, rz), rounding.add_up(mz, rz)))
-    e = torch.exp(ends)
+    c_e, g_s, th, u, (phi1, a1), inflation = _log_softmax_backward_constants(m.shape[d],
+                                                                             accuracy.backend_for(m.device.type))
     sign = _half_signs(m.dim() + 1, m.device)
+    outward = _half_infs(m.dim() + 1, m.device)  # [-inf, inf]: nextafter toward it is pred (half 0) / succ (half 1)
+    # z_lo = down(mz - rz), z_hi = up(mz + rz) (F2; the product by -+1 is exact): one addcmul and one nextafter
+    ends = torch.stack((mz, mz)) if rz is None else torch.nextafter(torch.addcmul(mz, sign, rz), outward)
+    e = torch.exp(ends)
     # P[0] <= exp(z_lo) (clamped at 0 <= exp), P[1] >= exp(z_hi): e -+ inflate(c_e e, 1, a_e), rounded outward
-    p = torch.nextafter(torch.addcmul(e, sign, rounding.inflate(e * c_e, 1, a_e)), sign * _INF).clamp_min_(0)
+    # (``rounding.inflate``'s two passes with its constants; a NaN, which only a NaN or infinite e gives, stays NaN and
+    # makes the radius non-finite below)
+    p = torch.nextafter(torch.addcmul(e, sign, e.mul(c_e).mul_(phi1).add_(a1)), outward).clamp_min_(0)
     s = torch.sum(mg, d, keepdim=True)
     a = torch.abs(mg)
     e_s = rounding.up(torch.sum(a, d, keepdim=True).mul_(g_s))
-    inexact = torch.sum(a > 0, d, keepdim=True) > 1  # a row with at most one non-zero term sums exactly
+    nonzero = a > 0.0
+    exact = torch.sum(nonzero, d, keepdim=True) <= 1  # a row with at most one non-zero term sums exactly
     if mid_of(grad).dtype != _F64:  # float32/16 values: the float64 sum is exact when n max|x| <= 2^29 min|x != 0|
-        inexact &= ~_exact_sum_mask(a, [d], True)
-    e_s.mul_(inexact)
+        exact |= _exact_sum_mask(a, [d], True, nonzero=nonzero)
+    e_s.masked_fill_(exact, 0.0)  # (where e_s is not finite, neither is s: the radius is not finite either way)
     m64 = m.detach().to(_F64)
     t1 = p * s
     t2 = mg - t1
     t3 = t2 - m64
-    t4 = t3 + _two_sum_error(mg, -t1, t2)  # the exact error of t2 added back before taking the modulus
+    # the exact error of t2 = fl(mg - t1) added back before taking the modulus: Knuth's TwoSum of (mg, -t1) with the
+    # negation folded in (fl(-t1 - bb) = -fl(t1 + bb): the same bits as ``_two_sum_error(mg, -t1, t2)``)
+    bb = t2 - mg
+    t4 = t3 + (mg - (t2 - bb)).sub_(bb.add_(t1))
     c = torch.abs(t4)
     c.add_(torch.abs(t1).add_(torch.abs(t3)).add_(c).mul_(u))
     if rg is None:
@@ -639,12 +681,14 @@ def log_softmax_backward_radius(m: torch.Tensor, grad, z, dim: int):
         n_ops = 6
     else:
         rest = rounding.sub_up(rounding.up(torch.sum(rg, d, keepdim=True).mul_(th)), rg)
-        c.add_(p * (e_s + rest)).add_(torch.abs(1 - p).mul_(rg))
+        c.add_(p * (e_s + rest)).add_(torch.abs(1.0 - p).mul_(rg))
         n_ops = 10
-    rad = torch.amax(rounding.inflate(c, n_ops, _HALF_ETA64), 0)
+    # rounding.inflate(c, n_ops, eta/2) in place (c is ours); NaN stays NaN: non-finite, caught below
+    phi, a_abs = inflation[n_ops]
+    rad = torch.amax(c.mul_(phi).add_(a_abs), 0)
     if not math.isfinite(float(rad.sum())):
         return None
-    return result(m, rad)
+    return _radius_result(m, rad)
 
 
 @rule(aten.logsumexp.default)
@@ -712,15 +756,16 @@ def _fdiv_up(a: float, b: float) -> float:
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
 _U64 = float(rounding.unit_roundoff_exact(_F64))
+_ETA64 = rounding.eta(_F64)
 _HALF_ETA64 = Fraction(rounding.eta(_F64)) / 2
 
 
-def _scalar_ball(mid: torch.Tensor, rad: float) -> BallTensor:
+def _scalar_ball(mid: torch.Tensor, rad: float, value: float | None = None) -> BallTensor:
     """A 0-d ball with a float64 radius bound ``rad`` >= 0 (NaN: unknown), rounded up to the radius dtype without
     tensor passes: float32 by round to nearest (``struct``) and one step up (the next bit pattern) if it went down;
-    +inf for a non-finite midpoint."""
+    +inf for a non-finite midpoint (``value``: float(mid), if the caller has read it)."""
     rd = rounding.rad_dtype(mid.dtype)
-    if not (rad >= 0) or not math.isfinite(float(mid)):
+    if not (rad >= 0) or not math.isfinite(float(mid) if value is None else value):
         rad = math.inf
     if rd == torch.float32:
         if rad > _F32_MAX:
@@ -730,7 +775,7 @@ def _scalar_ball(mid: torch.Tensor, rad: float) -> BallTensor:
             if y < rad:
                 y = struct.unpack("<f", struct.pack("<I", struct.unpack("<I", struct.pack("<f", y))[0] + 1))[0]
             rad = y
-    return BallTensor(mid, torch.tensor(rad, dtype=rd, device=mid.device))
+    return BallTensor(mid, torch.scalar_tensor(rad, dtype=rd, device=mid.device))  # (rad is exact in rd)
 
 
 _NLL_CONSTANTS: dict = {}
@@ -746,14 +791,17 @@ def _sum_constants(n: int) -> tuple[float, float]:
     return _NLL_CONSTANTS[n]
 
 
-def _exact_sum_mask(a: torch.Tensor, dims, keepdim: bool, differences: bool = False) -> torch.Tensor:
+def _exact_sum_mask(a: torch.Tensor, dims, keepdim: bool, differences: bool = False, nonzero=None) -> torch.Tensor:
     """True where the float64 sum over ``dims`` of the float32-representable values a >= 0 is exact in any order:
     n max a <= 2^29 min(a != 0) (every partial sum is a multiple of 2^(e_min - 23) below 2^53 of those).
     ``differences``: where every difference of two of the values is exact, max a <= 2^28 min(a != 0) (a difference
-    is below 2^(e_max + 2) in magnitude and a multiple of 2^(e_min - 23))."""
-    scale = 1 if differences else math.prod(a.shape[d] for d in dims)
+    is below 2^(e_max + 2) in magnitude and a multiple of 2^(e_min - 23)). ``nonzero``: the mask a > 0, if the caller
+    has it."""
+    scale = 1.0 if differences else float(math.prod(a.shape[d] for d in dims))  # exact: n < 2^53
+    if nonzero is None:
+        nonzero = a > 0.0
     return torch.amax(a, dims, keepdim=keepdim).mul_(scale) <= torch.amin(
-        torch.where(a > 0, a, _INF), dims, keepdim=keepdim).mul_(2.0**28 if differences else 2.0**29)
+        torch.where(nonzero, a, _POS_INF64), dims, keepdim=keepdim).mul_(2.0**28 if differences else 2.0**29)
 
 
 def nll_loss_forward_fast(out, total, x, target, reduction, ignore_index):
@@ -770,25 +818,28 @@ def nll_loss_forward_fast(out, total, x, target, reduction, ignore_index):
         return None
     cd = class_dim(x)
     kept = target != ignore_index
-    safe_t = torch.where(kept, target, torch.zeros_like(target)).unsqueeze(cd)
-    pm = torch.where(kept, torch.gather(x.mid.detach(), cd, safe_t).squeeze(cd).to(_F64), 0.0)
-    pr = torch.where(kept, torch.gather(x.rad, cd, safe_t).squeeze(cd).to(_F64), 0.0)
+    safe_t = _safe_targets(target, x.shape[cd], cd)
+    pm, pr = _picked64(x, cd, safe_t, kept)
     if reduction == NONE:
         diff = torch.abs(out.detach().to(_F64) + pm)  # |out - (-x[n, t_n])|
         rad = torch.where(diff == 0, pr, rounding.add_up(pr, rounding.up(diff)))
         tw_exact = 0 if x.dim() >= 2 else int(kept)
         return result(out, nan_where_not_finite(out, rad)), _exact_scalar(total, tw_exact)
     a = torch.abs(pm)
-    dims = list(range(pm.dim()))
-    parts = [torch.sum(pm), torch.sum(a), torch.sum(pr), torch.sum(kept, dtype=_F64)]
-    if x.mid.dtype != _F64 and pm.numel():
-        parts.append(_exact_sum_mask(a, dims, False).to(_F64))
-    vals = torch.stack(parts).tolist()
+    # one read: the sums of x[n, t_n], |x[n, t_n]|, r[n, t_n] and the kept count (each over its own row of one stacked
+    # tensor), and max a / min(a != 0) for ``_exact_sum_mask``'s test
+    parts = [torch.stack((pm, a, pr, kept.to(_F64))).reshape(4, -1).sum(-1)]
+    exact_check = x.mid.dtype != _F64 and pm.numel() > 0
+    if exact_check:
+        parts += [torch.amax(a).reshape(1), torch.amin(torch.where(a > 0.0, a, _POS_INF64)).reshape(1)]
+    vals = torch.cat(parts).tolist()
     s, a_sum, r_sum, w = vals[:4]
+    o, tw = float(out), float(total)
     g1, th = _sum_constants(max(pm.numel(), 1))
-    e_s = 0.0 if len(vals) > 4 and vals[4] else _fmul_up(a_sum, g1)
+    # ``_exact_sum_mask`` in float64 scalars: n max a <= 2^29 min(a != 0) (the same two rounded products)
+    exact = exact_check and vals[4] * float(pm.numel()) <= vals[5] * 2.0**29
+    e_s = 0.0 if exact else _fmul_up(a_sum, g1)
     r_up = r_sum if th == 1 else _fmul_up(r_sum, th)
-    o = float(out)
     if reduction == SUM:
         c, slack = -s, _fadd_up(e_s, r_up)
     elif w == 0:  # 0/0: the kernel's NaN
@@ -796,11 +847,40 @@ def nll_loss_forward_fast(out, total, x, target, reduction, ignore_index):
     else:
         q = s / w
         c = -q
-        quotient = _fadd_up(_fmul_up(abs(q), float(rounding.unit_roundoff_exact(_F64))), rounding.eta(_F64))
+        quotient = _fadd_up(_fmul_up(abs(q), _U64), _ETA64)
         slack = _fadd_up(_fadd_up(_fdiv_up(e_s, w), _fdiv_up(r_up, w)), quotient)
     diff = abs(o - c)
     rad = slack if diff == 0 else _fadd_up(slack, math.nextafter(diff, math.inf))
-    return _scalar_ball(out, rad), _exact_scalar(total, int(w))
+    return _scalar_ball(out, rad, o), _exact_scalar(total, int(w), tw)
+
+
+def _safe_targets(target: torch.Tensor, n_classes: int, cd: int) -> torch.Tensor:
+    """t_n clamped into [0, C - 1], unsqueezed at the class dim: t_n itself for every kept sample (the kernel has
+    checked those), a valid index for the ignored ones (what it picks there is masked out)."""
+    return target.clamp(0, max(n_classes - 1, 0)).unsqueeze(cd)
+
+
+_ZEROS64: dict = {}
+
+
+def _zero64(device) -> torch.Tensor:
+    """A shared float64 0-d zero on ``device`` (an operand of where; never written to)."""
+    key = str(device)
+    if key not in _ZEROS64:
+        _ZEROS64[key] = torch.zeros((), dtype=_F64, device=device)
+    return _ZEROS64[key]
+
+
+def _picked64(x: BallTensor, cd: int, safe_t: torch.Tensor, kept: torch.Tensor):
+    """(x.mid[n, t_n], x.rad[n, t_n]) in float64 (exact selection and widening), both exactly 0 for ignored samples:
+    one gather from [mid, rad] stacked when they share a dtype."""
+    if x.mid.dtype == x.rad.dtype:
+        src = torch.stack((x.mid.detach(), x.rad))
+        picked = torch.gather(src, cd + 1, safe_t.expand((2,) + safe_t.shape)).squeeze(cd + 1).to(_F64)
+    else:
+        picked = torch.stack([torch.gather(t, cd, safe_t).squeeze(cd).to(_F64) for t in (x.mid.detach(), x.rad)])
+    picked = torch.where(kept, picked, _zero64(picked.device))
+    return picked[0], picked[1]
 
 
 def nll_loss_backward_fast(m, grad, target, reduction, ignore_index, total_weight):
@@ -809,7 +889,7 @@ def nll_loss_backward_fast(m, grad, target, reduction, ignore_index, total_weigh
     total weight): c = -mG [/W] with |G/W - fl(mG/W)| <= rG/W + u|q| + eta/2 (F1; the last two by
     ``rounding.inflate(u|q|, 1, eta/2)``, rG/W rounded up by F2); rad = r + |m - c| (exact 0 when equal, else rounded
     up). Everywhere else the exact gradient is 0: rad = |m| (0 where the kernel wrote 0)."""
-    if isinstance(total_weight, BallTensor) and bool(total_weight.rad.any()):
+    if isinstance(total_weight, BallTensor) and not _all_zero(total_weight.rad):
         return None
     if isinstance(grad, torch.Tensor) and not grad.is_floating_point():
         return None
@@ -817,30 +897,67 @@ def nll_loss_backward_fast(m, grad, target, reduction, ignore_index, total_weigh
         return None
     cd = class_dim(m)
     kept = target != ignore_index
-    safe_t = torch.where(kept, target, torch.zeros_like(target)).unsqueeze(cd)
-    mg, rg = _parts64(grad)
-    if reduction == MEAN:
-        w = float(mid_of(total_weight))
-        q = mg / w
-        r = rounding.inflate(torch.abs(q).mul_(_U64), 1, _HALF_ETA64)
-        if rg is not None:
-            r = rounding.add_up(r, rounding.div_up(rg, w))
-        c = -q
-    else:
-        c = -mg
-        r = torch.zeros((), dtype=_F64, device=m.device) if rg is None else rg
+    safe_t = _safe_targets(target, m.shape[cd], cd)
     at = torch.gather(m.detach(), cd, safe_t).squeeze(cd).to(_F64)
-    diff = torch.abs(at - c)
-    rad_t = torch.where(diff == 0, r, rounding.add_up(r, rounding.up(diff)))
+    if reduction != NONE and mid_of(grad).dim() == 0:
+        c, r = _nll_backward_scalar(grad, reduction, total_weight)
+        diff = torch.abs(at - c)
+        rad_t = torch.where(diff == 0.0, r, rounding.up(diff).add_(r).nextafter_(_POS_INF64))  # add_up(r, up(diff))
+    else:
+        mg, rg = _parts64(grad)
+        if reduction == MEAN:
+            w = float(mid_of(total_weight))
+            q = mg / w
+            r = rounding.inflate(torch.abs(q).mul_(_U64), 1, _HALF_ETA64)
+            if rg is not None:
+                r = rounding.add_up(r, rounding.div_up(rg, w))
+            c = -q
+        else:
+            c = -mg
+            r = torch.zeros((), dtype=_F64, device=m.device) if rg is None else rg
+        diff = torch.abs(at - c)
+        rad_t = torch.where(diff == 0, r, rounding.add_up(r, rounding.up(diff)))
     rad_t = torch.where(kept, rad_t, torch.abs(at))  # ignored samples: the kernel's zeros (|m|)
-    rad = torch.abs(m.detach()).to(_F64).scatter_(cd, safe_t, rad_t.expand(safe_t.squeeze(cd).shape).unsqueeze(cd))
-    return result(m, nan_where_not_finite(m, rad))
+    # Everywhere else |m|, exact in m's own dtype (and in the radius dtype, which holds it exactly); the float64 values
+    # at the targets are rounded up into the radius dtype; non-finite midpoints (|m| inf or NaN, or a NaN value at a
+    # target) get +inf
+    rd = rounding.rad_dtype(m.dtype)
+    rad_t = rad_t.expand(safe_t.squeeze(cd).shape)
+    rad = torch.abs(m.detach()).to(rd).scatter_(cd, safe_t, _to_dtype_up(rad_t, rd).unsqueeze(cd))
+    return BallTensor(m, rad.nan_to_num_(nan=math.inf, posinf=math.inf))
 
 
-def _exact_scalar(total: torch.Tensor, exact: int) -> BallTensor:
-    """The ball of a 0-d kernel output whose exact value is the integer ``exact``: radius |total - exact|."""
-    d = abs(float(total) - exact)
-    return _scalar_ball(total, 0.0 if d == 0 else math.nextafter(d, math.inf))
+def _nll_backward_scalar(grad, reduction: int, total_weight) -> tuple[float, float]:
+    """(c, r) of ``nll_loss_backward_fast`` for a 0-d grad (reduction mean or sum), in Python floats (IEEE double
+    operations, the same roundings as the float64 tensor formulas): sum: c = -mG, r = rG; mean: q = fl(mG/W), c = -q,
+    r = inflate(fl(u|q|), 1, eta/2) (``rounding.inflate``'s constants; NaN -> +inf as there) [+ up(rG/W), the sum
+    rounded up]."""
+    if isinstance(grad, BallTensor):
+        mg, rg = float(grad.mid), float(grad.rad)  # (exact widenings)
+    else:
+        mg, rg = float(grad), 0.0
+    if reduction != MEAN:
+        return -mg, rg
+    w = float(mid_of(total_weight))
+    if w != 0:
+        q = mg / w
+    else:  # IEEE x/0 (Python raises): +-inf, NaN for 0/0 and NaN
+        q = math.nan if mg == 0 or mg != mg else math.copysign(math.inf, mg) * math.copysign(1.0, w)
+    phi, a = rounding.inflation_constants(1, _F64, _HALF_ETA64)
+    r = abs(q) * _U64 * phi + a
+    if r != r or r == math.inf:
+        r = math.inf
+    if rg != 0:
+        r = math.nextafter(r + (math.nextafter(rg / w, math.inf) if w != 0 else math.inf), math.inf)
+    return -q, r
+
+
+def _exact_scalar(total: torch.Tensor, exact: int, value: float | None = None) -> BallTensor:
+    """The ball of a 0-d kernel output whose exact value is the integer ``exact``: radius |total - exact|
+    (``value``: float(total), if the caller has read it)."""
+    value = float(total) if value is None else value
+    d = abs(value - exact)
+    return _scalar_ball(total, 0.0 if d == 0 else math.nextafter(d, math.inf), value)
 
 
 @rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
