@@ -247,3 +247,68 @@ def test_layer_norm_enclosure_matches_the_rule():
     # the rule's radius = the enclosure's radius + |c - mid|, up to the final conversion to float32
     assert bool((y.rad.double() >= enc.rad * (1 - 2.0 ** -20)).all())
     assert bool(((enc.mid - y.mid.double()).abs() <= y.rad.double()).all())
+
+
+def test_layer_norm_plain_grad_point_input_and_the_point_probe():
+    """Layer norm paths the adversarial tests reach rarely: a plain grad_out (a point) with ball weights (the grad
+    and bias sums with and without radii, stacked), a point input (statistics without radii), and an input whose radii
+    are zero on a long prefix (more than 4096 elements: ``_is_point`` probes a prefix, then scans everything)."""
+    gen = torch.Generator().manual_seed(4)
+    for dtype in DTYPES:
+        x = bg.ball(torch.randn(2, 3, 6, generator=gen, dtype=dtype), 2.0 ** -20)
+        w = bg.ball(torch.rand(6, generator=gen, dtype=dtype) + 0.5, 2.0 ** -22)
+        b = bg.ball(torch.randn(6, generator=gen, dtype=dtype), 2.0 ** -22)
+        for xx in (x, bg.ball(x.mid)):
+            check(aten.native_layer_norm.default, (xx, [6], w, b, 1e-5),
+                  lambda x_, s_, w_, b_, e_: exact_layer_norm(x_, 1, w_, b_, e_))
+            _, mean, rstd = aten.native_layer_norm.default(xx, [6], w, b, 1e-5)
+            gy = torch.randn(2, 3, 6, generator=gen, dtype=dtype)
+            for recompute in (False, True):
+                check(aten.native_layer_norm_backward.default, (gy, xx, [6], mean, rstd, w, b, [True, True, True]),
+                      lambda g_, x_, s_, m_, r_, w_, b_, o_: exact_layer_norm_backward(g_, x_, m_, r_, w_, 1,
+                                                                                      recompute))
+    x = bg.ball(torch.randn(2, 2100, generator=gen, dtype=torch.float64))
+    x.rad[1, 1000:1010] = 2.0 ** -30
+    assert not normalization._is_point(x) and normalization._is_point(bg.ball(x.mid)) and normalization._is_point(x.mid)
+    check(aten.native_layer_norm.default, (x, [2100], None, None, 1e-5),
+          lambda x_, s_, w_, b_, e_: exact_layer_norm(x_, 1, None, None, e_), modes=("lo", "hi", "rand"))
+    y, _, _ = aten.native_layer_norm.default(x, [2100], None, None, 1e-5)
+    assert float(y.rad[1].min()) > float(y.rad[0].max())  # the radii entered the second row's statistics
+
+
+def test_layer_norm_widening_and_stacked_helpers_keep_the_bits(monkeypatch):
+    """Widening small float32 operands once (``_WIDEN_MAX``), stacking group quantities (``_recentre_balls``,
+    ``_sum_balls``) and the per-slot sum bounds (``_sum_bounds``) are the same float64 operations as one at a time:
+    the same bits."""
+    gen = torch.Generator().manual_seed(5)
+    x = bg.ball(torch.randn(3, 4, 8, generator=gen), 2.0 ** -20)
+    w = bg.ball(torch.rand(8, generator=gen) + 0.5, 2.0 ** -22)
+    b = bg.ball(torch.randn(8, generator=gen), 2.0 ** -22)
+    gy = bg.ball(torch.randn(3, 4, 8, generator=gen), 2.0 ** -18)
+
+    def run():
+        out = aten.native_layer_norm.default(x, [8], w, b, 1e-5)
+        return list(out) + list(aten.native_layer_norm_backward.default(gy, x, [8], out[1], out[2], w, b,
+                                                                        [True, True, True]))
+
+    widened = run()
+    monkeypatch.setattr(normalization, "_WIDEN_MAX", 0)
+    for a, c in zip(widened, run()):
+        assert_same_bits(a.mid, c.mid)
+        assert_same_bits(a.rad, c.rad)
+    balls = [normalization._Ball(torch.rand(4, 1, dtype=torch.float64, generator=gen),
+                                 torch.rand(4, 1, dtype=torch.float64, generator=gen) * 1e-9) for _ in range(2)]
+    mids = [torch.rand(4, 1, generator=gen) for _ in range(2)]
+    for one, stacked in zip([normalization._recentre_ball(m, bl) for m, bl in zip(mids, balls)],
+                            normalization._recentre_balls(mids, balls)):
+        assert_same_bits(one.rad, stacked.rad)
+    g = [normalization._Ball(torch.randn(3, 5, dtype=torch.float64, generator=gen), r)
+         for r in (torch.rand(3, 5, dtype=torch.float64, generator=gen), None)]
+    for one, stacked in zip([normalization._sum_ball(gi, [0], 3) for gi in g], normalization._sum_balls(g, [0], 3)):
+        assert_same_bits(one.total.c, stacked.total.c)
+        assert_same_bits(one.total.r, stacked.total.r)
+    s = torch.rand(3, 2, 1, dtype=torch.float64, generator=gen) * torch.tensor([1.0, 1e-300, 1e300]).reshape(3, 1, 1)
+    bounds = normalization._sum_bounds(s, 7, (0, 1, -1))
+    assert_same_bits(bounds[0], normalization._sum_up(s[0], 7, 0))
+    assert_same_bits(bounds[1], normalization._sum_up(s[1], 7, 1))
+    assert_same_bits(bounds[2], normalization._sum_down(s[2], 7))

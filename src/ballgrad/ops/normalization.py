@@ -55,7 +55,6 @@ from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import mids, recentre, result
 from ballgrad.ops.conv import _channel_shape, _check_float_input
 from ballgrad.ops.elementwise import _rsqrt_enclose
-from ballgrad.ops.linalg import _is_point as linalg_is_point
 from ballgrad.ops.reductions import _from_bounds
 from ballgrad.ops.registry import rule
 from ballgrad.tensor import BallTensor
@@ -70,6 +69,7 @@ _ONE_PLUS_U = rounding.round_up_float(1 + _UF)
 _TWO_ONE_PLUS_U = rounding.round_up_float(2 * (1 + _UF))
 _ONE_PLUS_U_SQUARED = rounding.round_up_float((1 + _UF) ** 2)
 _ONE_MINUS_U_SQUARED = rounding.round_down_float((1 - _UF) ** 2)
+_HALF_ETA = Fraction(_ETA) / 2
 _THREE_U = 3 * _U  # exact
 _FOUR_U = 4 * _U  # exact
 
@@ -100,13 +100,85 @@ def _as_ball(x, shape=None) -> _Ball | None:
     return _Ball(c, r)
 
 
+@functools.lru_cache(maxsize=256)
+def _column(values: tuple, ndim: int, device: torch.device) -> torch.Tensor:
+    """The float64 constants ``values`` as a tensor of shape (k, 1, ..., 1) with ``ndim`` dims after the first (cached;
+    never written to): per-slot operands for quantities stacked on a new dim 0, so that one kernel applies each slot's
+    own operation (an elementwise operation gives the same bits stacked or not)."""
+    return torch.tensor(values, dtype=_F64, device=device).view((len(values),) + (1,) * ndim)
+
+
+def _directions(signs: tuple, like: torch.Tensor) -> torch.Tensor:
+    """+-inf per slot (``signs`` of +-1) for ``like`` = a stack on dim 0: nextafter toward it is succ (+1) or pred (-1)
+    of each slot, as ``rounding.up``/``down``."""
+    return _column(tuple(sg * math.inf for sg in signs), like.dim() - 1, like.device)
+
+
+def _constants(values: tuple, like: torch.Tensor) -> torch.Tensor:
+    return _column(tuple(values), like.dim() - 1, like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _inflation(n_ops: int, extra: float = 0.0) -> tuple[float, float]:
+    """``rounding.inflate``'s constants for float64 (cached on plain floats: no Fraction per call)."""
+    return rounding.inflation_constants(n_ops, _F64, Fraction(extra))
+
+
+@functools.lru_cache(maxsize=256)
+def _inflation_to(n_ops: int, dtype: torch.dtype, extra: float = 0.0) -> tuple[float, float]:
+    """``rounding.inflate_to``'s constants from float64 to ``dtype`` (float32), cached."""
+    return rounding._inflation_to_constants(n_ops, _F64, dtype, Fraction(extra))
+
+
+def _inflated(expr: torch.Tensor, n_ops: int, extra: float = 0.0) -> torch.Tensor:
+    """``rounding.inflate(expr, n_ops, extra)`` for a float64 ``expr`` (the same constants and passes)."""
+    phi, a = _inflation(n_ops, extra)
+    return torch.mul(expr, phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+def _inflated_slots(expr: torch.Tensor, n_ops: tuple) -> torch.Tensor:
+    """``_inflated_`` of quantities stacked on dim 0, slot i with n_ops[i] operations (per-slot constants: the same
+    passes and bits as one at a time)."""
+    constants = [_inflation(k) for k in n_ops]
+    phi = _constants(tuple(c[0] for c in constants), expr)
+    a = _constants(tuple(c[1] for c in constants), expr)
+    return expr.mul_(phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+def _inflated_(expr: torch.Tensor, n_ops: int, extra: float = 0.0) -> torch.Tensor:
+    """``rounding.inflate_``: ``_inflated`` in place."""
+    phi, a = _inflation(n_ops, extra)
+    return expr.mul_(phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+def _inflated_to_(expr: torch.Tensor, n_ops: int, dtype: torch.dtype, extra: float = 0.0) -> torch.Tensor:
+    """``rounding.inflate_to_(expr, n_ops, dtype, extra)`` for a float64 ``expr`` (the same constants and passes)."""
+    if dtype == _F64:
+        return _inflated_(expr, n_ops, extra)
+    phi, a = _inflation_to(n_ops, dtype, extra)
+    return expr.mul_(phi).add_(a).to(dtype).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
 def _is_point(x) -> bool:
-    return not isinstance(x, BallTensor) or linalg_is_point(x.rad)
+    """Whether x is a plain tensor or a ball whose radii are all exactly 0 (``linalg._is_point``'s test with max
+    instead of any: radii are >= 0 and never NaN, so "all zero" is "the largest is not > 0"; a large contiguous radius
+    is first probed on a prefix, and only an all-zero prefix leads to the full scan)."""
+    if not isinstance(x, BallTensor):
+        return True
+    r = x.rad
+    if r.numel() == 0:
+        return True
+    if r.numel() > 4096 and r.is_contiguous() and float(r.reshape(-1)[:256].max()) > 0:
+        return False
+    return not float(r.max()) > 0
 
 
 def _centre_error(c: torch.Tensor) -> torch.Tensor:
-    """u|c| + eta >= the F1 error of the one rounded operation that produced ``c`` (outward rounded)."""
-    return rounding.add_up(rounding.mul_up(torch.abs(c), _U), _ETA)
+    """succ(succ(fl(u|c|))) >= u|c| + eta >= the F1 error of the one rounded operation that produced ``c``: the first
+    succ bounds the product u|c| (F2), the second adds at least eta (every step of the float64 grid is >= eta). The same
+    bits as rounding.add_up(succ(fl(u|c|)), eta) whenever fl(u|c|) >= 2^-1020 (there fl(t + eta) = t), smaller below,
+    and no addition of a subnormal (which costs a microcode assist per element on x86)."""
+    return rounding._up_fresh(rounding.mul_up(torch.abs(c), _U))
 
 
 def _mul(a: _Ball, b: _Ball) -> _Ball:
@@ -117,6 +189,26 @@ def _mul(a: _Ball, b: _Ball) -> _Ball:
     return _Ball(c, rounding.add_up(spread, _centre_error(c)))
 
 
+def _mul_full(a: _Ball, b: _Ball, abs_a: torch.Tensor | None = None) -> _Ball:
+    """a b for full-size balls (either may broadcast, e.g. a group's rstd times the elementwise weight; a radius None
+    is a point), with the design's full-size pattern instead of ``_mul``'s outward rounding per operation: centre
+    c = fl(a.c b.c) and radius
+        inflate(|a.c| b.r + a.r (|b.c| + b.r) + u|c|, 6, eta/2)
+    since |xy - a.c b.c| <= |a.c| b.r + a.r (|b.c| + b.r) for |x - a.c| <= a.r, |y - b.c| <= b.r, and
+    |a.c b.c - c| <= u|c| + eta/2 (F1). ``rounding.inflate``'s conditions: the terms are products of two factors, each
+    an exact float (|a.c|, b.r, a.r, u, |c|) or a sum of two (|b.c| + b.r); 6 rounded operations (three products,
+    the sum in the factor, two additions; u|c| is exact unless it underflows). One pass per operation and no
+    nextafter: a few ulps apart from ``_mul``'s radius, either way. One centre is float64 (so is the arithmetic);
+    ``abs_a`` = |a.c| if the caller has it."""
+    c = a.c * b.c
+    expr = torch.abs(c).mul_(_U)
+    if b.r is not None:
+        expr.addcmul_(torch.abs(a.c) if abs_a is None else abs_a, b.r)
+    if a.r is not None:
+        expr.addcmul_(a.r, torch.abs(b.c) if b.r is None else torch.abs(b.c) + b.r)
+    return _Ball(c, _inflated_(expr, 6, _HALF_ETA))
+
+
 def _div_count(a: _Ball, n: int) -> _Ball:
     """a / n for a positive integer n <= 2^53 (exact as a double): the radius divided upward, plus F1."""
     c = a.c / float(n)
@@ -124,21 +216,42 @@ def _div_count(a: _Ball, n: int) -> _Ball:
 
 
 def _hull(a: _Ball, b: _Ball) -> _Ball:
-    """A ball containing both (the hull of their outward end points)."""
-    lo = torch.minimum(rounding.sub_down(a.c, a.r), rounding.sub_down(b.c, b.r))
-    hi = torch.maximum(rounding.add_up(a.c, a.r), rounding.add_up(b.c, b.r))
-    h = _from_bounds(lo, hi)
+    """A ball containing both (the hull of their outward end points down(c - r), up(c + r); the four in one pass per
+    operation: the product by -+1 is exact)."""
+    both = _stack_balls(a, b)
+    ends = torch.nextafter(torch.addcmul(both.c, _constants((-1.0, 1.0), both.c.unsqueeze(0)), both.r),
+                           _directions((-1, 1), both.c.unsqueeze(0)))  # [[lo_a, lo_b], [hi_a, hi_b]]
+    h = _from_bounds(torch.amin(ends[0], 0), torch.amax(ends[1], 0))
     return _Ball(h.mid, h.rad)
 
 
+def _stack_balls(*balls: _Ball) -> _Ball:
+    """Balls of one shape stacked on a new dim 0 (radii expanded to their centres' shape)."""
+    return _Ball(torch.stack([b.c for b in balls]),
+                 torch.stack([b.r if b.r.shape == b.c.shape else b.r.expand(b.c.shape) for b in balls]))
+
+
+def _k_coefficients(k1: _Ball, s: _Ball, total: _Ball, dot: _Ball, n: int) -> tuple[_Ball, _Ball]:
+    """(K2, K3) = (K1 (S/n), (K1 s^2) (D/n)) of the batch/layer norm input gradient (``_gradient_input_rad``), by
+    ``_div_count`` and ``_mul``, the independent ones stacked (elementwise: the same bits as one at a time)."""
+    q = _div_count(_stack_balls(total, dot), n)  # [S/n, D/n]
+    p = _mul(k1, _stack_balls(_Ball(q.c[0], q.r[0]), _mul(s, s)))  # [K1 (S/n), K1 s^2]
+    return _Ball(p.c[0], p.r[0]), _mul(_Ball(p.c[1], p.r[1]), _Ball(q.c[1], q.r[1]))
+
+
 def _rstd(var_lo: torch.Tensor, var_hi: torch.Tensor, eps: float) -> _Ball:
-    """1/sqrt(var + eps) for every var in [var_lo, var_hi]: decreasing in var, so it lies in
-    [rsqrt_lower(up(var_hi + eps)), rsqrt_upper(down(var_lo + eps))] (the rsqrt rule's enclosure, lemma C); a lower
-    end point <= 0 gives +inf (NaN end points: an infinite radius)."""
-    device_type = var_lo.device.type
-    lo = _rsqrt_enclose(rounding.add_up(var_hi, eps), device_type)[0]
-    hi = _rsqrt_enclose(rounding.add_down(var_lo, eps), device_type)[1]
-    b = _from_bounds(torch.clamp_min(lo, 0), hi)
+    """1/sqrt(var + eps) for every var in [var_lo, var_hi] (``_rstd_stacked``)."""
+    return _rstd_stacked(torch.stack((var_hi, var_lo)), eps)
+
+
+def _rstd_stacked(v: torch.Tensor, eps: float) -> _Ball:
+    """1/sqrt(var + eps) for every var in [v[1], v[0]] (v = [var_hi, var_lo] stacked on dim 0): decreasing in var, so
+    it lies in [rsqrt_lower(up(var_hi + eps)), rsqrt_upper(down(var_lo + eps))] (the rsqrt rule's enclosure, lemma C,
+    both end points in one call: it is elementwise); a lower end point <= 0 gives +inf (NaN end points: an infinite
+    radius)."""
+    ends = torch.nextafter(v + eps, _directions((1, -1), v))  # [up(var_hi + eps), down(var_lo + eps)]
+    lower, upper = _rsqrt_enclose(ends, v.device.type)
+    b = _from_bounds(torch.clamp_min(lower[0], 0), upper[1])
     return _Ball(b.mid, b.rad)
 
 
@@ -167,13 +280,22 @@ def _up(value: Fraction) -> float:
     return rounding.round_up_float(value)
 
 
+@functools.lru_cache(maxsize=256)
+def _group_constants(n: int) -> tuple[float, float, float]:
+    """(gamma_(n-1), up(u + gamma_(n-1)), kappa = up(u + (u + gamma_(n-1))(1 + u))) as floats, cached per n."""
+    g = _gamma(n)
+    return float(g), _up(_UF + g), _up(_UF + (_UF + g) * (1 + _UF))
+
+
 def _sum_up(s: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Upper bound of the exact sum of n non-negative terms whose computed sum is ``s``, each term computed from exact
     non-negative floats with k roundings: k - 1 additions inside the factors and at most one product last. Per term
     exact <= (1+u)^k fl + eta (F1: additions have no eta, the product adds eta/2 (1+u)^(k-1)); the sum in any order
     has exact <= theta_(n-1) fl (F3). So the sum <= (1+u)^k theta_(n-1) s + n eta."""
     factor = _sum_up_factor(n, k)
-    return rounding.add_up(rounding.mul_up(s, factor), float(n) * _ETA if k else 0.0)
+    if not k:  # succ(succ(fl(s factor))): the same bits as adding 0.0 before the second succ (s >= 0)
+        return rounding._up_fresh(rounding.mul_up(s, factor))
+    return rounding.add_up(rounding.mul_up(s, factor), float(n) * _ETA)
 
 
 def _sum_down(s: torch.Tensor, n: int) -> torch.Tensor:
@@ -182,6 +304,21 @@ def _sum_down(s: torch.Tensor, n: int) -> torch.Tensor:
     sum t_i >= s / ((1 + u)(1 + gamma_(n-1))) - n eta."""
     factor = _sum_down_factor(n)
     return torch.clamp_min(rounding.sub_down(rounding.mul_down(s, factor), float(n) * _ETA), 0)
+
+
+def _sum_bounds(sums: torch.Tensor, n: int, kinds: tuple) -> torch.Tensor:
+    """``_sum_up(sums[i], n, k)`` for kinds[i] = k >= 0 and ``_sum_down(sums[i], n)`` for kinds[i] = -1, for group sums
+    stacked on dim 0, in one pass per operation with per-slot factors and directions (the same operations, hence the
+    same bits, slot by slot: multiply by the factor, one step up (down), add n eta (0 for k = 0, -n eta down), one
+    step up (down); the clamps at 0 change only the down slots, the others are > 0 or NaN)."""
+    neta = float(n) * _ETA
+    factors = tuple(_sum_down_factor(n) if k < 0 else _sum_up_factor(n, k) for k in kinds)
+    if not any(kinds):  # _sum_up(., n, 0): two steps up
+        return rounding._up_fresh(rounding.mul_up(sums, _constants(factors, sums)))
+    terms = tuple(-neta if k < 0 else (neta if k else 0.0) for k in kinds)
+    dirs = _directions(tuple(-1 if k < 0 else 1 for k in kinds), sums)
+    b = torch.nextafter(sums * _constants(factors, sums), dirs).clamp_min_(0)
+    return b.add_(_constants(terms, sums)).nextafter_(dirs).clamp_min_(0)
 
 
 def _gsum(t: torch.Tensor, dims) -> torch.Tensor:
@@ -202,15 +339,41 @@ class _Sums(NamedTuple):
     rad_sum: torch.Tensor | None
 
 
-def _sum_ball(g: _Ball, dims, n: int) -> _Sums:
-    """Sum of the balls g (centre any float dtype; radius full size, or None for points) over ``dims`` (keepdim)."""
+def _sum_ball(g: _Ball, dims, n: int, abs_c: torch.Tensor | None = None) -> _Sums:
+    """Sum of the balls g (centre any float dtype; radius full size, or None for points) over ``dims`` (keepdim);
+    ``abs_c`` = |g.c| if the caller has it."""
     c = _gsum(g.c, dims)
-    abs_sum = _sum_up(_gsum(torch.abs(g.c), dims), n, 0)
+    abs_sum = _sum_up(_gsum(torch.abs(g.c) if abs_c is None else abs_c, dims), n, 0)
     rad_sum = _sum_up(_gsum(g.r.expand(g.c.shape), dims), n, 0) if g.r is not None else None
-    r = rounding.mul_up(abs_sum, float(_gamma(n))) if n > 1 else torch.zeros_like(abs_sum)
+    r = rounding.mul_up(abs_sum, _group_constants(n)[0]) if n > 1 else torch.zeros_like(abs_sum)
     if rad_sum is not None:
         r = rounding.add_up(r, rad_sum)
     return _Sums(_Ball(c, r), abs_sum, rad_sum)
+
+
+def _sum_balls(gs: list, dims, n: int, abs_cs: list | None = None) -> list:
+    """``_sum_ball`` of several balls of one shape over the same ``dims``: the sums each by its own reduction, the
+    group quantities after them stacked (elementwise: the same bits as one at a time). ``abs_cs``: |g.c| (or None)
+    per ball, where the caller has it."""
+    abs_cs = abs_cs or [None] * len(gs)
+    if len(gs) == 1:
+        return [_sum_ball(gs[0], dims, n, abs_cs[0])]
+    sums, slots = [], []
+    for g, abs_c in zip(gs, abs_cs):
+        slots.append(len(sums))
+        sums.append(_gsum(torch.abs(g.c) if abs_c is None else abs_c, dims))
+        if g.r is not None:
+            sums.append(_gsum(g.r.expand(g.c.shape), dims))
+    b = _sum_bounds(torch.stack(sums), n, (0,) * len(sums))
+    step = slots[1] - slots[0]
+    abs_sums = b[::step] if slots == list(range(0, len(sums), step)) else b[slots]
+    r = rounding.mul_up(abs_sums, _group_constants(n)[0]) if n > 1 else torch.zeros_like(abs_sums)
+    out = []
+    for i, (g, k) in enumerate(zip(gs, slots)):
+        rad_sum = b[k + 1] if g.r is not None else None
+        ri = rounding.add_up(r[i], rad_sum) if rad_sum is not None else r[i]
+        out.append(_Sums(_Ball(_gsum(g.c, dims), ri), abs_sums[i], rad_sum))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -218,7 +381,8 @@ def _sum_ball(g: _Ball, dims, n: int) -> _Sums:
 #
 # Memory: full-size inputs stay in their own dtype (every arithmetic operation below that reads them has a float64
 # operand, so it is computed in float64 on exactly widened values; abs is exact in any dtype), and at most two
-# float64 full-size arrays are alive at a time: d and one scratch or result array.
+# float64 full-size arrays are alive at a time: d and one scratch or result array. (Layer norm passes small inputs
+# already widened, ``_WIDEN_MAX``.)
 
 
 class _Centred(NamedTuple):
@@ -257,71 +421,82 @@ def _statistics(m: torch.Tensor, r: torch.Tensor | None, dims, n: int, eps: floa
     (1-u)^2 d_i^2 <= d*_i^2 <= (1+u)^2 d_i^2; sum d^2 by ``_sum_up``/``_sum_down``. Hence
     var in [max(0, (1-u)^2 L/n - e^2 - P), (1+u)^2 U/n + P] with L <= sum d^2 <= U; then rstd by ``_rstd``.
     """
-    c = torch.mean(m, dim=dims, keepdim=True, dtype=_F64)
+    c = _gsum(m, dims).div_(float(n))  # the computed mean (CPU's mean is this sum and division)
     d = torch.sub(m, c)
     t = torch.abs(d)
-    sum_a = _sum_up(_gsum(t, dims), n, 0)
-    spread = rounding.mul_up(sum_a, _up(_UF + _gamma(n)))
-    e = rounding.div_up(rounding.add_up(torch.abs(_gsum(d, dims)), spread), float(n))
+    s_a = _gsum(t, dims)
+    s_d = _gsum(d, dims)
     sq = _gsum(torch.mul(d, d, out=t), dims)
-    upper = rounding.div_up(rounding.mul_up(_sum_up(sq, n, 1), _ONE_PLUS_U_SQUARED), float(n))
-    lower = rounding.div_down(rounding.mul_down(_sum_down(sq, n), _ONE_MINUS_U_SQUARED), float(n))
-    lower = rounding.sub_down(lower, rounding.mul_up(e, e))
+    if r is None:
+        sums = _sum_bounds(torch.stack((s_a, sq, sq)), n, (0, 1, -1))
+    else:
+        s_r = _gsum(r, dims)
+        torch.abs(d, out=t).mul_(2.0).add_(r).mul_(r)  # r (2a + r) in float64
+        sums = _sum_bounds(torch.stack((s_a, sq, sq, s_r, _gsum(t, dims))), n, (0, 1, -1, 0, 2))
+    del t
+    # sums = [sum a, U, L, sum r, sum r(2a + r)] (upper bounds; L <= sum d^2 <= U). Per slot, one pass each:
+    # [spread, U', L'] = [mul_up(sum a, u + gamma_(n-1)), mul_up(U, (1+u)^2), mul_down(L, (1-u)^2)]
+    w = torch.nextafter(sums[:3] * _constants((_group_constants(n)[1], _ONE_PLUS_U_SQUARED, _ONE_MINUS_U_SQUARED),
+                                               sums[:3]), _directions((1, 1, -1), sums[:3])).clamp_min_(0)
+    e = rounding.div_up(rounding.add_up(torch.abs(s_d), w[0]), float(n))
+    # [upper, lower] = [div_up(U', n), div_down(L', n)], then lower = sub_down(lower, mul_up(e, e))
+    v = torch.div(w[1:], float(n)).nextafter_(_directions((1, -1), w[1:])).clamp_min_(0)
+    rounding._down_fresh(v[1].sub_(rounding.mul_up(e, e)))
     if r is None:
         mean_r = e
-        perturbation = torch.zeros_like(e)
+        perturbation = torch.zeros((), dtype=_F64, device=e.device)
     else:
-        sum_r = _sum_up(_gsum(r, dims), n, 0)
+        sum_r, sum_r2a = sums[3], sums[4]
         mean_r = rounding.add_up(e, rounding.div_up(sum_r, float(n)))
-        torch.abs(d, out=t).mul_(2.0).add_(r).mul_(r)  # r (2a + r) in float64
-        sum_r2a = _sum_up(_gsum(t, dims), n, 2)
         perturbation = rounding.div_up(rounding.add_up(rounding.mul_up(sum_r2a, _ONE_PLUS_U),
                                                        rounding.mul_up(rounding.mul_up(e, 2.0), sum_r)), float(n))
-    del t
-    var_hi = rounding.add_up(upper, perturbation)
-    var_lo = torch.clamp_min(rounding.sub_down(lower, perturbation), 0)
-    return _Stats(_Ball(c, mean_r), var_lo, var_hi, _rstd(var_lo, var_hi, eps), _Centred(d, r, mean_r))
+    # [var_hi, var_lo] = [add_up(upper, P), max(0, sub_down(lower, P))] (var_hi > 0: the clamp changes var_lo only)
+    var = torch.nextafter(torch.addcmul(v, _constants((1.0, -1.0), v), perturbation), _directions((1, -1), v))
+    var.clamp_min_(0)
+    return _Stats(_Ball(c, mean_r), var[1], var[0], _rstd_stacked(var, eps), _Centred(d, r, mean_r))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Forward output and backward input gradient (full size)
 
 
-def _inflated(expr: torch.Tensor, n_ops: int, extra: float = 0.0) -> torch.Tensor:
-    return rounding.inflate(expr, n_ops, extra)
-
-
-def _affine_terms(z: _Centred, scale: _Ball, bias: _Ball | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c, expr) for y = z * scale + b (scale = s w, or s): a float64 centre c and an expression, computed in
-    round-to-nearest with 6 rounded operations, whose exact value bounds |y - c| (``inflate`` it). Overwrites z.d
-    (c is computed in its storage).
+def _affine_terms(z: _Centred, scale: _Ball, bias: _Ball | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(c, expr, extra) for y = z * scale + b (scale = s w, or s): a float64 centre c and an expression, computed in
+    round-to-nearest with 6 rounded operations, whose exact value plus ``extra`` bounds |y - c|
+    (``inflate(expr, ., extra)`` it). Overwrites z.d (c is computed in its storage).
 
     Centre c = fl(fl(d F) + b.c) with F = scale.c: |c - (d F + b.c)| <= u|fl(d F)| + eta/2 + u|c|
     <= 3u a|F| + 2u|b.c| + eta (F1 twice, |fl(d F)| <= (1+u) a |F| + eta/2). Spread: with |z - d| <= r + mu_r + u a,
     |z S - d F| <= a scale.r + (r + mu_r + u a)(|F| + scale.r), |b - b.c| <= b.r. So, with H = |F| + scale.r,
     |y - c| <= a (scale.r + u H + 3u|F|) + r H + (mu_r H + b.r + 2u|b.c| + eta); the coefficients are outward rounded
     (``inflate``), the expression has 6 rounded operations (a*G; r*H and its addition; mu_r*H, its addition to the
-    bias term and the addition of that)."""
+    bias term and the addition of that). Without a bias the constant term is eta alone: it is returned as ``extra``
+    (added after the inflation, no subnormal addition per element), else folded into the bias term (extra 0)."""
     f = scale.c
-    h = _inflated(torch.abs(f) + scale.r, 1)
-    g = _inflated(scale.r + h * _U + torch.abs(f) * _THREE_U, 4)
-    j = _inflated(bias.r + torch.abs(bias.c) * (2 * _U), 2, _ETA) if bias is not None else _ETA
+    abs_f = torch.abs(f)
+    h = _inflated_(abs_f + scale.r, 1)
+    g = _inflated_(torch.mul(h, _U).add_(scale.r).add_(abs_f.mul_(_THREE_U)), 4)  # scale.r + u H + 3u|F|
     expr = torch.abs(z.d).mul_(g)
     if z.r is not None:
         expr.addcmul_(z.r, h)
-    expr += z.mu_r * h + j
+    if bias is not None:
+        expr += z.mu_r * h + _inflated(bias.r + torch.abs(bias.c) * (2 * _U), 2, _ETA)
+        extra = 0.0
+    else:
+        expr += z.mu_r * h
+        extra = _ETA
     c = z.d.mul_(f)
     if bias is not None:
         c += bias.c
-    return c, expr
+    return c, expr, extra
 
 
 def _affine_output(mid: torch.Tensor, z: _Centred, scale: _Ball, bias: _Ball | None) -> BallTensor:
-    """``_affine_terms`` re-centred on the kernel's ``mid``: rad = inflate(expr + |c - mid|, 6 + 2) (the subtraction
-    and the addition), the ``recentre`` argument folded into the same ``inflate``."""
-    c, expr = _affine_terms(z, scale, bias)
+    """``_affine_terms`` re-centred on the kernel's ``mid``: rad = inflate(expr + |c - mid|, 6 + 2, extra) (the
+    subtraction and the addition), the ``recentre`` argument folded into the same ``inflate``."""
+    c, expr, extra = _affine_terms(z, scale, bias)
     expr += c.sub_(mid).abs_()
-    return BallTensor(mid, rounding.inflate_to_(expr, 8, rounding.rad_dtype(mid.dtype)))
+    return BallTensor(mid, _inflated_to_(expr, 8, rounding.rad_dtype(mid.dtype), extra))
 
 
 def layer_norm_enclosure(xb: BallTensor, k: int, weight, bias, eps: float) -> BallTensor:
@@ -333,18 +508,19 @@ def layer_norm_enclosure(xb: BallTensor, k: int, weight, bias, eps: float) -> Ba
     m = xb.mid
     stats = _statistics(m, _radius_of(xb, m), dims, n, eps)
     w = _as_ball(weight)
-    c, expr = _affine_terms(stats.z, stats.rstd if w is None else _mul(stats.rstd, w), _as_ball(bias))
-    return BallTensor(c, rounding.clean_rad(_inflated(expr, 6)))
+    c, expr, extra = _affine_terms(stats.z, stats.rstd if w is None else _mul_full(stats.rstd, w), _as_ball(bias))
+    return BallTensor(c, rounding.clean_rad(_inflated(expr, 6, extra)))
 
 
 def _gradient_input(mid: torch.Tensor, g: _Ball, z: _Centred | None, k1: _Ball, k2: _Ball | None,
-                    k3: _Ball | None) -> BallTensor:
+                    k3: _Ball | None, abs_g=None, abs_d=None) -> BallTensor:
     """gx = K1 g - K2 - K3 z re-centred on the kernel's ``mid``: the ball of ``_gradient_input_rad``."""
-    return BallTensor(mid, _gradient_input_rad(mid, g, z, k1, k2, k3))
+    return BallTensor(mid, _gradient_input_rad(mid, g, z, k1, k2, k3, abs_g, abs_d))
 
 
 def _gradient_input_rad(mid: torch.Tensor, g: _Ball, z: _Centred | None, k1: _Ball, k2: _Ball | None,
-                        k3: _Ball | None) -> torch.Tensor:
+                        k3: _Ball | None, abs_g: torch.Tensor | None = None,
+                        abs_d: torch.Tensor | None = None) -> torch.Tensor:
     """The radius (radius dtype, mid's shape) of gx = K1 g - K2 - K3 z (K's per group, g and z full size; K2 and K3
     both given or both None) re-centred on the kernel's ``mid``. Overwrites z.d (the centre is computed in its
     storage).
@@ -358,56 +534,73 @@ def _gradient_input_rad(mid: torch.Tensor, g: _Ball, z: _Centred | None, k1: _Ba
           + (mu_r H3 + K2.r + 2u|K2.c| + 3 eta) + |c - mid|,
     coefficients outward rounded, then one ``inflate`` of the 12 rounded operations (a*P3; three multiply-adds;
     mu_r*H3, its addition and the addition of the constant; the subtraction c - mid and its addition). Without K3
-    (eval mode) the terms in a, r and mu_r vanish: 5 operations, absolute eta."""
-    abs_k1 = torch.abs(k1.c)
-    p1 = _inflated(k1.r + abs_k1 * _FOUR_U, 2)
-    p2 = _inflated(abs_k1 + k1.r, 1)
+    (eval mode) the terms in a, r and mu_r vanish: 5 operations, absolute eta. ``abs_g`` = |g.c| and ``abs_d`` = |z.d|
+    if the caller has them (``abs_d`` is overwritten)."""
     if k3 is not None:
-        abs_k3 = torch.abs(k3.c)
-        h3 = _inflated(abs_k3 + k3.r, 1)
-        expr = torch.abs(z.d).mul_(_inflated(k3.r + h3 * _U + abs_k3 * _FOUR_U, 4))
-        expr.addcmul_(torch.abs(g.c), p1)
+        # [P1, P2, H3, J] = inflate([K1.r + 4u|K1.c|, |K1.c| + K1.r, |K3.c| + K3.r, K2.r + 2u|K2.c|], [2, 1, 1, 2]):
+        # each r + |c| alpha (|c| 1 is exact), one pass per operation with per-slot constants
+        coefficient = _stack_balls(k1, k1, k3, k2)
+        abs_c = torch.abs(coefficient.c)
+        p = _inflated_slots(coefficient.r + abs_c * _constants((_FOUR_U, 1.0, 1.0, 2 * _U), abs_c), (2, 1, 1, 2))
+        p1, p2, h3, j = p.unbind(0)
+        expr = (abs_d if abs_d is not None else torch.abs(z.d)).mul_(
+            _inflated(k3.r + h3 * _U + abs_c[2] * _FOUR_U, 4))  # (abs_d is the caller's scratch)
+        expr.addcmul_(abs_g if abs_g is not None else torch.abs(g.c), p1)
         if g.r is not None:
             expr.addcmul_(g.r, p2)
         if z.r is not None:
             expr.addcmul_(z.r, h3)
-        expr += z.mu_r * h3 + _inflated(k2.r + torch.abs(k2.c) * (2 * _U), 2)
+        expr += z.mu_r * h3 + j
         c = z.d.mul_(torch.neg(k3.c)).addcmul_(g.c, k1.c).sub_(k2.c)
         n_ops, extra = 12, 3 * _ETA
     else:
-        expr = torch.mul(torch.abs(g.c), p1)
+        abs_k1 = torch.abs(k1.c)
+        p1 = _inflated(k1.r + abs_k1 * _FOUR_U, 2)
+        p2 = _inflated(abs_k1 + k1.r, 1)
+        expr = torch.mul(abs_g if abs_g is not None else torch.abs(g.c), p1)
         if g.r is not None:
             expr.addcmul_(g.r, p2)
         c = torch.mul(g.c, k1.c)
         n_ops, extra = 5, _ETA
     expr += c.sub_(mid).abs_()
-    return rounding.inflate_to_(expr, n_ops, rounding.rad_dtype(mid.dtype), extra)
+    return _inflated_to_(expr, n_ops, rounding.rad_dtype(mid.dtype), extra)
 
 
-def _dot_ball(g: _Ball, z: _Centred, sums: _Sums, dims, n: int) -> _Ball:
+def _dot_ball(g: _Ball, z: _Centred, sums: _Sums, dims, n: int, abs_g=None, abs_d=None) -> _Ball:
     """D = sum g z over a group: centre the computed sum of fl(g.c d) (float64). With rho = r + mu_r + u a:
     |sum g z - sum g.c d| <= sum (|g.c| + g.r)(r + mu_r) + (1+u) sum a g.r + u sum a |g.c|, and the centre's rounding
     (F1 per product, F3 for the sum) adds (u + gamma_(n-1))(1+u) sum a |g.c| + n eta. So
     D.r = sum (|g.c| + g.r) r + mu_r (sum |g.c| + sum g.r) + (1+u) sum a g.r + kappa sum a |g.c| + n eta,
     kappa = u + (u + gamma_(n-1))(1+u); the group sums of |g.c| and g.r come from ``_sum_ball`` (``sums``), the
-    others are float64 sums of float64 products (``_sum_up`` with 1 or 2 roundings per term)."""
+    others are float64 sums of float64 products (``_sum_up`` with 1 or 2 roundings per term, the three stacked:
+    ``_sum_bounds``). ``abs_g`` = |g.c| and ``abs_d`` = |z.d| if the caller has them (read only)."""
     t = torch.mul(z.d, g.c)
     c = _gsum(t, dims)
-    abs_g = torch.abs(g.c)
-    kappa = _up(_UF + (_UF + _gamma(n)) * (1 + _UF))
-    torch.abs(z.d, out=t).mul_(abs_g)
-    r = rounding.add_up(rounding.mul_up(_sum_up(_gsum(t, dims), n, 1), kappa), float(n) * _ETA)
-    weights = sums.abs_sum
+    abs_g = torch.abs(g.c) if abs_g is None else abs_g
+    abs_d = torch.abs(z.d) if abs_d is None else abs_d
+    kappa = _group_constants(n)[2]
+    sums_up = [_gsum(torch.mul(abs_d, abs_g, out=t), dims)]  # sum a |g.c|
+    kinds = [1]
     if g.r is not None:
-        torch.abs(z.d, out=t).mul_(g.r)
-        r = rounding.add_up(r, rounding.mul_up(_sum_up(_gsum(t, dims), n, 1), _ONE_PLUS_U))
-        weights = rounding.add_up(weights, sums.rad_sum)
+        sums_up.append(_gsum(torch.mul(abs_d, g.r, out=t), dims))  # sum a g.r
+        kinds.append(1)
     if z.r is not None:
-        t.copy_(abs_g)
+        t.copy_(abs_g)  # in float64 (|g.c| and g.r may both be float32)
         if g.r is not None:
             t += g.r
-        t.mul_(z.r)
-        r = rounding.add_up(r, _sum_up(_gsum(t, dims), n, 2))
+        sums_up.append(_gsum(t.mul_(z.r), dims))  # sum (|g.c| + g.r) r
+        kinds.append(2)
+    del t
+    u_sums = _sum_bounds(torch.stack(sums_up), n, tuple(kinds))  # _sum_up(., n, k) slot by slot
+    factors = (kappa, _ONE_PLUS_U) if g.r is not None else (kappa,)
+    scaled = rounding.mul_up(u_sums[:len(factors)], _constants(factors, u_sums[:len(factors)]))
+    r = rounding.add_up(scaled[0], float(n) * _ETA)
+    weights = sums.abs_sum
+    if g.r is not None:
+        r = rounding.add_up(r, scaled[1])
+        weights = rounding.add_up(weights, sums.rad_sum)
+    if z.r is not None:
+        r = rounding.add_up(r, u_sums[-1])
     r = rounding.add_up(r, rounding.mul_up(z.mu_r, weights))
     return _Ball(c, r)
 
@@ -465,6 +658,18 @@ def _cat_channels(parts: list[_Ball]) -> _Ball:
     return _Ball(torch.cat([b.c for b in parts], 1), torch.cat([b.r.expand(b.c.shape) for b in parts], 1))
 
 
+# Layer norm's float32 (and narrower) full-size operands of at most this many elements are widened to float64 once
+# (exactly), instead of once per mixed float32/float64 operation that reads them (each of which converts a copy);
+# larger ones stay in their dtype (memory). The same values enter the same float64 operations: the same bits.
+_WIDEN_MAX = 2**16
+
+
+def _widened(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.dtype == _F64 or t.numel() > _WIDEN_MAX:
+        return t
+    return t.to(_F64)
+
+
 def _radius_of(x, m: torch.Tensor) -> torch.Tensor | None:
     """The radius of a ball argument at m's shape (its own dtype: the arithmetic that reads it is float64), None for
     an exact point."""
@@ -481,6 +686,25 @@ def _gradient_ball(grad_out, gc: torch.Tensor) -> _Ball:
 
 def _recentre_ball(mid: torch.Tensor, b: _Ball) -> BallTensor:
     return recentre(mid, BallTensor(b.c.reshape(mid.shape), b.r.expand(b.c.shape).reshape(mid.shape)))
+
+
+def _recentre_balls(mids: list, balls: list) -> list:
+    """``_recentre_ball`` of each pair (kernel outputs of one shape and dtype), in one pass per operation on the stacked
+    values: the same operations as ``common.recentre`` and ``common.result`` elementwise (rad = r where mid = c, else
+    up(r + up(|mid - c|)); rounded up into the radius dtype; NaN -> +inf), hence the same bits."""
+    shape, dtype = mids[0].shape, mids[0].dtype
+    if len(mids) == 1 or any(m.shape != shape or m.dtype != dtype for m in mids):
+        return [_recentre_ball(m, b) for m, b in zip(mids, balls)]
+    m64 = torch.stack([m.detach() for m in mids]).to(_F64)
+    c = torch.stack([b.c if b.c.shape == shape else b.c.reshape(shape) for b in balls])
+    r = torch.stack([b.r if b.r.shape == shape else b.r.expand(b.c.shape).reshape(shape) for b in balls])
+    rad = torch.where(m64 == c, r, rounding._up_fresh(rounding.up(torch.abs(m64 - c)).add_(r)))
+    rd = rounding.rad_dtype(dtype)
+    if rd != _F64:
+        y = rad.to(rd)
+        rad = torch.where(torch.lt(y, rad), rounding.up(y), y)  # ``rounding.to_dtype_up`` (an exact comparison)
+    rad.nan_to_num_(nan=math.inf, posinf=math.inf)
+    return [BallTensor(m, rad[i]) for i, m in enumerate(mids)]
 
 
 def _running_update(old: BallTensor, stat: BallTensor, momentum: float) -> BallTensor:
@@ -513,7 +737,7 @@ def _bn_forward(outs, x, weight, bias, running_mean, running_var, training, mome
     scale = invstd if w is None else _mul(invstd, w)
     balls = [_affine_output(out_m, z, scale, _as_ball(bias, shape))]
     if training:
-        balls += [_recentre_ball(mean_m, mean), _recentre_ball(invstd_m, invstd)]
+        balls += _recentre_balls([mean_m, invstd_m], [mean, invstd])
     else:  # eval: the kernel returns empty saved statistics
         balls += [result(m_, torch.zeros(m_.shape, device=m_.device)) for m_ in (mean_m, invstd_m)]
     if old_stats is None:
@@ -639,8 +863,7 @@ def native_batch_norm_backward(func, grad_out, x, weight, running_mean, running_
             k1 = invstd_b if w is None else _mul(invstd_b, _channels(w, cs))
             k2 = k3 = None
             if train:
-                k2 = _mul(k1, _div_count(sums.total, n))
-                k3 = _mul(_mul(k1, _mul(invstd_b, invstd_b)), _div_count(dot, n))
+                k2, k3 = _k_coefficients(k1, invstd_b, sums.total, dot, n)
             block_rad = _gradient_input_rad(gx_m[:, cs], g_b, z, k1, k2, k3)
             if gx_rad is None:
                 gx_rad = block_rad
@@ -684,23 +907,26 @@ def native_layer_norm(func, x, normalized_shape, weight, bias, eps):
     m = _mid(x).detach()
     if n == 0:
         return tuple(result(t, torch.full(t.shape, math.inf)) for t in (out, mean, rstd))
-    stats = _statistics(m, _radius_of(x, m), dims, n, eps)
+    stats = _statistics(_widened(m), _widened(_radius_of(x, m)), dims, n, eps)
     w = _as_ball(weight)
-    scale = stats.rstd if w is None else _mul(stats.rstd, w)
+    scale = stats.rstd if w is None else _mul_full(stats.rstd, w)
     y = _affine_output(out, stats.z, scale, _as_ball(bias))
-    return y, _recentre_ball(mean, stats.mean), _recentre_ball(rstd, stats.rstd)
+    return (y, *_recentre_balls([mean, rstd], [stats.mean, stats.rstd]))
 
 
 def _mean_ball(m: torch.Tensor, r: torch.Tensor | None, dims, n: int) -> _Ball:
     """mean x over ``dims`` for every x in the ball: centre the computed mean c, radius e + mean r with
     e >= |mean m - c| bounded a posteriori as in ``_statistics``."""
-    c = torch.mean(m, dim=dims, keepdim=True, dtype=_F64)
+    c = _gsum(m, dims).div_(float(n))  # the computed mean (CPU's mean is this sum and division)
     d = torch.sub(m, c)
-    sum_a = _sum_up(_gsum(torch.abs(d), dims), n, 0)
-    e = rounding.div_up(rounding.add_up(torch.abs(_gsum(d, dims)), rounding.mul_up(sum_a, _up(_UF + _gamma(n)))),
-                        float(n))
+    s_a = _gsum(torch.abs(d), dims)
+    s_d = _gsum(d, dims)
+    del d
+    sums = torch.stack((s_a, _gsum(r, dims))) if r is not None else s_a.unsqueeze(0)
+    sums = _sum_bounds(sums, n, (0,) * len(sums))  # [_sum_up(sum a, n, 0), _sum_up(sum r, n, 0)]
+    e = rounding.div_up(rounding.add_up(torch.abs(s_d), rounding.mul_up(sums[0], _group_constants(n)[1])), float(n))
     if r is not None:
-        e = rounding.add_up(e, rounding.div_up(_sum_up(_gsum(r, dims), n, 0), float(n)))
+        e = rounding.add_up(e, rounding.div_up(sums[1], float(n)))
     return _Ball(c, e)
 
 
@@ -723,9 +949,10 @@ def native_layer_norm_backward(func, grad_out, x, normalized_shape, mean, rstd, 
     dims, n, stat_shape = _ln_geometry(x, normalized_shape)
     lead = list(range(x.dim() - len(normalized_shape)))
     m = _mid(x).detach()
-    r = _radius_of(x, m)
-    gc = _mid(grad_out).detach()
-    gy = _gradient_ball(grad_out, gc)
+    r = _widened(_radius_of(x, m))
+    gc = _widened(_mid(grad_out).detach())
+    gy = _Ball(gc, _widened(_radius_of(grad_out, gc)))
+    m = _widened(m)
     if n == 0:
         return tuple(None if t is None else result(t, torch.full(t.shape, math.inf)) for t in outs)
     mu = _hull(_as_ball(mean, stat_shape), _mean_ball(m, r, dims, n))
@@ -734,20 +961,31 @@ def native_layer_norm_backward(func, grad_out, x, normalized_shape, mean, rstd, 
     gx = gw = gb = None
     gy_ball = _Ball(gc, _zero_if_none(gy.r, gc))
     rows = m.numel() // max(n, 1)
+    abs_d = torch.abs(z.d)  # |z.d| and |gy.c|, shared by the products and sums below
+    abs_gy = torch.abs(gc)
+    parts = []  # (kernel output, ball) of grad_weight and grad_bias
     if outs[1] is not None:  # before grad_input, which overwrites z.d
-        rho = torch.abs(z.d).mul_(_U)  # |z - d| <= r + mu_r + u|d| (``_Centred``): 3 rounded operations
+        rho = torch.mul(abs_d, _U)  # |z - d| <= r + mu_r + u|d| (``_Centred``): 3 rounded operations
         if r is not None:
             rho += r
         rho += z.mu_r
-        prod = _mul(gy_ball, _mul(_Ball(z.d, _inflated(rho, 3)), s))
-        gw = _recentre_ball(outs[1], _sum_ball(prod, lead, rows).total if lead else prod)
+        parts.append((outs[1], _mul_full(gy, _mul_full(_Ball(z.d, _inflated_(rho, 3)), s, abs_d), abs_gy)))
     if outs[2] is not None:
-        gb = _recentre_ball(outs[2], _sum_ball(gy, lead, rows).total if lead else gy_ball)
+        parts.append((outs[2], gy if lead else gy_ball))
+    if parts:
+        if lead:
+            abs_cs = [None] * (len(parts) - 1) + [abs_gy] if outs[2] is not None else None
+            totals = [t.total for t in _sum_balls([b for _, b in parts], lead, rows, abs_cs)]
+        else:
+            totals = [b for _, b in parts]
+        balls = _recentre_balls([o for o, _ in parts], totals)
+        gw = balls[0] if outs[1] is not None else None
+        gb = balls[-1] if outs[2] is not None else None
     if outs[0] is not None:
         w = _as_ball(weight)
-        g = gy if w is None else _mul(gy_ball, w)
-        sums = _sum_ball(g, dims, n)
-        k2 = _mul(s, _div_count(sums.total, n))
-        k3 = _mul(_mul(s, _mul(s, s)), _div_count(_dot_ball(g, z, sums, dims, n), n))
-        gx = _gradient_input(outs[0], g, z, s, k2, k3)
+        g = gy if w is None else _mul_full(gy, w, abs_gy)
+        abs_g = abs_gy if w is None else torch.abs(g.c)
+        sums = _sum_ball(g, dims, n, abs_g)
+        k2, k3 = _k_coefficients(s, s, sums.total, _dot_ball(g, z, sums, dims, n, abs_g, abs_d), n)
+        gx = _gradient_input(outs[0], g, z, s, k2, k3, abs_g, abs_d)
     return gx, gw, gb
