@@ -381,8 +381,7 @@ def _sum_balls(gs: list, dims, n: int, abs_cs: list | None = None) -> list:
 #
 # Memory: full-size inputs stay in their own dtype (every arithmetic operation below that reads them has a float64
 # operand, so it is computed in float64 on exactly widened values; abs is exact in any dtype), and at most two
-# float64 full-size arrays are alive at a time: d and one scratch or result array. (Layer norm passes small inputs
-# already widened, ``_WIDEN_MAX``.)
+# float64 full-size arrays are alive at a time: d and one scratch or result array.
 
 
 class _Centred(NamedTuple):
@@ -658,18 +657,6 @@ def _cat_channels(parts: list[_Ball]) -> _Ball:
     return _Ball(torch.cat([b.c for b in parts], 1), torch.cat([b.r.expand(b.c.shape) for b in parts], 1))
 
 
-# Layer norm's float32 (and narrower) full-size operands of at most this many elements are widened to float64 once
-# (exactly), instead of once per mixed float32/float64 operation that reads them (each of which converts a copy);
-# larger ones stay in their dtype (memory). The same values enter the same float64 operations: the same bits.
-_WIDEN_MAX = 2**16
-
-
-def _widened(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or t.dtype == _F64 or t.numel() > _WIDEN_MAX:
-        return t
-    return t.to(_F64)
-
-
 def _radius_of(x, m: torch.Tensor) -> torch.Tensor | None:
     """The radius of a ball argument at m's shape (its own dtype: the arithmetic that reads it is float64), None for
     an exact point."""
@@ -907,7 +894,7 @@ def native_layer_norm(func, x, normalized_shape, weight, bias, eps):
     m = _mid(x).detach()
     if n == 0:
         return tuple(result(t, torch.full(t.shape, math.inf)) for t in (out, mean, rstd))
-    stats = _statistics(_widened(m), _widened(_radius_of(x, m)), dims, n, eps)
+    stats = _statistics(m, _radius_of(x, m), dims, n, eps)
     w = _as_ball(weight)
     scale = stats.rstd if w is None else _mul_full(stats.rstd, w)
     y = _affine_output(out, stats.z, scale, _as_ball(bias))
@@ -949,10 +936,9 @@ def native_layer_norm_backward(func, grad_out, x, normalized_shape, mean, rstd, 
     dims, n, stat_shape = _ln_geometry(x, normalized_shape)
     lead = list(range(x.dim() - len(normalized_shape)))
     m = _mid(x).detach()
-    r = _widened(_radius_of(x, m))
-    gc = _widened(_mid(grad_out).detach())
-    gy = _Ball(gc, _widened(_radius_of(grad_out, gc)))
-    m = _widened(m)
+    r = _radius_of(x, m)
+    gc = _mid(grad_out).detach()
+    gy = _Ball(gc, _radius_of(grad_out, gc))
     if n == 0:
         return tuple(None if t is None else result(t, torch.full(t.shape, math.inf)) for t in outs)
     mu = _hull(_as_ball(mean, stat_shape), _mean_ball(m, r, dims, n))
