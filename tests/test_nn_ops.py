@@ -81,8 +81,19 @@ def softplus_mp(z):
 # positive x it is x - delta (or 1 +- delta for derivatives) with 0 < delta < 2^-1100.
 
 
+def _near_half_x(f):
+    """Evaluate f(x) = x (1/2 + O(x)) with -log2|x| extra bits: its x^2-sized part sits below x/2 by a factor |x|,
+    so at the suite's 256 bits it keeps only 256 + log2|x| of them (7 digits at x = 7e-71, and a rule's radius can be
+    that tight: gelu's is within 4e-6 of the exact error there)."""
+    def exact(x):
+        x = to_mp(x)
+        with mpmath.workprec(mpmath.mp.prec + max(0, -int(mpmath.mag(x))) + 16 if x != 0 else mpmath.mp.prec):
+            return f(x)
+    return exact
+
+
+@_near_half_x
 def gelu_mp(x):
-    x = to_mp(x)
     if x <= -40:
         return -_TINY
     if x >= 40:
@@ -103,9 +114,9 @@ _K = mpmath.sqrt(2 / mpmath.pi)
 _A = mpmath.mpf(44715) / 10**6
 
 
+@_near_half_x
 def gelu_tanh_mp(x):
     """x (1 + tanh u)/2 = x sigmoid(2u), u = sqrt(2/pi)(x + 0.044715 x^3)."""
-    x = to_mp(x)
     if x <= -40:
         return -_TINY
     if x >= 40:
@@ -124,8 +135,8 @@ def gelu_tanh_d_mp(x):
     return s + x * s * (1 - s) * 2 * _K * (1 + 3 * _A * x * x)
 
 
+@_near_half_x
 def silu_mp(x):
-    x = to_mp(x)
     if x <= -800:
         return -_TINY
     if x >= 800:
