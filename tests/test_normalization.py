@@ -296,3 +296,63 @@ def test_layer_norm_stacked_helpers_keep_the_bits():
     assert_same_bits(bounds[0], normalization._sum_up(s[0], 7, 0))
     assert_same_bits(bounds[1], normalization._sum_up(s[1], 7, 1))
     assert_same_bits(bounds[2], normalization._sum_down(s[2], 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_norm_owned_buffer_forms_keep_the_bits(dtype):
+    """The memory-saving forms are the same float64 operations as the generic ones: ``_grad_times_xhat`` as the nested
+    ``_mul_full``, ``_dot_ball`` with its own |g.c| as scratch as with the caller's, and ``_affine_terms`` (its scale's
+    scratch reused in place) as the plain expression; float32 operands (widened once) and float64 ones, point and ball
+    radii, with tiny and huge magnitudes."""
+    gen = torch.Generator().manual_seed(11)
+    scales = torch.tensor([1.0, 1e-300, 1e30, 2.0 ** -1070]).reshape(4, 1)
+    m = (torch.randn(4, 6, generator=gen, dtype=torch.float64) * scales).to(dtype)
+    mu = normalization._Ball(torch.randn(4, 1, dtype=torch.float64, generator=gen),
+                             torch.rand(4, 1, dtype=torch.float64, generator=gen) * 1e-9)
+    s = normalization._Ball(torch.rand(4, 1, dtype=torch.float64, generator=gen) + 0.5,
+                            torch.rand(4, 1, dtype=torch.float64, generator=gen) * 1e-12)
+    for r in (None, (torch.rand(4, 6, generator=gen, dtype=torch.float64) * 1e-6).to(dtype)):
+        for g_r in (None, (torch.rand(4, 6, generator=gen, dtype=torch.float64) * 1e-6).to(dtype)):
+            gc = (torch.randn(4, 6, generator=gen, dtype=torch.float64) * scales.flip(0)).to(dtype)
+            gy = normalization._Ball(gc, g_r)
+            z = normalization._centred(m, r, mu)
+            rho = torch.mul(torch.abs(z.d), normalization._U)
+            if r is not None:
+                rho += r
+            rho += z.mu_r
+            inner = normalization._mul_full(normalization._Ball(z.d, normalization._inflated_(rho, 3)), s,
+                                            torch.abs(z.d))
+            want = normalization._mul_full(gy, inner, torch.abs(gc))
+            got = normalization._grad_times_xhat(gy, z, s)
+            assert_same_bits(got.c, want.c)
+            assert_same_bits(got.r, want.r)
+            g = normalization._mul_full(gy, normalization._Ball(torch.randn(6, dtype=torch.float64, generator=gen),
+                                                                torch.rand(6, dtype=torch.float64,
+                                                                           generator=gen) * 1e-12))
+            sums = normalization._sum_ball(g, [1], 6)
+            want = normalization._dot_ball(g, z, sums, [1], 6, torch.abs(g.c))
+            got = normalization._dot_ball(g, z, sums, [1], 6)
+            assert_same_bits(got.c, want.c)
+            assert_same_bits(got.r, want.r)
+            scale = normalization._mul_full(s, normalization._Ball(torch.randn(6, dtype=torch.float64, generator=gen),
+                                                                    torch.rand(6, dtype=torch.float64,
+                                                                               generator=gen) * 1e-9))
+            for bias in (None, normalization._Ball(torch.randn(6, dtype=torch.float64, generator=gen),
+                                                   torch.rand(6, dtype=torch.float64, generator=gen) * 1e-9)):
+                f = scale.c
+                h = normalization._inflated_(torch.abs(f) + scale.r, 1)
+                gg = normalization._inflated_(torch.mul(h, normalization._U).add_(scale.r)
+                                              .add_(torch.abs(f).mul_(normalization._THREE_U)), 4)
+                want = torch.abs(z.d).mul_(gg)
+                if r is not None:
+                    want.addcmul_(r, h)
+                if bias is None:
+                    want += z.mu_r * h
+                else:
+                    want += z.mu_r * h + normalization._inflated(bias.r + torch.abs(bias.c) * (2 * normalization._U),
+                                                                 2, normalization._ETA)
+                want_c = z.d * f if bias is None else z.d * f + bias.c
+                c, expr, extra = normalization._affine_terms(normalization._centred(m, r, mu), scale, bias)
+                assert_same_bits(expr, want)
+                assert_same_bits(c, want_c)
+                assert extra == (normalization._ETA if bias is None else 0.0)

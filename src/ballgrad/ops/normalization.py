@@ -39,6 +39,10 @@ full-size arrays are block-sized; every group quantity belongs to one channel, s
 
 **Layer norm** (``native_layer_norm``, ``native_layer_norm_backward``) over the last ``len(normalized_shape)`` dims,
 with an elementwise weight and bias over those dims.
+*Memory*: their scale (rstd w) and grad_weight products are full size, so the rules free each full-size float64
+scratch array after its last use or reuse it in place (``_affine_terms``, ``_grad_times_xhat``, ``_dot_ball``), and
+recompute an absolute value (one pass) rather than keep it alive across phases; the same operations on the same
+operands, so the same bits.
 """
 
 from __future__ import annotations
@@ -470,20 +474,30 @@ def _affine_terms(z: _Centred, scale: _Ball, bias: _Ball | None) -> tuple[torch.
     |y - c| <= a (scale.r + u H + 3u|F|) + r H + (mu_r H + b.r + 2u|b.c| + eta); the coefficients are outward rounded
     (``inflate``), the expression has 6 rounded operations (a*G; r*H and its addition; mu_r*H, its addition to the
     bias term and the addition of that). Without a bias the constant term is eta alone: it is returned as ``extra``
-    (added after the inflation, no subnormal addition per element), else folded into the bias term (extra 0)."""
+    (added after the inflation, no subnormal addition per element), else folded into the bias term (extra 0).
+
+    Memory (layer norm's scale is full size): each scratch array is freed, or reused in place, after its last use --
+    the same operations on the same operands, hence the same bits (a product fl(p q) = fl(q p))."""
     f = scale.c
     abs_f = torch.abs(f)
     h = _inflated_(abs_f + scale.r, 1)
     g = _inflated_(torch.mul(h, _U).add_(scale.r).add_(abs_f.mul_(_THREE_U)), 4)  # scale.r + u H + 3u|F|
+    del abs_f
     expr = torch.abs(z.d).mul_(g)
+    del g
     if z.r is not None:
         expr.addcmul_(z.r, h)
-    if bias is not None:
-        expr += z.mu_r * h + _inflated(bias.r + torch.abs(bias.c) * (2 * _U), 2, _ETA)
-        extra = 0.0
+    constant = _inflated(bias.r + torch.abs(bias.c) * (2 * _U), 2, _ETA) if bias is not None else None
+    if h.shape == torch.broadcast_shapes(h.shape, z.mu_r.shape, () if constant is None else constant.shape):
+        term = h.mul_(z.mu_r)  # mu_r H in H's storage (its last use)
+        if constant is not None:
+            term += constant
     else:
-        expr += z.mu_r * h
-        extra = _ETA
+        term = z.mu_r * h if constant is None else z.mu_r * h + constant
+    del h
+    expr += term
+    del term
+    extra = 0.0 if bias is not None else _ETA
     c = z.d.mul_(f)
     if bias is not None:
         c += bias.c
@@ -572,9 +586,11 @@ def _dot_ball(g: _Ball, z: _Centred, sums: _Sums, dims, n: int, abs_g=None, abs_
     D.r = sum (|g.c| + g.r) r + mu_r (sum |g.c| + sum g.r) + (1+u) sum a g.r + kappa sum a |g.c| + n eta,
     kappa = u + (u + gamma_(n-1))(1+u); the group sums of |g.c| and g.r come from ``_sum_ball`` (``sums``), the
     others are float64 sums of float64 products (``_sum_up`` with 1 or 2 roundings per term, the three stacked:
-    ``_sum_bounds``). ``abs_g`` = |g.c| and ``abs_d`` = |z.d| if the caller has them (read only)."""
+    ``_sum_bounds``). ``abs_g`` = |g.c| and ``abs_d`` = |z.d| if the caller has them (read only); an |g.c| computed
+    here in float64 is reused as scratch for |g.c| + g.r after its last read (r times it: the same products)."""
     t = torch.mul(z.d, g.c)
     c = _gsum(t, dims)
+    own_abs_g = abs_g is None  # then abs_g is this function's scratch after its last read
     abs_g = torch.abs(g.c) if abs_g is None else abs_g
     abs_d = torch.abs(z.d) if abs_d is None else abs_d
     kappa = _group_constants(n)[2]
@@ -584,10 +600,15 @@ def _dot_ball(g: _Ball, z: _Centred, sums: _Sums, dims, n: int, abs_g=None, abs_
         sums_up.append(_gsum(torch.mul(abs_d, g.r, out=t), dims))  # sum a g.r
         kinds.append(1)
     if z.r is not None:
-        t.copy_(abs_g)  # in float64 (|g.c| and g.r may both be float32)
-        if g.r is not None:
-            t += g.r
-        sums_up.append(_gsum(t.mul_(z.r), dims))  # sum (|g.c| + g.r) r
+        if own_abs_g and abs_g.dtype == _F64:  # the same sums and products, no float64 copy of a float32 r
+            if g.r is not None:
+                abs_g += g.r
+            sums_up.append(_gsum(t.copy_(z.r).mul_(abs_g), dims))  # sum r (|g.c| + g.r)
+        else:
+            t.copy_(abs_g)  # in float64 (|g.c| and g.r may both be float32)
+            if g.r is not None:
+                t += g.r
+            sums_up.append(_gsum(t.mul_(z.r), dims))  # sum (|g.c| + g.r) r
         kinds.append(2)
     del t
     u_sums = _sum_bounds(torch.stack(sums_up), n, tuple(kinds))  # _sum_up(., n, k) slot by slot
@@ -945,33 +966,59 @@ def native_layer_norm_backward(func, grad_out, x, normalized_shape, mean, rstd, 
     s = _as_ball(rstd, stat_shape)
     z = _centred(m, r, mu)
     gx = gw = gb = None
-    gy_ball = _Ball(gc, _zero_if_none(gy.r, gc))
     rows = m.numel() // max(n, 1)
-    abs_d = torch.abs(z.d)  # |z.d| and |gy.c|, shared by the products and sums below
-    abs_gy = torch.abs(gc)
     parts = []  # (kernel output, ball) of grad_weight and grad_bias
     if outs[1] is not None:  # before grad_input, which overwrites z.d
-        rho = torch.mul(abs_d, _U)  # |z - d| <= r + mu_r + u|d| (``_Centred``): 3 rounded operations
-        if r is not None:
-            rho += r
-        rho += z.mu_r
-        parts.append((outs[1], _mul_full(gy, _mul_full(_Ball(z.d, _inflated_(rho, 3)), s, abs_d), abs_gy)))
+        parts.append((outs[1], _grad_times_xhat(gy, z, s)))
     if outs[2] is not None:
-        parts.append((outs[2], gy if lead else gy_ball))
+        parts.append((outs[2], gy if lead else _Ball(gc, _zero_if_none(gy.r, gc))))
     if parts:
+        kernel_outs = [o for o, _ in parts]
         if lead:
-            abs_cs = [None] * (len(parts) - 1) + [abs_gy] if outs[2] is not None else None
-            totals = [t.total for t in _sum_balls([b for _, b in parts], lead, rows, abs_cs)]
+            totals = [t.total for t in _sum_balls([b for _, b in parts], lead, rows)]
         else:
             totals = [b for _, b in parts]
-        balls = _recentre_balls([o for o, _ in parts], totals)
+        del parts  # the full-size product ball of grad_weight (memory)
+        balls = _recentre_balls(kernel_outs, totals)
+        del totals
         gw = balls[0] if outs[1] is not None else None
         gb = balls[-1] if outs[2] is not None else None
     if outs[0] is not None:
         w = _as_ball(weight)
-        g = gy if w is None else _mul_full(gy, w, abs_gy)
-        abs_g = abs_gy if w is None else torch.abs(g.c)
-        sums = _sum_ball(g, dims, n, abs_g)
-        k2, k3 = _k_coefficients(s, s, sums.total, _dot_ball(g, z, sums, dims, n, abs_g, abs_d), n)
-        gx = _gradient_input(outs[0], g, z, s, k2, k3, abs_g, abs_d)
+        g = gy if w is None else _mul_full(gy, w)
+        abs_d = torch.abs(z.d)  # shared by the dot product and grad_input (which overwrites it)
+        sums = _sum_ball(g, dims, n)
+        k2, k3 = _k_coefficients(s, s, sums.total, _dot_ball(g, z, sums, dims, n, abs_d=abs_d), n)
+        gx = _gradient_input(outs[0], g, z, s, k2, k3, abs_d=abs_d)
     return gx, gw, gb
+
+
+def _grad_times_xhat(gy: _Ball, z: _Centred, s: _Ball) -> _Ball:
+    """The full-size ball gy * (z s) of layer norm's grad_weight terms (xhat = z s): exactly
+    ``_mul_full(gy, _mul_full(_Ball(z.d, rho), s))`` with rho = inflate(u|d| + r + mu_r, 3) >= |z - d| (``_Centred``:
+    3 rounded operations), i.e. the bound stated at ``_mul_full``, applied twice:
+        inner  c1 = fl(d s.c),    r1 = inflate(u|c1| + |d| s.r + rho (|s.c| + s.r), 6, eta/2),
+        outer  c  = fl(gy.c c1),  r  = inflate(u|c| + |gy.c| r1 + gy.r (|c1| + r1), 6, eta/2).
+    Written out here so that the outer product runs in buffers it owns: gy.c widened once (exactly) and reused as
+    |gy.c|, |c1| + r1 computed in c1's storage, gy.r widened into r1's after r1's last use. The same operations on the
+    same (float64) operands in the same order -- a mixed float32/float64 kernel widens its float32 operand exactly
+    first -- so the same bits, with at most five full-size float64 arrays alive here instead of seven."""
+    rho = torch.abs(z.d).mul_(_U)
+    if z.r is not None:
+        rho += z.r
+    rho += z.mu_r
+    inner = _mul_full(_Ball(z.d, _inflated_(rho, 3)), s)
+    del rho
+    c1, r1 = inner
+    del inner
+    g_abs = gy.c.to(_F64, copy=True)
+    c = torch.mul(g_abs, c1)  # gy.c c1
+    expr = torch.abs(c).mul_(_U)
+    expr.addcmul_(g_abs.abs_(), r1)  # |gy.c| r1
+    del g_abs
+    if gy.r is not None:
+        q = c1.abs_().add_(r1)  # |c1| + r1
+        expr.addcmul_(r1.copy_(gy.r), q)  # gy.r (|c1| + r1)
+        del q
+    del c1, r1
+    return _Ball(c, _inflated_(expr, 6, _HALF_ETA))
