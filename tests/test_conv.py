@@ -668,6 +668,28 @@ def test_batch_norm_plain_buffers_follow_plain_pytorch():
     assert all(isinstance(o, BallTensor) for o in out)
 
 
+def exact_bn_backward(gyp, xp, wp, rmp, rvp, train: bool, eps: float):
+    """(grad_input, grad_weight, grad_bias) of batch norm at one point (exact inputs, mpmath): with x^ = (x - mean)
+    invstd over the channel's elements, grad_weight = sum g x^, grad_bias = sum g, and grad_input
+    = w invstd / n (n g - sum g - x^ sum g x^) in training (the batch's own statistics), g w invstd in eval (the
+    running statistics)."""
+    nd = xp.ndim
+    axes = (0,) + tuple(range(2, nd))
+    n = xp.size // xp.shape[1]
+    g = np.vectorize(mp, otypes=[object])(gyp)
+    if train:
+        stats = exact_bn_stats(xp, eps)
+        mean, invstd = [mp(s[0]) for s in stats], [s[2] for s in stats]
+    else:
+        mean = [mp(v) for v in rmp]
+        invstd = [1 / mpmath.sqrt(mp(v) + mp(Fraction(eps))) for v in rvp]
+    xhat = (np.vectorize(mp, otypes=[object])(xp) - _bcast(mean, nd)) * _bcast(invstd, nd)
+    sum_g, sum_gx = np.sum(g, axis=axes), np.sum(g * xhat, axis=axes)
+    scale = _bcast([mp(v) for v in wp], nd) * _bcast(invstd, nd)
+    exact_gx = scale / n * (g * n - _bcast(sum_g, nd) - xhat * _bcast(sum_gx, nd)) if train else g * scale
+    return exact_gx, sum_gx, sum_g
+
+
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_batch_norm_backward_contains_exact(dtype, train):
@@ -690,25 +712,8 @@ def test_batch_norm_backward_contains_exact(dtype, train):
         assert_same_bits(o.mid, r)
         assert_valid_radius(o)
     gx, gw, gb = outs
-    nd = x.dim()
-    for p, (gyp, xp, wp, rmp, rvp) in enumerate(joint_points([gy, x, w, rm, rv], n_random=1)):
-        g = np.vectorize(mp, otypes=[object])(gyp)
-        if train:
-            stats = exact_bn_stats(xp, eps)
-            mean, invstd = [mp(s[0]) for s in stats], [s[2] for s in stats]
-        else:
-            mean = [mp(v) for v in rmp]
-            invstd = [1 / mpmath.sqrt(mp(v) + mp(Fraction(eps))) for v in rvp]
-        xhat = (np.vectorize(mp, otypes=[object])(xp) - _bcast(mean, nd)) * _bcast(invstd, nd)
-        axes = (0,) + tuple(range(2, nd))
-        sum_g = np.sum(g, axis=axes)
-        sum_gx = np.sum(g * xhat, axis=axes)
-        n = x.numel() // x.shape[1]
-        wb = _bcast([mp(v) for v in wp], nd)
-        if train:
-            exact_gx = wb * _bcast(invstd, nd) / n * (g * n - _bcast(sum_g, nd) - xhat * _bcast(sum_gx, nd))
-        else:
-            exact_gx = g * wb * _bcast(invstd, nd)
+    for p, point in enumerate(joint_points([gy, x, w, rm, rv], n_random=1)):
+        exact_gx, sum_gx, sum_g = exact_bn_backward(*point, train, eps)
         assert_contains(gx, exact_gx, f"point {p} grad_input")
         assert_contains(gw, list(sum_gx), f"point {p} grad_weight")
         assert_contains(gb, list(sum_g), f"point {p} grad_bias")

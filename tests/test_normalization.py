@@ -20,7 +20,8 @@ from ballgrad.testing import balls
 from helpers import EXAMPLES, assert_same_bits, assert_valid_radius
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from test_conv import _bcast, _bn_inputs, assert_contains, exact_bn_stats, exact_bn_train, joint_points, mp
+from test_conv import (_bcast, _bn_inputs, assert_contains, exact_bn_backward, exact_bn_stats, exact_bn_train,
+                       joint_points, mp)
 from test_linalg import make_operand
 from test_transformer import check, exact_layer_norm, exact_layer_norm_backward
 
@@ -118,21 +119,8 @@ def test_batch_norm_backward_in_channel_blocks(monkeypatch, dtype, train, block)
         assert_same_bits(o.mid, r)
         assert_valid_radius(o)
     gx, gw, gb = outs
-    nd = x.dim()
-    axes = (0,) + tuple(range(2, nd))
-    n = x.numel() // x.shape[1]
-    for p, (gyp, xp, wp, rmp, rvp) in enumerate(joint_points([gy, x, w, rm, rv], n_random=1)):
-        g = np.vectorize(mp, otypes=[object])(gyp)
-        if train:
-            stats = exact_bn_stats(xp, eps)
-            mean, invstd = [mp(t[0]) for t in stats], [t[2] for t in stats]
-        else:
-            mean = [mp(v) for v in rmp]
-            invstd = [1 / mpmath.sqrt(mp(v) + mp(Fraction(eps))) for v in rvp]
-        xhat = (np.vectorize(mp, otypes=[object])(xp) - _bcast(mean, nd)) * _bcast(invstd, nd)
-        sum_g, sum_gx = np.sum(g, axis=axes), np.sum(g * xhat, axis=axes)
-        scale = _bcast([mp(v) for v in wp], nd) * _bcast(invstd, nd)
-        exact_gx = scale / n * (g * n - _bcast(sum_g, nd) - xhat * _bcast(sum_gx, nd)) if train else g * scale
+    for p, point in enumerate(joint_points([gy, x, w, rm, rv], n_random=1)):
+        exact_gx, sum_gx, sum_g = exact_bn_backward(*point, train, eps)
         assert_contains(gx, exact_gx, f"point {p} grad_input")
         assert_contains(gw, list(sum_gx), f"point {p} grad_weight")
         assert_contains(gb, list(sum_g), f"point {p} grad_bias")
