@@ -36,8 +36,9 @@ covers the flushed and the unflushed kernel alike (|0| <= |x| in the terms that 
 V = up(rB + up(g |mB|)) >= rB + g|mB|, U = up(|mB| + rB), S = fl([|mA|, rA] @ [V; U]).
 By F3 on that GEMM (non-negative terms), fl(S) >= (1 - gamma_n) S_exact - n eta, so
 S_exact <= theta (fl(S) + n eta) with theta = 1/(1 - gamma_n) = (1 - n u)/(1 - 2 n u) = 1 + 2ku/(1 - 4ku) (n = 2k)
-and we return up(up(theta' fl(S)) + beta'), theta' >= theta and beta' >= theta n eta rounded up offline, which with
-the midpoint term a gives DESIGN's beta >= k eta (1 + 2 theta). Point operands (a plain tensor or a radius that is
+and we return inflate(theta' fl(S), 1, theta n eta + a) (``rounding.inflate``'s lemma on the one product, theta' >=
+theta rounded up offline; the midpoint term a enters as its absolute ``extra``), which is >= theta (S + n eta) + a,
+DESIGN's beta >= k eta (1 + 2 theta) included. Point operands (a plain tensor or a radius that is
 identically zero) drop their terms: A point: S = fl(|mA| @ V), n = k; B point: S = fl(W @ |mB|) with
 W = up(rA + up(g|mA|)); both: bracket = g |mA||mB| <= g theta (fl(|mA| @ |mB|) + k eta).
 The radius terms are computed in the radius dtype while n u < 1/4 there, otherwise in float64 (float32 radii with
