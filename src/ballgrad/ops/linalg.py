@@ -59,7 +59,7 @@ term; float64 midpoints keep the a priori bound (there is no wider hardware form
 **Which midpoint-error bound** (``gemm_bound``): ``"measured"`` (the default) is the a posteriori bound above;
 ``"a-priori"`` uses g|mA||mB| for every midpoint dtype, with its radius GEMMs in bfloat16 where Lemma B
 applies (below; the measured path keeps float32 radius GEMMs, whose result is within 2e-5 relative of the bound
-they compute, so that default radii are as tight as before). Measuring costs one float64 GEMM, 1.5-3x the float32 midpoint
+they compute, below ``_BF16_PROPAGATION_MIN_MACS`` multiply-adds). Measuring costs one float64 GEMM, 1.5-3x the float32 midpoint
 GEMM itself, which is noise next to the dispatch cost of small GEMMs but dominates large ones; the a priori bound is
 cheap but, for long dot products, thousands of times wider (mlp-wide's first-step weight gradients: relative radius
 4e-4 measured, 4.0 a priori, i.e. no certified bit). So the tight bound is the default and the cheap one is a choice
