@@ -690,6 +690,26 @@ def exact_bn_backward(gyp, xp, wp, rmp, rvp, train: bool, eps: float):
     return exact_gx, sum_gx, sum_g
 
 
+def check_bn_backward(gy, x, w, rm, rv, saved, plain_saved, train: bool, eps: float):
+    """native_batch_norm_backward on balls (all three outputs): midpoints bit-identical to the plain kernel's (given
+    the plain forward's saved statistics), valid radii, and every joint point's exact gradients inside. Returns the
+    three output balls."""
+    mask = [True, True, True]
+    outs = aten.native_batch_norm_backward.default(gy, x, w, rm, rv, *saved, train, eps, mask)
+    ref = aten.native_batch_norm_backward.default(gy.mid, x.mid, w.mid, rm.mid, rv.mid, *plain_saved, train, eps,
+                                                  mask)
+    for o, r in zip(outs, ref):
+        assert_same_bits(o.mid, r)
+        assert_valid_radius(o)
+    gx, gw, gb = outs
+    for p, point in enumerate(joint_points([gy, x, w, rm, rv], n_random=1)):
+        exact_gx, sum_gx, sum_g = exact_bn_backward(*point, train, eps)
+        assert_contains(gx, exact_gx, f"point {p} grad_input")
+        assert_contains(gw, list(sum_gx), f"point {p} grad_weight")
+        assert_contains(gb, list(sum_g), f"point {p} grad_bias")
+    return outs
+
+
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_batch_norm_backward_contains_exact(dtype, train):
@@ -705,18 +725,7 @@ def test_batch_norm_backward_contains_exact(dtype, train):
                                                0.1, eps)
     _, psm, psi = aten.native_batch_norm.default(x.mid, w.mid, b.mid, rm.mid if not train else None,
                                                  rv.mid if not train else None, train, 0.1, eps)
-    mask = [True, True, True]
-    outs = aten.native_batch_norm_backward.default(gy, x, w, rm, rv, sm, si, train, eps, mask)
-    ref = aten.native_batch_norm_backward.default(gy.mid, x.mid, w.mid, rm.mid, rv.mid, psm, psi, train, eps, mask)
-    for o, r in zip(outs, ref):
-        assert_same_bits(o.mid, r)
-        assert_valid_radius(o)
-    gx, gw, gb = outs
-    for p, point in enumerate(joint_points([gy, x, w, rm, rv], n_random=1)):
-        exact_gx, sum_gx, sum_g = exact_bn_backward(*point, train, eps)
-        assert_contains(gx, exact_gx, f"point {p} grad_input")
-        assert_contains(gw, list(sum_gx), f"point {p} grad_weight")
-        assert_contains(gb, list(sum_g), f"point {p} grad_bias")
+    check_bn_backward(gy, x, w, rm, rv, (sm, si), (psm, psi), train, eps)
     # output masks: None where not asked for, the rest identical
     outs = aten.native_batch_norm_backward.default(gy, x, None, rm, rv, sm, si, train, eps, [False, True, False])
     ref = aten.native_batch_norm_backward.default(gy.mid, x.mid, None, rm.mid, rv.mid, psm, psi, train, eps,
