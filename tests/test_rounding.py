@@ -64,3 +64,36 @@ def test_inflate_to_turns_nan_into_inf_and_keeps_zero_small():
 def test_inflate_to_same_dtype_is_inflate():
     t = torch.tensor([0.5, 3.0], dtype=torch.float32)
     assert torch.equal(rounding.inflate_to(t, 4, torch.float32), rounding.inflate(t, 4))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "permuted", "mixed", "broadcast"])
+def test_sum_to_bf16_normal_is_the_add_then_the_conversion_in_any_layout(layout):
+    """``sum_to_bf16_normal`` adds dense operands of one layout in their memory order (the casting store is slow on
+    strided memory) and everything else through float32: either way the bits are to_bf16_normal(x + alpha y), of
+    x's shape, on adversarial non-negative values (zeros, float32 subnormals, values near realmin and overflow)."""
+    g = torch.Generator().manual_seed(5)
+    special = torch.tensor([0.0, 1.4e-45, 1e-40, 1.1754942e-38, 1.2e-38, 1.0, 3.0e38, 3.4e38])
+
+    def values(*shape):
+        v = torch.rand(*shape, generator=g) * 10.0 ** torch.randint(-40, 38, shape, generator=g)
+        n = min(v.numel(), special.numel())
+        v.view(-1)[:n] = special[:n]
+        return v
+
+    if layout == "contiguous":
+        x, y = values(6, 7), values(6, 7)
+    elif layout == "transposed":
+        x, y = values(7, 6).t(), values(7, 6).t()
+    elif layout == "permuted":
+        x, y = values(4, 5, 3).permute(2, 0, 1), values(4, 5, 3).permute(2, 0, 1)
+    elif layout == "mixed":
+        x, y = values(6, 7), values(7, 6).t()
+    else:
+        x, y = values(6, 7), values(7)
+    assert rounding._memory_order(x) is not None or layout == "broadcast"
+    for alpha in (1.0, 2.0 ** -13, 3.0):
+        got = rounding.sum_to_bf16_normal(x, y, alpha)
+        want = rounding.to_bf16_normal(torch.add(x, y, alpha=alpha))
+        assert got.dtype == torch.bfloat16 and got.shape == x.shape
+        assert torch.equal(got, want), (layout, alpha)
+        assert bool((got >= rounding.REALMIN_32).all())
