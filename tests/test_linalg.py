@@ -598,3 +598,20 @@ def test_blocked_float64_reference_contains_exact(bias_shape, block, monkeypatch
     finite = torch.isfinite(unblocked.rad)
     assert torch.equal(torch.isfinite(out.rad), finite)
     assert torch.allclose(out.rad[finite], unblocked.rad[finite], rtol=2.0 ** -20, atol=0)
+
+
+def test_point_probe_in_any_layout():
+    """``linalg._is_point`` decides "not a point" from a 16 x 16 corner in any layout (a transposed weight's radius
+    included), and answers "point" only after a full scan: radii that are zero on the corner but not elsewhere, in
+    contiguous, transposed and batched layouts, are not points."""
+    from ballgrad.ops.linalg import _is_point
+
+    for shape, view in (((80, 70), lambda t: t), ((70, 80), lambda t: t.t()), ((3, 40, 50), lambda t: t.transpose(1, 2)),
+                        ((5000,), lambda t: t)):
+        r = torch.zeros(shape)
+        assert _is_point(view(r))
+        r.view(-1)[-1] = 2.0 ** -40  # outside every corner
+        assert not _is_point(view(r))
+        r.zero_()
+        r.view(-1)[0] = 1e-45  # inside the corner (a subnormal counts)
+        assert not _is_point(view(r))

@@ -131,12 +131,20 @@ def _mid_error(steps: int, mid_dtype: torch.dtype) -> tuple[Fraction, Fraction]:
 
 
 def _is_point(r: torch.Tensor) -> bool:
-    """Whether every radius is exactly 0 (the operand is an exact point). A large contiguous radius is first probed on
-    a short prefix: one non-zero there decides "not a point" without scanning (a trained parameter's radius is non-zero
-    nearly everywhere); only an all-zero prefix leads to the full scan, so "point" is always a full-scan answer."""
-    if r.numel() > 4096 and r.is_contiguous() and bool(r.reshape(-1)[:256].any()):
+    """Whether every radius is exactly 0 (the operand is an exact point). A large radius is first probed on a corner
+    of at most 256 entries (a view in any layout, e.g. a transposed weight's): one non-zero there decides "not a
+    point" without scanning (a trained parameter's radius is non-zero nearly everywhere); only an all-zero corner
+    leads to the full scan, so "point" is always a full-scan answer."""
+    if r.numel() > 4096 and bool(_corner(r).any()):
         return False
     return not bool(r.any())
+
+
+def _corner(r: torch.Tensor) -> torch.Tensor:
+    """The first 16 x 16 entries of the first matrix of ``r`` (its first 256 if it is a vector): a view."""
+    if r.dim() < 2:
+        return r[:256]
+    return r[(0,) * (r.dim() - 2)][:16, :16]
 
 
 def _daz_radius(m: torch.Tensor, r: torch.Tensor, mid_dtype: torch.dtype) -> torch.Tensor:
