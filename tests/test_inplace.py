@@ -160,3 +160,41 @@ def test_scaled_add_in_place_aliasing_and_broadcasting_take_the_general_path():
     z.add_(bg.ball(torch.tensor([1.0, 1.0]), 2.0 ** -12), alpha=0.5)
     assert_same_bits(z.mid, torch.tensor([1.5, 2.5]))
     assert bool((z.rad >= 2.0 ** -13).all())
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (4, 1, 3)])
+def test_add_abs_in_blocks_gives_the_unblocked_bits(monkeypatch, shape):
+    """``common.add_abs_`` (acc += alpha |x| through a reused scratch block, for large tensors) is the unblocked
+    ``add_(abs(x), alpha=alpha)`` bit for bit, with blocks that do not divide the size and with inf, NaN, -0.0 and
+    subnormals in x; non-contiguous operands take the unblocked kernel."""
+    from ballgrad.ops import common
+
+    monkeypatch.setattr(common, "ABS_BLOCK", 2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) * 1e3
+    x.view(-1)[:4] = torch.tensor([math.inf, math.nan, -0.0, -1e-40])[: x.numel()]
+    acc = torch.rand(shape, generator=g)
+    for alpha in (1.0, 2.0 ** -24, 0.1):
+        want = acc.clone().add_(torch.abs(x), alpha=alpha)
+        got = acc.clone()
+        assert common.add_abs_(got, x, alpha) is got
+        assert_same_bits(got, want)
+    if len(shape) >= 2:
+        xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+        assert_same_bits(common.add_abs_(acc.clone(), xt, 0.5), acc.clone().add_(torch.abs(x), alpha=0.5))
+
+
+def test_scaled_add_in_place_in_blocks(monkeypatch):
+    """The optimizer step's fast path with ``add_abs_`` in blocks: the same bits as with the whole tensor at once."""
+    from ballgrad.ops import common
+
+    g = torch.Generator().manual_seed(4)
+    x = bg.ball(torch.randn(9, 5, generator=g), torch.rand(9, 5, generator=g) * 1e-6)
+    y = bg.ball(torch.randn(9, 5, generator=g), torch.rand(9, 5, generator=g) * 1e-6)
+    whole = bg.ball(x.mid.clone(), x.rad.clone())
+    whole.add_(y, alpha=-1e-3)
+    monkeypatch.setattr(common, "ABS_BLOCK", 4)
+    blocked = bg.ball(x.mid.clone(), x.rad.clone())
+    blocked.add_(y, alpha=-1e-3)
+    assert_same_bits(blocked.mid, whole.mid)
+    assert_same_bits(blocked.rad, whole.rad)

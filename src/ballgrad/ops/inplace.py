@@ -14,7 +14,7 @@ import torch
 
 from ballgrad import rounding
 from ballgrad.ops.arith import alpha_constants
-from ballgrad.ops.common import mids
+from ballgrad.ops.common import add_abs_, mids
 from ballgrad.ops.registry import RULES, rule
 from ballgrad.tensor import BallTensor
 
@@ -113,10 +113,9 @@ def _scaled_add_in_place(func, self: BallTensor, other, alpha) -> bool:
     u = rounding.op_roundoff(self.dtype)
     rad = self.rad
     rad.add_(other.rad, alpha=a_up)
-    scratch = torch.abs(other.mid)
-    rad.add_(scratch, alpha=coef)
+    add_abs_(rad, other.mid, coef)  # blocked: no full-size |mb| (common.add_abs_)
     func(self.mid, other.mid, alpha=alpha)
-    rad.add_(torch.abs(self.mid, out=scratch), alpha=u)
+    add_abs_(rad, self.mid, u)
     rounding.inflate_(rad, 7)
     return True
 
