@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ballgrad import rounding
-from helpers import EXAMPLES
+from helpers import EXAMPLES, assert_same_bits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -97,3 +97,29 @@ def test_sum_to_bf16_normal_is_the_add_then_the_conversion_in_any_layout(layout)
         assert got.dtype == torch.bfloat16 and got.shape == x.shape
         assert torch.equal(got, want), (layout, alpha)
         assert bool((got >= rounding.REALMIN_32).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "broadcast"])
+def test_abs_sums_to_bf16_normal_in_blocks_is_the_unblocked_bits(monkeypatch, dtype, layout):
+    """``abs_sums_to_bf16_normal`` (|m| in reused scratch blocks) and ``abs_to_bf16_normal`` (the abs on the bfloat16
+    copy) give to_bf16_normal of the float32 expressions bit for bit, with blocks that do not divide the size, on
+    signed zeros, subnormals, inf and NaN midpoints, and never write to m (a bfloat16 m included)."""
+    monkeypatch.setattr(rounding, "BF16_BLOCK", 5)
+    g = torch.Generator().manual_seed(9)
+    m = (torch.randn(9, 7, generator=g) * 10.0 ** torch.randint(-30, 30, (9, 7), generator=g)).to(dtype)
+    m.view(-1)[:6] = torch.tensor([0.0, -0.0, -1e-40, math.inf, -math.inf, math.nan]).to(dtype)
+    r = torch.rand(9, 7, generator=g) * 1e-6
+    if layout == "transposed":
+        m, r = m.t().contiguous().t(), r.t().contiguous().t()
+    elif layout == "broadcast":
+        r = r[0]
+    before = m.clone()
+    alphas = (2.0 ** -12, 1.0)
+    abs_m = torch.abs(m).to(torch.float32)
+    got = rounding.abs_sums_to_bf16_normal(r, m, alphas)
+    for a, z in zip(alphas, got):
+        assert_same_bits(z, rounding.sum_to_bf16_normal(r, abs_m, a))
+        assert_same_bits(z, rounding.to_bf16_normal(torch.add(r, abs_m, alpha=a)))
+    assert_same_bits(rounding.abs_to_bf16_normal(m), rounding.to_bf16_normal(abs_m))
+    assert_same_bits(m, before)

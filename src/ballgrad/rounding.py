@@ -425,6 +425,42 @@ def sum_to_bf16_normal(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> 
     return out.permute(_inverse(order))
 
 
+BF16_BLOCK = 1 << 18  # elements per block of ``abs_sums_to_bf16_normal`` (1 MiB of float32 scratch)
+
+
+def abs_to_bf16_normal(m: torch.Tensor) -> torch.Tensor:
+    """``to_bf16_normal(|m|)`` for a float32 (or narrower) m without the full-size float32 |m|: RN to bfloat16 is
+    symmetric, so RN(|m|) = |RN(m)| (NaN stays NaN); the abs and the clamp then run on the 2-byte copy (a fresh
+    one: a bfloat16 m is never written)."""
+    copy = torch.abs(m) if m.dtype == torch.bfloat16 else m.to(torch.bfloat16)
+    return copy.abs_().clamp_min_(REALMIN_32)
+
+
+def abs_sums_to_bf16_normal(r: torch.Tensor, m: torch.Tensor, alphas: tuple[float, ...]) -> list[torch.Tensor]:
+    """[sum_to_bf16_normal(r, |m|, a) for a in alphas] (|m| exactly widened to float32, r float32 >= 0, a >= 0),
+    bit for bit, without a full-size float32 |m|: where r and m are large and of one dense layout, |m| is formed in
+    blocks of ``BF16_BLOCK`` elements in one reused scratch block, and each block's sums are stored straight into
+    the bfloat16 outputs (the same add kernel on the same values). A fresh full-size |m| costs its page faults on
+    every call (CPU buffers this large go back to the OS when freed): a few ms per 2048 x 2048 weight."""
+    order = _memory_order(r) if (r.shape == m.shape and r.stride() == m.stride()
+                                 and r.numel() > BF16_BLOCK) else None
+    if order is None:
+        abs_m = torch.abs(m).to(torch.float32)
+        return [sum_to_bf16_normal(r, abs_m, a) for a in alphas]
+    rs, ms = r.permute(order).reshape(-1), m.permute(order).reshape(-1)  # views: both are contiguous in this order
+    permuted = r.permute(order).shape
+    outs = [torch.empty(permuted, dtype=torch.bfloat16, device=r.device) for _ in alphas]
+    flat_outs = [o.view(-1) for o in outs]
+    scratch = torch.empty(BF16_BLOCK, dtype=torch.float32, device=r.device)
+    for start in range(0, rs.numel(), BF16_BLOCK):
+        stop = min(start + BF16_BLOCK, rs.numel())
+        abs_block = scratch[: stop - start].copy_(ms[start:stop]).abs_()
+        for a, o in zip(alphas, flat_outs):
+            torch.add(rs[start:stop], abs_block, alpha=a, out=o[start:stop])
+    inverse = _inverse(order)
+    return [o.clamp_min_(REALMIN_32).permute(inverse) for o in outs]
+
+
 def _memory_order(t: torch.Tensor) -> tuple[int, ...] | None:
     """A permutation p with ``t.permute(p)`` contiguous, or None where ``t`` is not a dense permutation of one."""
     order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))

@@ -237,23 +237,29 @@ def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point
         return None
     c1, c2 = consts
     bf = rounding.to_bf16_normal
-    if abs_operands is None:
-        abs_operands = torch.abs(ma).to(torch.float32), torch.abs(mb).to(torch.float32)  # exact widening
-    abs_ma, abs_mb = abs_operands
     g_w = rounding.round_up_float(g, torch.float32)
 
-    def plus_g(r, abs_m):  # Z of r + g'|m| (<= 2 float32 roundings); of r itself when g = 0 (the measured bound)
-        return bf(r.expand(abs_m.shape)) if g == 0 else rounding.sum_to_bf16_normal(r, abs_m, g_w)
+    def abs_of(m, i):  # Z of |m| (exact)
+        return bf(abs_operands[i]) if abs_operands is not None else rounding.abs_to_bf16_normal(m)
+
+    def sums(r, m, i, alphas):  # Z of r + a|m| for each a (<= 2 float32 roundings each); r + |m| = |m| + r exactly
+        if abs_operands is not None:
+            return [rounding.sum_to_bf16_normal(r, abs_operands[i], a) for a in alphas]
+        return rounding.abs_sums_to_bf16_normal(r, m, alphas)  # blocked: no full-size float32 |m|
+
+    def plus_g(r, m, i):  # Z of r + g'|m|; of r itself when g = 0 (the measured bound)
+        return bf(r.expand(m.shape)) if g == 0 else sums(r, m, i, (g_w,))[0]
 
     if both_points:
-        s = gemm(bf(abs_ma), bf(abs_mb))
+        s = gemm(abs_of(ma, 0), abs_of(mb, 1))
     elif a_point:
-        s = gemm(bf(abs_ma), plus_g(rb, abs_mb))
+        s = gemm(abs_of(ma, 0), plus_g(rb, mb, 1))
     elif b_point:
-        s = gemm(plus_g(ra, abs_ma), bf(abs_mb))
+        s = gemm(plus_g(ra, ma, 0), abs_of(mb, 1))
     else:
-        s = gemm(bf(abs_ma), plus_g(rb, abs_mb))
-        s = _ACCUMULATE[gemm](s, bf(ra).expand(abs_ma.shape), rounding.sum_to_bf16_normal(abs_mb, rb))
+        y1, y2 = (plus_g(rb, mb, 1), sums(rb, mb, 1, (1.0,))[0]) if g == 0 else sums(rb, mb, 1, (g_w, 1.0))
+        s = gemm(abs_of(ma, 0), y1)
+        s = _ACCUMULATE[gemm](s, bf(ra).expand(ma.shape), y2)
     if raw:  # (S^, C1, C2) with the bound C1 S^ + C2, for a caller that folds it into its own inflate
         return s, c1, c2
     return s.to(torch.float32).mul_(c1).add_(c2)
