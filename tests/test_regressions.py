@@ -27,9 +27,10 @@ def test_bessel_gradients_contain_the_mpmath_derivative(name):
     (J0' = -J1, J1' = J0 - J1/x, Y0' = -Y1, Y1' = Y0 - Y1/x), on arguments around the functions' zeros."""
     import mpmath
 
-    mpmath.mp.prec = 200
-    kind, order = name[-2], int(name[-1])
     f = getattr(torch.special, name)
+    if f(torch.ones(1, requires_grad=True)).grad_fn is None:
+        pytest.skip(f"torch {torch.__version__} defines no derivative for special.{name} (added in later releases)")
+    kind, order = name[-2], int(name[-1])
     fn = mpmath.besselj if kind == "j" else mpmath.bessely
     derivative = (lambda v: -fn(1, v)) if order == 0 else (lambda v: fn(0, v) - fn(1, v) / v)
     x = torch.tensor([0.26, 0.52, 2.3386, 3.2998, 4.9473, 5.87, 6.3058, 7.015, 11.5, 19.62], dtype=torch.float32)
@@ -37,5 +38,6 @@ def test_bessel_gradients_contain_the_mpmath_derivative(name):
     xb = bg.ball(x.clone()).requires_grad_(True)
     (g,) = torch.autograd.grad([f(xb)], [xb], [bg.ball(cot)])
     for i in range(x.numel()):
-        exact = derivative(mpmath.mpf(float(x[i]))) * mpmath.mpf(float(cot[i]))
-        assert abs(exact - mpmath.mpf(float(g.mid[i]))) <= mpmath.mpf(float(g.rad[i])), (name, float(x[i]))
+        with mpmath.workprec(200):
+            exact = derivative(mpmath.mpf(float(x[i]))) * mpmath.mpf(float(cot[i]))
+            assert abs(exact - mpmath.mpf(float(g.mid[i]))) <= mpmath.mpf(float(g.rad[i])), (name, float(x[i]))
