@@ -224,9 +224,9 @@ def _cases(examples):
 # Tests
 
 # Every GEMM test runs with each midpoint-error bound: "measured" (float64 reference, the default) and "a-priori"
-# (gamma_k |A||B|). Radius GEMMs run in bfloat16 (Lemma B) only from ``_BF16_MIN_MACS`` multiply-adds on, far larger
-# than these tests' GEMMs, so the configs pin it: "measured" and "a-priori-float32" keep float32 radius GEMMs (the
-# fallback elsewhere too), "measured-bfloat16" and "a-priori" force bfloat16 where this CPU allows.
+# (gamma_k |A||B|). Radius GEMMs run in bfloat16 (Lemma B) only from ``_BF16_MIN_MACS_*`` multiply-adds on, far
+# larger than these tests' GEMMs, so the configs pin them: "measured" and "a-priori-float32" keep float32 radius
+# GEMMs (the fallback elsewhere too), "measured-bfloat16" and "a-priori" force bfloat16 where this CPU allows.
 GEMM_CONFIGS = ["measured", "measured-bfloat16", "a-priori", "a-priori-float32"]
 
 
@@ -234,8 +234,10 @@ GEMM_CONFIGS = ["measured", "measured-bfloat16", "a-priori", "a-priori-float32"]
 def gemm_config(request, monkeypatch):
     if request.param == "a-priori-float32":
         monkeypatch.setattr(linalg, "_BF16_RADIUS", False)
-    if request.param in ("measured-bfloat16", "a-priori"):
-        monkeypatch.setattr(linalg, "_BF16_MIN_MACS", 0)
+    if request.param == "measured-bfloat16":
+        monkeypatch.setattr(linalg, "_BF16_MIN_MACS_MEASURED", 0)
+    if request.param == "a-priori":
+        monkeypatch.setattr(linalg, "_BF16_MIN_MACS_A_PRIORI", 0)
     with bg.gemm_bound(request.param.split("-")[0] if request.param.startswith("measured") else
                        request.param.split("-float32")[0]):
         yield request.param
@@ -444,7 +446,7 @@ def test_negative_control_too_small_radius_is_caught(radius_gemm, shrink_bits, m
         pytest.skip("no fast bfloat16 GEMM on this CPU: radius GEMMs run in float32")
     else:
         monkeypatch.setattr(linalg, "_gemm_bound", "a-priori")
-        monkeypatch.setattr(linalg, "_BF16_MIN_MACS", 0)  # this small GEMM would otherwise keep float32
+        monkeypatch.setattr(linalg, "_BF16_MIN_MACS_A_PRIORI", 0)  # this small GEMM would otherwise keep float32
     gen = torch.Generator().manual_seed(5)
     k = 32
     ma = torch.rand(4, k, generator=gen) + 0.5

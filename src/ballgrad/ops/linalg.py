@@ -58,11 +58,11 @@ term; float64 midpoints keep the a priori bound (there is no wider hardware form
 
 **Which midpoint-error bound** (``gemm_bound``): ``"measured"`` (the default) is the a posteriori bound above;
 ``"a-priori"`` uses g|mA||mB| for every midpoint dtype. Both run their radius GEMMs in bfloat16 where Lemma B
-applies (below) from ``_BF16_MIN_MACS`` multiply-adds on; smaller GEMMs keep float32 radius GEMMs, whose result is
-within 2e-5 relative of the bound they compute. Measuring costs one float64 GEMM, 1.5-3x the float32 midpoint
-GEMM itself, which is noise next to the dispatch cost of small GEMMs but dominates large ones; the a priori bound is
-cheap but, for long dot products, thousands of times wider (mlp-wide's first-step weight gradients: relative radius
-4e-4 measured, 4.0 a priori, i.e. no certified bit). So the tight bound is the default and the cheap one is a choice
+applies (below) from ``_BF16_MIN_MACS_A_PRIORI`` / ``_BF16_MIN_MACS_MEASURED`` multiply-adds on; smaller GEMMs keep
+float32 radius GEMMs, whose result is within 2e-5 relative of the bound they compute. Measuring costs one float64
+GEMM, 1.5-3x the float32 midpoint GEMM itself, which is noise next to the dispatch cost of small GEMMs but dominates
+large ones; the a priori bound is cheap but, for long dot products, thousands of times wider (mlp-wide's first-step
+weight gradients: relative radius 4e-4 measured, 4.0 a priori, i.e. no certified bit). So the tight bound is the default and the cheap one is a choice
 (``ballgrad.gemm_bound("a-priori")``, a context manager, or ``set_gemm_bound``), never made silently.
 
 **Radius GEMMs in bfloat16 (Lemma B).** Where the a priori bracket's GEMM would run in float32 and this CPU's bfloat16
@@ -278,7 +278,8 @@ def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: t
     a_point, b_point = _is_point(ra), _is_point(rb)
     n = k if (a_point or b_point) else 2 * k
     wd = rounding.work_dtype(rad_dtype, n)
-    if wd == torch.float32 and _bf16_radius_gemm(gemm, ma.numel() * (mb.shape[-1] if mb.dim() >= 2 else 1)):
+    if wd == torch.float32 and _bf16_radius_gemm(gemm, ma.numel() * (mb.shape[-1] if mb.dim() >= 2 else 1),
+                                                      _BF16_MIN_MACS_A_PRIORI):
         bound = _bf16_bracket(gemm, ma, ra.to(wd), mb, rb.to(wd), k, g, b_dim, a_point, b_point, extra=extra)
         if bound is not None:
             return bound.nan_to_num_(nan=math.inf, posinf=math.inf)
@@ -476,17 +477,20 @@ def _propagation_products(plain, abs_ma, ra, abs_mb, rb, k: int, b_dim: int, a_p
     return s, n, 1 / (1 - rounding.unit_roundoff_exact(abs_mb.dtype))
 
 
-# Radius GEMMs run in bfloat16 (Lemma B) from this many multiply-adds (m n k) on, where the GEMMs dominate the cost.
-# Smaller ones keep float32: the bfloat16 operands make the radius up to ~3% wider, and below this size a bfloat16
-# GEMM with its operand conversions is no faster (on an AVX512-BF16 CPU without AMX, transformer-tiny's 256 x 64 x 192
-# radius GEMM took 140 us in bfloat16 against 80 us for the float32 midpoint GEMM).
-_BF16_MIN_MACS = 2**26
+# Radius GEMMs run in bfloat16 (Lemma B) from these many multiply-adds (m n k) on. Below, a bfloat16 GEMM with its
+# operand conversions is no faster than float32 (AVX512-BF16 CPU without AMX, a-priori ball mm of two balls:
+# 256 x 64 x 192 409 us in float32 vs 432 us; 64 x 784 x 128 693 vs 591 us; 10 x 512 x 2048 9.3 vs 2.4 ms). The
+# measured bound keeps float32 up to far larger GEMMs: its bfloat16 operands make the propagated radius up to ~3%
+# wider, which costs nothing measurable to avoid while the float64 reference GEMM dominates.
+_BF16_MIN_MACS_A_PRIORI = 2**22
+_BF16_MIN_MACS_MEASURED = 2**26
 
 
-def _bf16_radius_gemm(plain, macs: int) -> bool:
-    """Whether a GEMM of ``macs`` multiply-adds gets bfloat16 radius GEMMs: large enough (``_BF16_MIN_MACS``), an op
-    with an add-form (``_ACCUMULATE``: Lemma B's two-ball bracket is one addmm), and a CPU that allows it."""
-    return plain in _ACCUMULATE and macs >= _BF16_MIN_MACS and _bf16_radius_gemms()
+def _bf16_radius_gemm(plain, macs: int, min_macs: int) -> bool:
+    """Whether a GEMM of ``macs`` multiply-adds gets bfloat16 radius GEMMs: large enough (``min_macs``, one of the two
+    thresholds above), an op with an add-form (``_ACCUMULATE``: Lemma B's two-ball bracket is one addmm), and a CPU
+    that allows it."""
+    return plain in _ACCUMULATE and macs >= min_macs and _bf16_radius_gemms()
 
 
 def _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=1.0, bias_terms=()):
@@ -510,7 +514,8 @@ def _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=
         a_point, b_point = _is_point(ra), _is_point(rb)
         abs_ma, abs_mb = torch.abs(ma), torch.abs(mb)  # float32 (the operands' radius dtype): exact
         bounds = _row_col_bounds(abs_ma, abs_mb, k, b_dim, g64, float(alpha))  # before abs_mb is overwritten
-        if not (a_point and b_point) and _bf16_radius_gemm(plain, m.numel() * k):  # None where Lemma B does not apply
+        # _bf16_bracket returns None where Lemma B does not apply
+        if not (a_point and b_point) and _bf16_radius_gemm(plain, m.numel() * k, _BF16_MIN_MACS_MEASURED):
             lemma_b = _bf16_bracket(plain, ma, ra.to(f32), mb, rb.to(f32), k, Fraction(0), b_dim, a_point, b_point,
                                     raw=True, abs_operands=(abs_ma, abs_mb))
         if lemma_b is None and not (a_point and b_point):
