@@ -62,8 +62,9 @@ applies (below) from ``_BF16_MIN_MACS_A_PRIORI`` / ``_BF16_MIN_MACS_MEASURED`` m
 float32 radius GEMMs, whose result is within 2e-5 relative of the bound they compute. Measuring costs one float64
 GEMM, 1.5-3x the float32 midpoint GEMM itself, which is noise next to the dispatch cost of small GEMMs but dominates
 large ones; the a priori bound is cheap but, for long dot products, thousands of times wider (mlp-wide's first-step
-weight gradients: relative radius 4e-4 measured, 4.0 a priori, i.e. no certified bit). So the tight bound is the default and the cheap one is a choice
-(``ballgrad.gemm_bound("a-priori")``, a context manager, or ``set_gemm_bound``), never made silently.
+weight gradients: relative radius 4e-4 measured, 4.0 a priori, i.e. no certified bit). So the tight bound is the
+default and the cheap one is a choice (``ballgrad.gemm_bound("a-priori")``, a context manager, or
+``set_gemm_bound``), never made silently.
 
 **Radius GEMMs in bfloat16 (Lemma B).** Where the a priori bracket's GEMM would run in float32 and this CPU's bfloat16
 GEMM is fast and accumulates in float32 (AMX / AVX512-BF16, probed once: ``guard.bf16_gemm_accumulates_in_float32``),
