@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import torch
 
-from ballgrad import diagnostics, rounding
+from ballgrad import diagnostics, fused, rounding
 from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import operand, result
@@ -54,6 +54,10 @@ def _add_rad(m, a, b, alpha, sign=1):
     mb, rb = operand(b, m.dtype)
     u, eta = _constants(m.dtype)
     if alpha == 1:
+        if fused.applies(m, ma, mb, ra, rb):  # the formula below in one pass, bit for bit (``fused.add_radius``)
+            rad = fused.add_radius(ma, mb, float(sign), m, ra, rb, *rounding.inflation_constants(2, m.dtype))
+            if rad is not None:
+                return rad
         if m.dtype in _SINGLE_ROUNDING:  # the exact rounding error (TwoSum) instead of u|m|
             error = rounding.exact_sum_error(ma, mb if sign == 1 else torch.neg(mb), m)  # negation is exact
             propagation = ra + rb  # 0 exactly when both radii are (a sum of non-negative floats never underflows)

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ballgrad import rounding
+from ballgrad import diagnostics, fused, rounding
 from ballgrad.ops import nn as nn_rules
 from ballgrad.ops.common import mid_of, result, result_in_place
 from ballgrad.ops.nn import MEAN, finish, from_bounds, nan_to, pick, point, wide
@@ -95,6 +95,9 @@ def _relu_backward_fast(m, grad, s):
     the comparison holds, in the buffer's dtype), times rG."""
     gm, gr = (grad.mid, grad.rad) if isinstance(grad, BallTensor) else (grad, None)
     sm, sr = (s.mid, s.rad) if isinstance(s, BallTensor) else (s, torch.zeros((), dtype=m.dtype))
+    if gr is not None and fused.applies(m, gm, gr, sm, sr) and not diagnostics.is_recording():
+        rad, _ = fused.relu_backward_radius(gm, gr, sm, sr, m)  # the same, bit for bit, in one pass
+        return BallTensor(m, rad)
     rd = rounding.rad_dtype(m.dtype)
     rad = torch.neg(sm) if sm.dtype == rd else sm.to(rd).neg_()
     touch = torch.gt(rad, sr)  # -ms > rs: below

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from ballgrad import diagnostics, rounding
+from ballgrad import diagnostics, fused, rounding
 from ballgrad.errors import UndecidedComparisonError, UnsupportedOpError
 from ballgrad.ops.common import infinite_where, result, result_in_place
 from ballgrad.ops.common import mid_of as _mid
@@ -581,7 +581,11 @@ def _relu_fast(m, xm, xr):
     Memory: the output's radius buffer is the only full-size float temporary: it holds -xm (exact) for the
     comparisons, then the 0/1 indicator of "not below", -xm <= xr (``le_`` writes 1.0 where it holds), times xr (a
     multiply by the indicator is 3x faster than torch.where on CPU; xr >= 0 is finite or +inf, and +inf only where the
-    ball touches 0, so inf * 0 never arises)."""
+    ball touches 0, so inf * 0 never arises). ``fused.relu_radius`` computes the same, bit for bit, in one pass (the
+    kink event, which needs the mask, takes this path)."""
+    if fused.applies(m, xm, xr) and not diagnostics.is_recording():
+        rad, _ = fused.relu_radius(xm, xr, m, rounding.eta(xr.dtype))
+        return BallTensor(m, rad)
     rad = torch.neg(xm) if xm.dtype == xr.dtype else xm.to(xr.dtype).neg_()  # xr has the radius dtype
     touch = torch.gt(rad, xr)  # below
     touch |= torch.gt(xm, xr)  # above
