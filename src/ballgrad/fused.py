@@ -53,13 +53,17 @@ def _flat(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy().reshape(-1)
 
 
+def _scalar(dtype: torch.dtype):
+    """The numpy scalar type of a kernel's constants: a float64 constant would promote float32 arithmetic."""
+    return np.float32 if dtype == torch.float32 else np.float64
+
+
 @functools.lru_cache(maxsize=None)
 def _add_kernel():
     numba = _numba()
 
     @numba.njit(cache=True, nogil=True)
-    def add_kernel(x, y, sign, m, ra, rb, phi, a, out):
-        inf = np.inf
+    def add_kernel(x, y, sign, m, ra, rb, phi, a, inf, out):
         mismatches = 0
         for i in range(m.size):
             xi = x[i]
@@ -69,15 +73,8 @@ def _add_kernel():
             bb = s - xi
             e = abs((xi - (s - bb)) + (yi - bb))
             p = ra[i] + rb[i]
-            if p == 0:
-                r = e
-            else:
-                r = (p + e) * phi + a
-                if r != r:
-                    r = inf
-            if r != r:
-                r = inf
-            out[i] = r
+            r = e if p == 0 else (p + e) * phi + a
+            out[i] = inf if r != r else r  # inflate's and result's NaN -> +inf (+inf stays)
         return mismatches
 
     return add_kernel
@@ -90,14 +87,10 @@ def add_radius(x: torch.Tensor, y: torch.Tensor, sign: float, m: torch.Tensor, r
     +inf; then NaN -> +inf. None where the kernel's s = x + sign*y differs from m anywhere (the reference path then
     handles it) -- callers check ``applies`` first."""
     out = torch.empty_like(m)
-    scalar = np.float32 if m.dtype == torch.float32 else np.float64
-    mismatches = _add_kernel()(_flat(x), _flat(y), scalar(sign), _flat(m), _flat(ra), _flat(rb), scalar(phi),
-                               scalar(a), _flat(out))
+    sc = _scalar(m.dtype)
+    mismatches = _add_kernel()(_flat(x), _flat(y), sc(sign), _flat(m), _flat(ra), _flat(rb), sc(phi), sc(a),
+                               sc(np.inf), _flat(out))
     return out if mismatches == 0 else None
-
-
-def _scalar(dtype: torch.dtype):
-    return np.float32 if dtype == torch.float32 else np.float64
 
 
 @functools.lru_cache(maxsize=None)
