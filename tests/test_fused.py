@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import ballgrad as bg
 from ballgrad import fused
-from ballgrad.testing import ball_pairs
+from ballgrad.testing import ball_pairs, balls
 from ballgrad.tensor import BallTensor
 
 pytestmark = pytest.mark.skipif(fused._numba() is None, reason="numba not installed or BALLGRAD_FUSED=0")
@@ -126,3 +126,82 @@ def test_recorded_kinks_take_the_reference_path():
             torch.relu(x)
     assert kernel.call_count == 0
     assert recorder.count("kink") == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layer norm: not bit for bit (group sums in index order, a correctly rounded rsqrt enclosure: ``fused``'s header);
+# containment is checked against mpmath by the layer-norm tests (``ln_path`` fixture, both paths), here the agreement
+# with the reference formulas and the handling of special values.
+
+LN = torch.ops.aten.native_layer_norm.default
+LN_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
+
+
+def _ln_reference(op, *args):
+    from ballgrad.ops import normalization
+    with mock.patch.object(normalization, "_layer_norm_fused_forward", lambda *a, **k: None), \
+            mock.patch.object(normalization, "_layer_norm_fused_backward", lambda *a, **k: None):
+        return op(*args)
+
+
+def _ln_calls(op, *args):
+    with mock.patch.object(fused, "layer_norm_forward", wraps=fused.layer_norm_forward) as f, \
+            mock.patch.object(fused, "layer_norm_backward", wraps=fused.layer_norm_backward) as b:
+        out = op(*args)
+    assert f.call_count + b.call_count == 1  # the fused path is the one compared
+    return out
+
+
+def _ln_case(dtype, rad, affine, gen, shape=(3, 5, 24)):
+    x = bg.ball(torch.randn(shape, generator=gen, dtype=dtype) * 2 + 0.5, rad)
+    w = bg.ball(torch.rand(shape[-1], generator=gen, dtype=dtype) + 0.5, rad) if affine else None
+    b = bg.ball(torch.randn(shape[-1], generator=gen, dtype=dtype), rad) if affine else None
+    gy = bg.ball(torch.randn(shape, generator=gen, dtype=dtype), rad)
+    return x, w, b, gy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rad", [0.0, 2.0 ** -20])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_kernels_agree_with_the_reference(dtype, rad, affine):
+    """Midpoints bit-identical; radii equal to the reference's up to the last bits of its group sums (for float32
+    they round up to the same float32 radius almost everywhere; relative 1e-6 allows the rest)."""
+    x, w, b, gy = _ln_case(dtype, rad, affine, torch.Generator().manual_seed(11))
+    fast, slow = _ln_calls(LN, x, [24], w, b, 1e-5), _ln_reference(LN, x, [24], w, b, 1e-5)
+    mask = [True, affine, affine]
+    fast_b = _ln_calls(LN_BACKWARD, gy, x, [24], slow[1], slow[2], w, b, mask)
+    slow_b = _ln_reference(LN_BACKWARD, gy, x, [24], slow[1], slow[2], w, b, mask)
+    pairs = list(zip(fast, slow)) + [(p, q) for p, q in zip(fast_b, slow_b) if q is not None]
+    # point inputs: the radii are a few ulps of the midpoints, where the rstd enclosures' last bits weigh (float32:
+    # within 1e-4; float64: a few of its ulps are the whole radius, so only the order of magnitude is compared)
+    tol = 1e-6 if rad else (1e-4 if dtype == torch.float32 else 1.0)
+    for p, q in pairs:
+        assert torch.equal(p.mid, q.mid)
+        assert p.rad.dtype == q.rad.dtype and bool(torch.isfinite(p.rad).all())
+        assert bool(((p.rad.double() - q.rad.double()).abs() <= tol * q.rad.double()).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), affine=st.booleans())
+def test_layer_norm_kernels_on_special_values(dtype, affine, data):
+    """Adversarial balls with inf and NaN midpoints, infinite radii, subnormals, signed zeros, huge values: the
+    midpoints are the reference's, the radii are valid (never NaN or negative), a row with a non-finite input or radius
+    gets infinite radii wherever the reference's are infinite, and every radius the reference finds finite is also
+    finite here unless its row holds a non-finite value."""
+    x = data.draw(balls(dtype, (2, 6)))
+    gy = data.draw(balls(dtype, (2, 6)))
+    w = data.draw(balls(dtype, (6,), allow_nonfinite=False, allow_inf_radius=False)) if affine else None
+    b = data.draw(balls(dtype, (6,), allow_nonfinite=False, allow_inf_radius=False)) if affine else None
+    fast = LN(x, [6], w, b, 1e-5)
+    slow = _ln_reference(LN, x, [6], w, b, 1e-5)
+    mask = [True, affine, affine]
+    fast_b = LN_BACKWARD(gy, x, [6], slow[1], slow[2], w, b, mask)
+    slow_b = _ln_reference(LN_BACKWARD, gy, x, [6], slow[1], slow[2], w, b, mask)
+    bad_rows = ~(torch.isfinite(x.mid) & torch.isfinite(x.rad)).all(-1)
+    for p, q in list(zip(fast, slow)) + [(p, q) for p, q in zip(fast_b, slow_b) if q is not None]:
+        assert torch.equal(p.mid.isnan(), q.mid.isnan()) and torch.equal(p.mid.nan_to_num(), q.mid.nan_to_num())
+        assert not bool(p.rad.isnan().any()) and bool((p.rad >= 0).all())
+        if p.shape == x.shape:
+            assert bool(torch.isinf(p.rad[bad_rows]).all())
+            assert bool(torch.isinf(p.rad[torch.isinf(q.rad) & bad_rows.unsqueeze(-1)]).all())

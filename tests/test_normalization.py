@@ -139,7 +139,7 @@ def test_batch_norm_adversarial_in_channel_blocks(monkeypatch, examples):
 
 
 @pytest.mark.parametrize("examples", EXAMPLES)
-def test_layer_norm_adversarial(examples):
+def test_layer_norm_adversarial(examples, ln_path):
     """Layer norm forward and backward (saved statistics and the recomputed mean) on adversarial balls."""
     settings(max_examples=examples, deadline=None)(
         given(dtype=st.sampled_from(DTYPES), data=st.data(), offset=OFFSETS, affine=st.booleans())(
@@ -165,7 +165,7 @@ def _layer_norm_case(dtype, data, offset, affine):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_finite_groups_get_infinite_radii_and_others_stay_finite(dtype):
+def test_non_finite_groups_get_infinite_radii_and_others_stay_finite(dtype, ln_path):
     """A NaN, an inf or an infinite radius in one group (a channel / a row) makes that group's outputs unknown
     (radius +inf, never NaN); the other groups keep finite radii."""
     for bad_mid, bad_rad in ((math.nan, 0.0), (math.inf, 0.0), (1.0, math.inf)):
@@ -227,7 +227,7 @@ def test_layer_norm_enclosure_matches_the_rule():
     assert bool(((enc.mid - y.mid.double()).abs() <= y.rad.double()).all())
 
 
-def test_layer_norm_plain_grad_point_input_and_the_point_probe():
+def test_layer_norm_plain_grad_point_input_and_the_point_probe(ln_path):
     """Layer norm paths the adversarial tests reach rarely: a plain grad_out (a point) with ball weights (the grad
     and bias sums with and without radii, stacked), a point input (statistics without radii), and an input whose radii
     are zero on a long prefix (more than 4096 elements: ``_is_point`` probes a prefix, then scans everything)."""

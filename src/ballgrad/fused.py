@@ -19,6 +19,7 @@ Kernels are compiled on first use (about a second each; ``cache=True`` keeps the
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import numpy as np
@@ -231,3 +232,396 @@ def relu_backward_radius(gm, gr, sm, sr, m) -> tuple[torch.Tensor, int]:
     touches = _relu_backward_kernel()(_flat(gm), _flat(gr), _flat(sm), _flat(sr), _flat(m), sc(0), sc(1),
                                       sc(np.inf), _flat(out))
     return out, int(touches)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layer norm (``normalization._layer_norm_fused_forward`` / ``_backward``)
+#
+# Contract, weaker than the elementwise kernels' above: per element the kernels perform the reference formula's
+# operations (``normalization``'s ``_statistics``, ``_mul_full``, ``_affine_output``, ``_mean_ball``, ``_hull``,
+# ``_grad_times_xhat``, ``_sum_ball(s)``, ``_dot_ball``, ``_k_coefficients``, ``_gradient_input_rad``,
+# ``_recentre_balls``), each rounded to nearest, with an outward step wherever the reference takes one; but
+#   - every group sum runs in index order, where the reference's reduction has its own order: the bounds that read a
+#     sum (F3: gamma_(n-1), and ``_sum_up``/``_sum_down``'s theta factors) hold for a sum in any order, so the
+#     derivation is unchanged and the radii differ from the reference's by the last bits of those sums;
+#   - the outward steps are RZBM's (``_SUCC_PHI``), which bound succ/pred from outside as nextafter does (F2);
+#   - 1/sqrt(var + eps) is enclosed with IEEE sqrt and division, both correctly rounded (LLVM's sqrt and fdiv without
+#     fast-math): with s = fl(sqrt t), pred(s) <= sqrt t <= succ(s), and 1/x decreasing, so
+#     down(1/succ(fl sqrt t_hi)) <= 1/sqrt(t_hi) and 1/sqrt(t_lo) <= up(1/pred(fl sqrt t_lo)) (pred clamped at 0,
+#     which 1/0 = +inf keeps an upper bound), in place of the trust-table sqrt of ``elementwise._rsqrt_enclose``.
+# ``tests/test_fused.py`` checks both kernels against the mpmath oracle and against the reference path.
+# Constants come in one float64 array (named at the top of each kernel); ``rows`` groups of ``n`` contiguous elements.
+
+
+# RZBM's successor step (DESIGN F2; ``nn._step``): for every float64 c, fl(c + fl(fl(phi |c|) + e0)) >= succ(c) and
+# fl(c - fl(fl(phi |c|) + e0)) <= pred(c), with phi >= u(1 + 2u) and any e0 >= eta; e0 = 2^-600 keeps the step's
+# operands normal (a subnormal operand costs a microcode assist per operation on x86). inf and NaN stay or become NaN,
+# which the kernels turn into +inf radii.
+_SUCC_PHI = 2.0**-53 + 2.0**-105  # u(1 + 2u) for u = 2^-53, exactly
+_SUCC_E0 = 2.0**-600
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar_steps():
+    """Scalar outward steps and clean-ups shared by the layer-norm kernels (float64)."""
+    numba = _numba()
+    jit = numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+    phi, e0 = _SUCC_PHI, _SUCC_E0
+
+    @jit
+    def up(x):  # >= succ(x): RZBM's step (DESIGN F2), inline arithmetic instead of a libm nextafter call (5 ns)
+        return x + (abs(x) * phi + e0)
+
+    @jit
+    def dn(x):  # <= pred(x)
+        return x - (abs(x) * phi + e0)
+
+    @jit
+    def clamp0(x):  # torch.clamp_min(x, 0): NaN stays NaN
+        return 0.0 if x < 0.0 else x
+
+    @jit
+    def inflate(x, phi, a):  # rounding.inflate with its constants: NaN -> +inf (+inf stays)
+        v = x * phi + a
+        return np.inf if v != v else v
+
+    @jit
+    def nan_max(a, b):  # torch.maximum / amax: NaN if either is
+        if a != a or b != b:
+            return np.nan
+        return a if a >= b else b
+
+    @jit
+    def nan_min(a, b):
+        if a != a or b != b:
+            return np.nan
+        return a if a <= b else b
+
+    @jit
+    def from_bounds(lo, hi):  # reductions._from_bounds: (mid, rad) of a ball containing [lo, hi]
+        c = lo * 0.5 + hi * 0.5
+        r = nan_max(up(c - lo), up(hi - c))
+        if lo == hi and c == lo:
+            r = 0.0
+        return c, (np.inf if r != r else r)
+
+    @jit
+    def recentre(mk, c, r, narrow):  # normalization._recentre_balls for one element: rad around the kernel's mk
+        m64 = np.float64(mk)
+        rad = r if m64 == c else up(up(abs(m64 - c)) + r)
+        if narrow:  # rounding.to_dtype_up to float32: RN, then one succ where it went down (an exact comparison)
+            y = np.float32(rad)
+            if np.float64(y) < rad:
+                y = np.nextafter(y, np.float32(np.inf))
+            rad = np.float64(y)
+        return np.inf if rad != rad else rad
+
+    @jit
+    def ball_mul(ac, ar, bc, br, u):  # normalization._mul: a b with every radius operation rounded outward
+        c = ac * bc
+        spread = up(up(abs(ac) * br) + up(ar * up(abs(bc) + br)))
+        return c, up(spread + up(up(abs(c) * u)))
+
+    return up, dn, clamp0, inflate, nan_max, nan_min, from_bounds, recentre, ball_mul
+
+
+# Indices of the layer-norm constants (``normalization._layer_norm_constants``)
+(LN_U, LN_F0, LN_F1, LN_F2, LN_FDN, LN_NETA, LN_GAMMA, LN_GC1, LN_KAPPA, LN_OPU, LN_OPU2, LN_OMU2, LN_PHI1, LN_A1,
+ LN_PHI2, LN_A2, LN_PHI3, LN_A3, LN_PHI4, LN_A4, LN_PHI6H, LN_A6H, LN_PHI2E, LN_A2E, LN_PHI_OUT, LN_A_OUT, LN_PHI_GX,
+ LN_A_GX, LN_ROW_F0, LN_ROW_GAMMA, LN_COUNT) = range(31)
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_norm_forward_kernel():
+    numba = _numba()
+    up, dn, clamp0, inflate, nan_max, nan_min, from_bounds, recentre, ball_mul = _scalar_steps()
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")  # IEEE division: 1/0 = +inf, no exception
+    def forward(m, r, wc, wr, bc, br, has_w, has_b, out, mean, rstd, k, eps, narrow, rows, n, out_rad, mean_rad,
+                rstd_rad):
+        u, f0, f1, f2, fdn, neta = k[LN_U], k[LN_F0], k[LN_F1], k[LN_F2], k[LN_FDN], k[LN_NETA]
+        gc1, opu, opu2, omu2 = k[LN_GC1], k[LN_OPU], k[LN_OPU2], k[LN_OMU2]
+        phi1, a1, phi4, a4 = k[LN_PHI1], k[LN_A1], k[LN_PHI4], k[LN_A4]
+        phi6h, a6h, phi2e, a2e, phi_o, a_o = k[LN_PHI6H], k[LN_A6H], k[LN_PHI2E], k[LN_A2E], k[LN_PHI_OUT], k[LN_A_OUT]
+        nf = np.float64(n)
+        has_r = False  # normalization._radius_of: a point unless some radius is > 0
+        for i in range(r.size):
+            if r[i] > 0:
+                has_r = True
+                break
+        for i in range(rows):
+            o = i * n
+            # _statistics: the computed mean c, then the sums of d = m - c
+            s = 0.0
+            for j in range(n):
+                s += np.float64(m[o + j])
+            c = s / nf
+            s_a = s_d = sq = s_r = s_r2a = 0.0
+            for j in range(n):
+                d = np.float64(m[o + j]) - c
+                a = abs(d)
+                s_a += a
+                s_d += d
+                sq += d * d
+                if has_r:
+                    rj = np.float64(r[o + j])
+                    s_r += rj
+                    s_r2a += (a * 2.0 + rj) * rj
+            # _sum_bounds: [sum a, U, L, sum r, sum r(2a + r)], kinds (0, 1, -1, 0, 2)
+            big_a = clamp0(up(clamp0(up(s_a * f0)) + 0.0))
+            big_u = clamp0(up(clamp0(up(sq * f1)) + neta))
+            big_l = clamp0(dn(clamp0(dn(sq * fdn)) - neta))
+            w0 = clamp0(up(big_a * gc1))
+            up_u = clamp0(up(big_u * opu2))
+            lo_l = clamp0(dn(big_l * omu2))
+            e = up(up(abs(s_d) + w0) / nf)
+            v_hi = clamp0(up(up_u / nf))
+            v_lo = dn(clamp0(dn(lo_l / nf)) - up(e * e))
+            if has_r:
+                sum_r = clamp0(up(clamp0(up(s_r * f0)) + 0.0))
+                sum_r2a = clamp0(up(clamp0(up(s_r2a * f2)) + neta))
+                mean_r = up(e + up(sum_r / nf))
+                pert = up(up(up(sum_r2a * opu) + up(up(e * 2.0) * sum_r)) / nf)
+            else:
+                mean_r = e
+                pert = 0.0
+            var_hi = clamp0(up(v_hi + pert))
+            var_lo = clamp0(dn(v_lo - pert))
+            # 1/sqrt(var + eps) (the header's enclosure), as a ball
+            lower = clamp0(dn(1.0 / up(math.sqrt(up(var_hi + eps)))))
+            upper = up(1.0 / clamp0(dn(math.sqrt(clamp0(dn(var_lo + eps))))))
+            sc, sr = from_bounds(lower, upper)
+            mean_rad[i] = recentre(mean[i], c, mean_r, narrow)
+            rstd_rad[i] = recentre(rstd[i], sc, sr, narrow)
+            # the output: scale = _mul_full(rstd, w) (or rstd), then _affine_output
+            f, fr = sc, sr
+            for j in range(n):
+                if has_w:
+                    wcj, wrj = np.float64(wc[j]), np.float64(wr[j])
+                    f = sc * wcj
+                    fr = inflate(abs(f) * u + abs(sc) * wrj + sr * (abs(wcj) + wrj), phi6h, a6h)
+                af = abs(f)
+                h = inflate(af + fr, phi1, a1)
+                g = inflate(h * u + fr + af * (3.0 * u), phi4, a4)
+                d = np.float64(m[o + j]) - c
+                ex = abs(d) * g
+                if has_r:
+                    ex = ex + np.float64(r[o + j]) * h
+                term = mean_r * h
+                if has_b:
+                    term = term + inflate(np.float64(br[j]) + abs(np.float64(bc[j])) * (2.0 * u), phi2e, a2e)
+                ex = ex + term
+                cc = d * f
+                if has_b:
+                    cc = cc + np.float64(bc[j])
+                ex = ex + abs(cc - np.float64(out[o + j]))
+                v = ex * phi_o + a_o
+                out_rad[o + j] = np.inf if v != v else v
+
+    return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_norm_backward_kernel():
+    numba = _numba()
+    up, dn, clamp0, inflate, nan_max, nan_min, from_bounds, recentre, ball_mul = _scalar_steps()
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def backward(gm, gr, m, r, mean_c, mean_r, rstd_c, rstd_r, wc, wr, has_w, gx, gw, gb, want_gx, want_gw,
+                 want_gb, k, narrow, rows, n, gx_rad, gw_rad, gb_rad):
+        u, f0, f1, f2, neta, gam = k[LN_U], k[LN_F0], k[LN_F1], k[LN_F2], k[LN_NETA], k[LN_GAMMA]
+        gc1, kappa, opu = k[LN_GC1], k[LN_KAPPA], k[LN_OPU]
+        phi1, a1, phi2, a2, phi3, a3 = k[LN_PHI1], k[LN_A1], k[LN_PHI2], k[LN_A2], k[LN_PHI3], k[LN_A3]
+        phi4, a4, phi6h, a6h, phi_gx, a_gx = k[LN_PHI4], k[LN_A4], k[LN_PHI6H], k[LN_A6H], k[LN_PHI_GX], k[LN_A_GX]
+        row_f0, row_gamma = k[LN_ROW_F0], k[LN_ROW_GAMMA]
+        nf = np.float64(n)
+        has_r = False
+        for i in range(r.size):
+            if r[i] > 0:
+                has_r = True
+                break
+        has_gr = False
+        for i in range(gr.size):
+            if gr[i] > 0:
+                has_gr = True
+                break
+        has_g_r = has_w or has_gr  # g = _mul_full(gy, w) always has a radius; gy alone only if it is a ball
+        # column sums over the rows (grad_weight's product balls and grad_bias's gy), float64
+        cw_sum = np.zeros(n)
+        cw_abs = np.zeros(n)
+        rw_sum = np.zeros(n)
+        gb_sum = np.zeros(n)
+        gb_abs = np.zeros(n)
+        gr_sum = np.zeros(n)
+        for i in range(rows):
+            o = i * n
+            # mu: the hull of the saved mean and _mean_ball (the mean of x recomputed)
+            s = 0.0
+            for j in range(n):
+                s += np.float64(m[o + j])
+            c2 = s / nf
+            s_a = s_d = s_r = 0.0
+            for j in range(n):
+                d = np.float64(m[o + j]) - c2
+                s_a += abs(d)
+                s_d += d
+                if has_r:
+                    s_r += np.float64(r[o + j])
+            big_a = up(up(s_a * f0))
+            e = up(up(abs(s_d) + up(big_a * gc1)) / nf)
+            if has_r:
+                e = up(e + up(up(up(s_r * f0)) / nf))
+            mc, mr = mean_c[i], mean_r[i]
+            lo = nan_min(dn(mc - mr), dn(c2 - e))
+            hi = nan_max(up(mc + mr), up(c2 + e))
+            mu_c, mu_r = from_bounds(lo, hi)
+            s_c, s_r_ = rstd_c[i], rstd_r[i]
+            # pass B: grad_weight / grad_bias column terms, and the row sums of g and of g z
+            sg = sga = sgr = dt = s1 = s2 = s3 = 0.0
+            for j in range(n):
+                d = np.float64(m[o + j]) - mu_c
+                a = abs(d)
+                gcv = np.float64(gm[o + j])
+                grv = np.float64(gr[o + j]) if has_gr else 0.0
+                rj = np.float64(r[o + j]) if has_r else 0.0
+                if want_gw:  # _grad_times_xhat
+                    rho = a * u
+                    if has_r:
+                        rho = rho + rj
+                    rho = inflate(rho + mu_r, phi3, a3)
+                    c1 = d * s_c
+                    r1 = inflate(abs(c1) * u + a * s_r_ + rho * (abs(s_c) + s_r_), phi6h, a6h)
+                    cw = gcv * c1
+                    ex = abs(cw) * u + abs(gcv) * r1
+                    if has_gr:
+                        ex = ex + grv * (abs(c1) + r1)
+                    cw_sum[j] += cw
+                    cw_abs[j] += abs(cw)
+                    rw_sum[j] += inflate(ex, phi6h, a6h)
+                if want_gb:
+                    gb_sum[j] += gcv
+                    gb_abs[j] += abs(gcv)
+                    if has_gr:
+                        gr_sum[j] += grv
+                if want_gx:  # g = _mul_full(gy, w) (or gy), its sums and those of _dot_ball
+                    if has_w:
+                        wcj, wrj = np.float64(wc[j]), np.float64(wr[j])
+                        g_c = gcv * wcj
+                        ex = abs(g_c) * u + abs(gcv) * wrj
+                        if has_gr:
+                            ex = ex + grv * (abs(wcj) + wrj)
+                        g_r = inflate(ex, phi6h, a6h)
+                    else:
+                        g_c, g_r = gcv, grv
+                    ag = abs(g_c)
+                    sg += g_c
+                    sga += ag
+                    sgr += g_r
+                    dt += d * g_c
+                    s1 += a * ag
+                    s2 += a * g_r
+                    if has_r:
+                        s3 += rj * (ag + g_r)
+            if not want_gx:
+                continue
+            # _sum_ball(g): the total S and the bounds of sum |g.c| (abs_sum) and sum g.r (rad_sum)
+            abs_sum = up(up(sga * f0))
+            t_r = up(abs_sum * gam) if n > 1 else 0.0
+            rad_sum = 0.0
+            if has_g_r:
+                rad_sum = up(up(sgr * f0))
+                t_r = up(t_r + rad_sum)
+            # _dot_ball: D = sum g z
+            u1 = clamp0(up(clamp0(up(s1 * f1)) + neta))
+            d_r = up(up(u1 * kappa) + neta)
+            weights = abs_sum
+            if has_g_r:
+                u2 = clamp0(up(clamp0(up(s2 * f1)) + neta))
+                d_r = up(d_r + up(u2 * opu))
+                weights = up(weights + rad_sum)
+            if has_r:
+                d_r = up(d_r + clamp0(up(clamp0(up(s3 * f2)) + neta)))
+            d_r = up(d_r + up(mu_r * weights))
+            # _k_coefficients: K2 = K1 (S/n), K3 = (K1 s^2)(D/n) with K1 = s = rstd (_div_count, _mul)
+            q0c = sg / nf
+            q0r = up(up(t_r / nf) + up(up(abs(q0c) * u)))
+            q1c = dt / nf
+            q1r = up(up(d_r / nf) + up(up(abs(q1c) * u)))
+            ss_c, ss_r = ball_mul(s_c, s_r_, s_c, s_r_, u)
+            k2c, k2r = ball_mul(s_c, s_r_, q0c, q0r, u)
+            p1c, p1r = ball_mul(s_c, s_r_, ss_c, ss_r, u)
+            k3c, k3r = ball_mul(p1c, p1r, q1c, q1r, u)
+            # _gradient_input_rad with K1 = s
+            p1 = inflate(s_r_ + abs(s_c) * (4.0 * u), phi2, a2)
+            p2 = inflate(s_r_ + abs(s_c) * 1.0, phi1, a1)
+            h3 = inflate(k3r + abs(k3c) * 1.0, phi1, a1)
+            jj = inflate(k2r + abs(k2c) * (2.0 * u), phi2, a2)
+            coef = inflate(k3r + h3 * u + abs(k3c) * (4.0 * u), phi4, a4)
+            row_term = mu_r * h3 + jj
+            for j in range(n):
+                d = np.float64(m[o + j]) - mu_c
+                gcv = np.float64(gm[o + j])
+                grv = np.float64(gr[o + j]) if has_gr else 0.0
+                if has_w:
+                    wcj, wrj = np.float64(wc[j]), np.float64(wr[j])
+                    g_c = gcv * wcj
+                    ex = abs(g_c) * u + abs(gcv) * wrj
+                    if has_gr:
+                        ex = ex + grv * (abs(wcj) + wrj)
+                    g_r = inflate(ex, phi6h, a6h)
+                else:
+                    g_c, g_r = gcv, grv
+                ex = abs(d) * coef + abs(g_c) * p1
+                if has_g_r:
+                    ex = ex + g_r * p2
+                if has_r:
+                    ex = ex + np.float64(r[o + j]) * h3
+                ex = ex + row_term
+                cc = d * (-k3c) + g_c * s_c - k2c
+                ex = ex + abs(cc - np.float64(gx[o + j]))
+                v = ex * phi_gx + a_gx
+                gx_rad[o + j] = np.inf if v != v else v
+        # grad_weight and grad_bias: _sum_balls over the rows, re-centred on the kernel's sums
+        for j in range(n):
+            if want_gw:
+                a_s = up(up(cw_abs[j] * row_f0))
+                t = up(a_s * row_gamma) if rows > 1 else 0.0
+                t = up(t + up(up(rw_sum[j] * row_f0)))
+                gw_rad[j] = recentre(gw[j], cw_sum[j], t, narrow)
+            if want_gb:
+                a_s = up(up(gb_abs[j] * row_f0))
+                t = up(a_s * row_gamma) if rows > 1 else 0.0
+                if has_gr:
+                    t = up(t + up(up(gr_sum[j] * row_f0)))
+                gb_rad[j] = recentre(gb[j], gb_sum[j], t, narrow)
+
+    return backward
+
+
+def layer_norm_forward(m, r, wc, wr, bc, br, out, mean, rstd, k, eps, rows, n):
+    """Radii (out, mean, rstd) of ``normalization.native_layer_norm`` in one compiled pass per row (the header's
+    contract). Arguments: contiguous CPU tensors (r, wr, br: radii, or empty for points; wc, bc empty when absent),
+    ``k`` the constants (``normalization._layer_norm_constants``)."""
+    rd = out.dtype
+    out_rad = torch.empty_like(out, dtype=rd)
+    mean_rad, rstd_rad = torch.empty_like(mean, dtype=rd), torch.empty_like(rstd, dtype=rd)
+    _layer_norm_forward_kernel()(_flat(m), _flat(r), _flat(wc), _flat(wr), _flat(bc), _flat(br), wc.numel() > 0,
+                                 bc.numel() > 0, _flat(out), _flat(mean), _flat(rstd), k, float(eps),
+                                 rd == torch.float32, rows, n, _flat(out_rad), _flat(mean_rad), _flat(rstd_rad))
+    return out_rad, mean_rad, rstd_rad
+
+
+def layer_norm_backward(gm, gr, m, r, mean_c, mean_r, rstd_c, rstd_r, wc, wr, outs, k, rows, n):
+    """Radii (grad_input, grad_weight, grad_bias; None where the output is not asked for) of
+    ``normalization.native_layer_norm_backward`` (the header's contract). ``mean_*``, ``rstd_*``: float64 per row;
+    ``outs``: the kernel's three outputs (or None)."""
+    rads = [None if o is None else torch.empty_like(o) for o in outs]
+    empty = torch.empty(0, dtype=gm.dtype)
+    arrays = [_flat(o if o is not None else empty) for o in outs] + [_flat(q if q is not None else empty)
+                                                                       for q in rads]
+    _layer_norm_backward_kernel()(_flat(gm), _flat(gr), _flat(m), _flat(r), _flat(mean_c), _flat(mean_r),
+                                  _flat(rstd_c), _flat(rstd_r), _flat(wc), _flat(wr), wc.numel() > 0,
+                                  arrays[0], arrays[1], arrays[2], outs[0] is not None, outs[1] is not None,
+                                  outs[2] is not None, k, gm.dtype == torch.float32, rows, n,
+                                  arrays[3], arrays[4], arrays[5])
+    return rads

@@ -52,9 +52,10 @@ import math
 from fractions import Fraction
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from ballgrad import rounding
+from ballgrad import fused, rounding
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import mids, recentre, result
 from ballgrad.ops.conv import _channel_shape, _check_float_input
@@ -903,6 +904,75 @@ def _ln_geometry(x, normalized_shape):
     return dims, n, stat_shape
 
 
+@functools.lru_cache(maxsize=256)
+def _layer_norm_constants(n: int, rows: int, dtype: torch.dtype, has_bias: bool) -> np.ndarray:
+    """The constants of the fused layer-norm kernels (``fused.LN_*`` name the slots): the same values the reference
+    path reads, for groups of ``n`` elements, ``rows`` groups (grad_weight's sums) and midpoints of ``dtype``."""
+    k = np.zeros(fused.LN_COUNT)
+    g, gc1, kappa = _group_constants(n)
+    rd = rounding.rad_dtype(dtype)
+    out = _inflation_to(8, rd, 0.0 if has_bias else _ETA) if rd != _F64 else _inflation(8, 0.0 if has_bias else _ETA)
+    gx = _inflation_to(12, rd, 3 * _ETA) if rd != _F64 else _inflation(12, 3 * _ETA)
+    values = {
+        fused.LN_U: _U, fused.LN_F0: _sum_up_factor(n, 0), fused.LN_F1: _sum_up_factor(n, 1),
+        fused.LN_F2: _sum_up_factor(n, 2), fused.LN_FDN: _sum_down_factor(n), fused.LN_NETA: float(n) * _ETA,
+        fused.LN_GAMMA: g, fused.LN_GC1: gc1, fused.LN_KAPPA: kappa, fused.LN_OPU: _ONE_PLUS_U,
+        fused.LN_OPU2: _ONE_PLUS_U_SQUARED, fused.LN_OMU2: _ONE_MINUS_U_SQUARED,
+        fused.LN_ROW_F0: _sum_up_factor(rows, 0), fused.LN_ROW_GAMMA: _group_constants(rows)[0],
+    }
+    for slots, constants in (((fused.LN_PHI1, fused.LN_A1), _inflation(1)), ((fused.LN_PHI2, fused.LN_A2), _inflation(2)),
+                             ((fused.LN_PHI3, fused.LN_A3), _inflation(3)), ((fused.LN_PHI4, fused.LN_A4), _inflation(4)),
+                             ((fused.LN_PHI6H, fused.LN_A6H), _inflation(6, _HALF_ETA)),
+                             ((fused.LN_PHI2E, fused.LN_A2E), _inflation(2, _ETA)),
+                             ((fused.LN_PHI_OUT, fused.LN_A_OUT), out), ((fused.LN_PHI_GX, fused.LN_A_GX), gx)):
+        values.update(zip(slots, constants))
+    for slot, value in values.items():
+        k[slot] = value
+    k.flags.writeable = False
+    return k
+
+
+def _fused_parts(x, numel: int, dtype: torch.dtype):
+    """(mid, rad) of an argument for the fused layer-norm kernels: contiguous, ``dtype``, ``numel`` elements (a radius
+    of a plain tensor: empty); None where it does not qualify (the reference path runs)."""
+    if x is None:
+        return torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)
+    m = _mid(x).detach()
+    if m.dtype != dtype or m.numel() != numel or not m.is_contiguous():
+        return None
+    if not isinstance(x, BallTensor):
+        return m, torch.empty(0, dtype=dtype)
+    r = x.rad
+    if r.dtype != dtype or r.shape != x.shape or not r.is_contiguous():
+        return None
+    return m, r
+
+
+def _stat_layout(t: torch.Tensor, rows: int, dtype: torch.dtype) -> bool:
+    """A kernel's per-row statistic (mean or rstd) that the fused kernels can read and pair with their radii."""
+    return t.dtype == dtype and t.numel() == rows and t.is_contiguous()
+
+
+def _layer_norm_fused_forward(x, weight, bias, eps, out, mean, rstd, n):
+    """``native_layer_norm``'s balls from ``fused.layer_norm_forward`` (the reference formulas below, one compiled
+    pass per row), or None where the kernels do not apply."""
+    dtype = out.dtype
+    rows = out.numel() // n
+    if not (fused.applies(out) and _stat_layout(mean, rows, dtype) and _stat_layout(rstd, rows, dtype)):
+        return None
+    parts = [_fused_parts(x, out.numel(), dtype), _fused_parts(weight, n, dtype), _fused_parts(bias, n, dtype)]
+    if any(p is None for p in parts):
+        return None
+    (m, r), (wc, wr), (bc, br) = parts
+    if weight is not None and wr.numel() == 0:
+        wr = torch.zeros(n, dtype=dtype)
+    if bias is not None and br.numel() == 0:
+        br = torch.zeros(n, dtype=dtype)
+    k = _layer_norm_constants(n, rows, dtype, bias is not None)
+    rads = fused.layer_norm_forward(m, r, wc, wr, bc, br, out, mean, rstd, k, eps, rows, n)
+    return tuple(BallTensor(t, rad) for t, rad in zip((out, mean, rstd), rads))
+
+
 @rule(aten.native_layer_norm.default)
 def native_layer_norm(func, x, normalized_shape, weight, bias, eps):
     """(out, mean, rstd) over the last ``len(normalized_shape)`` dims: out = (x - mu) * rstd * w + b with
@@ -915,6 +985,9 @@ def native_layer_norm(func, x, normalized_shape, weight, bias, eps):
     m = _mid(x).detach()
     if n == 0:
         return tuple(result(t, torch.full(t.shape, math.inf)) for t in (out, mean, rstd))
+    fast = _layer_norm_fused_forward(x, weight, bias, eps, out, mean, rstd, n)
+    if fast is not None:
+        return fast
     stats = _statistics(m, _radius_of(x, m), dims, n, eps)
     w = _as_ball(weight)
     scale = stats.rstd if w is None else _mul_full(stats.rstd, w)
@@ -936,6 +1009,39 @@ def _mean_ball(m: torch.Tensor, r: torch.Tensor | None, dims, n: int) -> _Ball:
     if r is not None:
         e = rounding.add_up(e, rounding.div_up(sums[1], float(n)))
     return _Ball(c, e)
+
+
+def _stat_ball64(t, rows: int):
+    """(centre, radius) of a saved statistic (mean or rstd) per row in float64, contiguous (``_as_ball``'s values)."""
+    c = _mid(t).detach().reshape(rows).to(_F64)
+    r = t.rad.reshape(rows).to(_F64) if isinstance(t, BallTensor) else torch.zeros(rows, dtype=_F64)
+    return c.contiguous(), r.contiguous()
+
+
+def _layer_norm_fused_backward(grad_out, x, mean, rstd, weight, outs, n: int, lead: list):
+    """``native_layer_norm_backward``'s balls from ``fused.layer_norm_backward`` (the reference formulas below, one
+    compiled pass per row), or None where the kernels do not apply (also: no leading dims to sum grad_weight over)."""
+    dtype = _mid(x).dtype
+    rows = x.numel() // n
+    if not lead or rows == 0:
+        return None
+    kept = [o for o in outs if o is not None]
+    if not kept or not fused.applies(_mid(x)) or any(o.dtype != dtype or not o.is_contiguous() for o in kept):
+        return None
+    parts = [_fused_parts(grad_out, x.numel(), dtype), _fused_parts(x, x.numel(), dtype),
+             _fused_parts(weight, n, dtype)]
+    if any(p is None for p in parts) or _mid(mean).numel() != rows or _mid(rstd).numel() != rows:
+        return None
+    if not all(t is None or t.is_floating_point() for t in (mean, rstd)):
+        return None
+    (gm, gr), (m, r), (wc, wr) = parts
+    if weight is not None and wr.numel() == 0:
+        wr = torch.zeros(n, dtype=dtype)
+    mean_c, mean_r = _stat_ball64(mean, rows)
+    rstd_c, rstd_r = _stat_ball64(rstd, rows)
+    k = _layer_norm_constants(n, rows, dtype, True)
+    rads = fused.layer_norm_backward(gm, gr, m, r, mean_c, mean_r, rstd_c, rstd_r, wc, wr, outs, k, rows, n)
+    return tuple(None if o is None else BallTensor(o, rad) for o, rad in zip(outs, rads))
 
 
 @rule(aten.native_layer_norm_backward.default)
@@ -962,6 +1068,9 @@ def native_layer_norm_backward(func, grad_out, x, normalized_shape, mean, rstd, 
     gy = _Ball(gc, _radius_of(grad_out, gc))
     if n == 0:
         return tuple(None if t is None else result(t, torch.full(t.shape, math.inf)) for t in outs)
+    fast = _layer_norm_fused_backward(grad_out, x, mean, rstd, weight, outs, n, lead)
+    if fast is not None:
+        return fast
     mu = _hull(_as_ball(mean, stat_shape), _mean_ball(m, r, dims, n))
     s = _as_ball(rstd, stat_shape)
     z = _centred(m, r, mu)
