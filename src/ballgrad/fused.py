@@ -394,12 +394,13 @@ def _layer_norm_forward_kernel():
             mean_rad[i] = recentre(mean[i], c, mean_r, narrow)
             rstd_rad[i] = recentre(rstd[i], sc, sr, narrow)
             # the output: scale = _mul_full(rstd, w) (or rstd), then _affine_output
-            f, fr = sc, sr
-            for j in range(n):
+            for j in range(n):  # (no value carried from one j to the next: the loop vectorizes)
                 if has_w:
                     wcj, wrj = np.float64(wc[j]), np.float64(wr[j])
                     f = sc * wcj
                     fr = inflate(abs(f) * u + abs(sc) * wrj + sr * (abs(wcj) + wrj), phi6h, a6h)
+                else:
+                    f, fr = sc, sr
                 af = abs(f)
                 h = inflate(af + fr, phi1, a1)
                 g = inflate(h * u + fr + af * (3.0 * u), phi4, a4)
@@ -453,6 +454,7 @@ def _layer_norm_backward_kernel():
         gb_sum = np.zeros(n)
         gb_abs = np.zeros(n)
         gr_sum = np.zeros(n)
+        d_buf, gc_buf, gr_buf = np.empty(n), np.empty(n), np.empty(n)  # one row's d = x - mu, g.c, g.r
         for i in range(rows):
             o = i * n
             # mu: the hull of the saved mean and _mean_ball (the mean of x recomputed)
@@ -471,23 +473,24 @@ def _layer_norm_backward_kernel():
             e = up(up(abs(s_d) + up(big_a * gc1)) / nf)
             if has_r:
                 e = up(e + up(up(up(s_r * f0)) / nf))
-            mc, mr = mean_c[i], mean_r[i]
+            mc = np.float64(mean_c[i])  # the saved statistics as float64 balls (``_as_ball``; a plain one: radius 0)
+            mr = np.float64(mean_r[i]) if mean_r.size else 0.0
             lo = nan_min(dn(mc - mr), dn(c2 - e))
             hi = nan_max(up(mc + mr), up(c2 + e))
             mu_c, mu_r = from_bounds(lo, hi)
-            s_c, s_r_ = rstd_c[i], rstd_r[i]
-            # pass B: grad_weight / grad_bias column terms, and the row sums of g and of g z
-            sg = sga = sgr = dt = s1 = s2 = s3 = 0.0
+            s_c = np.float64(rstd_c[i])
+            s_r_ = np.float64(rstd_r[i]) if rstd_r.size else 0.0
+            # pass B: grad_weight / grad_bias column terms, g = _mul_full(gy, w) (or gy) into row buffers (no value
+            # carried from one j to the next: the loop vectorizes), then the row sums of g and of g z
             for j in range(n):
                 d = np.float64(m[o + j]) - mu_c
                 a = abs(d)
                 gcv = np.float64(gm[o + j])
                 grv = np.float64(gr[o + j]) if has_gr else 0.0
-                rj = np.float64(r[o + j]) if has_r else 0.0
                 if want_gw:  # _grad_times_xhat
                     rho = a * u
                     if has_r:
-                        rho = rho + rj
+                        rho = rho + np.float64(r[o + j])
                     rho = inflate(rho + mu_r, phi3, a3)
                     c1 = d * s_c
                     r1 = inflate(abs(c1) * u + a * s_r_ + rho * (abs(s_c) + s_r_), phi6h, a6h)
@@ -501,29 +504,31 @@ def _layer_norm_backward_kernel():
                 if want_gb:
                     gb_sum[j] += gcv
                     gb_abs[j] += abs(gcv)
+                    gr_sum[j] += grv
+                if has_w:
+                    wcj, wrj = np.float64(wc[j]), np.float64(wr[j])
+                    g_c = gcv * wcj
+                    ex = abs(g_c) * u + abs(gcv) * wrj
                     if has_gr:
-                        gr_sum[j] += grv
-                if want_gx:  # g = _mul_full(gy, w) (or gy), its sums and those of _dot_ball
-                    if has_w:
-                        wcj, wrj = np.float64(wc[j]), np.float64(wr[j])
-                        g_c = gcv * wcj
-                        ex = abs(g_c) * u + abs(gcv) * wrj
-                        if has_gr:
-                            ex = ex + grv * (abs(wcj) + wrj)
-                        g_r = inflate(ex, phi6h, a6h)
-                    else:
-                        g_c, g_r = gcv, grv
-                    ag = abs(g_c)
-                    sg += g_c
-                    sga += ag
-                    sgr += g_r
-                    dt += d * g_c
-                    s1 += a * ag
-                    s2 += a * g_r
-                    if has_r:
-                        s3 += rj * (ag + g_r)
+                        ex = ex + grv * (abs(wcj) + wrj)
+                    g_r = inflate(ex, phi6h, a6h)
+                else:
+                    g_c, g_r = gcv, grv
+                d_buf[j], gc_buf[j], gr_buf[j] = d, g_c, g_r
             if not want_gx:
                 continue
+            sg = sga = sgr = dt = s1 = s2 = s3 = 0.0
+            for j in range(n):  # _sum_ball's and _dot_ball's sums
+                d, g_c, g_r = d_buf[j], gc_buf[j], gr_buf[j]
+                a, ag = abs(d), abs(g_c)
+                sg += g_c
+                sga += ag
+                sgr += g_r
+                dt += d * g_c
+                s1 += a * ag
+                s2 += a * g_r
+                if has_r:
+                    s3 += np.float64(r[o + j]) * (ag + g_r)
             # _sum_ball(g): the total S and the bounds of sum |g.c| (abs_sum) and sum g.r (rad_sum)
             abs_sum = up(up(sga * f0))
             t_r = up(abs_sum * gam) if n > 1 else 0.0
@@ -559,18 +564,7 @@ def _layer_norm_backward_kernel():
             coef = inflate(k3r + h3 * u + abs(k3c) * (4.0 * u), phi4, a4)
             row_term = mu_r * h3 + jj
             for j in range(n):
-                d = np.float64(m[o + j]) - mu_c
-                gcv = np.float64(gm[o + j])
-                grv = np.float64(gr[o + j]) if has_gr else 0.0
-                if has_w:
-                    wcj, wrj = np.float64(wc[j]), np.float64(wr[j])
-                    g_c = gcv * wcj
-                    ex = abs(g_c) * u + abs(gcv) * wrj
-                    if has_gr:
-                        ex = ex + grv * (abs(wcj) + wrj)
-                    g_r = inflate(ex, phi6h, a6h)
-                else:
-                    g_c, g_r = gcv, grv
+                d, g_c, g_r = d_buf[j], gc_buf[j], gr_buf[j]
                 ex = abs(d) * coef + abs(g_c) * p1
                 if has_g_r:
                     ex = ex + g_r * p2
@@ -613,8 +607,8 @@ def layer_norm_forward(m, r, wc, wr, bc, br, out, mean, rstd, k, eps, rows, n):
 
 def layer_norm_backward(gm, gr, m, r, mean_c, mean_r, rstd_c, rstd_r, wc, wr, outs, k, rows, n):
     """Radii (grad_input, grad_weight, grad_bias; None where the output is not asked for) of
-    ``normalization.native_layer_norm_backward`` (the header's contract). ``mean_*``, ``rstd_*``: float64 per row;
-    ``outs``: the kernel's three outputs (or None)."""
+    ``normalization.native_layer_norm_backward`` (the header's contract). ``mean_*``, ``rstd_*``: the saved statistics'
+    midpoints and radii per row (radii empty for plain tensors); ``outs``: the kernel's three outputs (or None)."""
     rads = [None if o is None else torch.empty_like(o) for o in outs]
     empty = torch.empty(0, dtype=gm.dtype)
     arrays = [_flat(o if o is not None else empty) for o in outs] + [_flat(q if q is not None else empty)

@@ -1011,13 +1011,6 @@ def _mean_ball(m: torch.Tensor, r: torch.Tensor | None, dims, n: int) -> _Ball:
     return _Ball(c, e)
 
 
-def _stat_ball64(t, rows: int):
-    """(centre, radius) of a saved statistic (mean or rstd) per row in float64, contiguous (``_as_ball``'s values)."""
-    c = _mid(t).detach().reshape(rows).to(_F64)
-    r = t.rad.reshape(rows).to(_F64) if isinstance(t, BallTensor) else torch.zeros(rows, dtype=_F64)
-    return c.contiguous(), r.contiguous()
-
-
 def _layer_norm_fused_backward(grad_out, x, mean, rstd, weight, outs, n: int, lead: list):
     """``native_layer_norm_backward``'s balls from ``fused.layer_norm_backward`` (the reference formulas below, one
     compiled pass per row), or None where the kernels do not apply (also: no leading dims to sum grad_weight over)."""
@@ -1029,16 +1022,12 @@ def _layer_norm_fused_backward(grad_out, x, mean, rstd, weight, outs, n: int, le
     if not kept or not fused.applies(_mid(x)) or any(o.dtype != dtype or not o.is_contiguous() for o in kept):
         return None
     parts = [_fused_parts(grad_out, x.numel(), dtype), _fused_parts(x, x.numel(), dtype),
-             _fused_parts(weight, n, dtype)]
-    if any(p is None for p in parts) or _mid(mean).numel() != rows or _mid(rstd).numel() != rows:
+             _fused_parts(weight, n, dtype), _fused_parts(mean, rows, dtype), _fused_parts(rstd, rows, dtype)]
+    if any(p is None for p in parts) or mean is None or rstd is None:
         return None
-    if not all(t is None or t.is_floating_point() for t in (mean, rstd)):
-        return None
-    (gm, gr), (m, r), (wc, wr) = parts
+    (gm, gr), (m, r), (wc, wr), (mean_c, mean_r), (rstd_c, rstd_r) = parts
     if weight is not None and wr.numel() == 0:
         wr = torch.zeros(n, dtype=dtype)
-    mean_c, mean_r = _stat_ball64(mean, rows)
-    rstd_c, rstd_r = _stat_ball64(rstd, rows)
     k = _layer_norm_constants(n, rows, dtype, True)
     rads = fused.layer_norm_backward(gm, gr, m, r, mean_c, mean_r, rstd_c, rstd_r, wc, wr, outs, k, rows, n)
     return tuple(None if o is None else BallTensor(o, rad) for o, rad in zip(outs, rads))
@@ -1062,15 +1051,15 @@ def native_layer_norm_backward(func, grad_out, x, normalized_shape, mean, rstd, 
     outs = func(*mids((grad_out, x, normalized_shape, mean, rstd, weight, bias, output_mask)))
     dims, n, stat_shape = _ln_geometry(x, normalized_shape)
     lead = list(range(x.dim() - len(normalized_shape)))
-    m = _mid(x).detach()
-    r = _radius_of(x, m)
-    gc = _mid(grad_out).detach()
-    gy = _Ball(gc, _radius_of(grad_out, gc))
     if n == 0:
         return tuple(None if t is None else result(t, torch.full(t.shape, math.inf)) for t in outs)
     fast = _layer_norm_fused_backward(grad_out, x, mean, rstd, weight, outs, n, lead)
     if fast is not None:
         return fast
+    m = _mid(x).detach()
+    r = _radius_of(x, m)
+    gc = _mid(grad_out).detach()
+    gy = _Ball(gc, _radius_of(grad_out, gc))
     mu = _hull(_as_ball(mean, stat_shape), _mean_ball(m, r, dims, n))
     s = _as_ball(rstd, stat_shape)
     z = _centred(m, r, mu)
