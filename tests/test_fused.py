@@ -205,3 +205,40 @@ def test_layer_norm_kernels_on_special_values(dtype, affine, data):
         if p.shape == x.shape:
             assert bool(torch.isinf(p.rad[bad_rows]).all())
             assert bool(torch.isinf(p.rad[torch.isinf(q.rad) & bad_rows.unsqueeze(-1)]).all())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# log_softmax's backward: the row sums in index order (not bit for bit); containment against mpmath runs through
+# both paths in test_nn_ops.py (dim 1: the kernel; dim 0: the reference).
+
+LSB = torch.ops.aten._log_softmax_backward_data.default
+
+
+def _lsb_reference(g, z, dtype):
+    from ballgrad.ops import nn as nn_rules
+    with mock.patch.object(nn_rules, "_log_softmax_backward_fused", lambda *a, **k: None):
+        return LSB(g, z, 1, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), arbitrary=st.booleans())
+def test_log_softmax_backward_kernel_against_the_reference(dtype, arbitrary, data):
+    """Adversarial grads and saved outputs (inf, NaN, subnormals, huge radii): the midpoints are the reference's, and
+    the radii equal its radii up to the last bits of the row sums (relative 1e-9) wherever it is finite -- the kernel
+    declines exactly where a radius is not finite, and both paths then compose."""
+    g = data.draw(balls(dtype, (3, 5)))
+    x = data.draw(balls(dtype, (3, 5), max_magnitude=30))
+    z = x if arbitrary else torch.log_softmax(x, 1)
+    with mock.patch.object(fused, "log_softmax_backward_radius", wraps=fused.log_softmax_backward_radius) as kernel:
+        fast = LSB(g, z, 1, dtype)
+    slow = _lsb_reference(g, z, dtype)
+    assert torch.equal(fast.mid.isnan(), slow.mid.isnan())
+    assert torch.equal(fast.mid.nan_to_num(), slow.mid.nan_to_num())
+    assert not bool(fast.rad.isnan().any()) and bool((fast.rad >= 0).all())
+    finite = torch.isfinite(slow.rad)
+    assert torch.equal(torch.isfinite(fast.rad), finite)
+    close = (fast.rad.double() - slow.rad.double()).abs() <= 1e-9 * slow.rad.double()
+    assert bool(close[finite].all())
+    if g.is_floating_point() and bool(finite.all()):
+        assert kernel.call_count == 1  # the case compared is the kernel's

@@ -619,3 +619,84 @@ def layer_norm_backward(gm, gr, m, r, mean_c, mean_r, rstd_c, rstd_r, wc, wr, ou
                                   outs[2] is not None, k, gm.dtype == torch.float32, rows, n,
                                   arrays[3], arrays[4], arrays[5])
     return rads
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# log_softmax's backward (``nn.log_softmax_backward_radius``), rows along the last dim
+#
+# Contract as the layer-norm kernels': per element the reference's operations (the exp bounds P from torch's own exp,
+# which the trust table covers, computed before the kernel; nextafter as in the reference), the row sums in index
+# order (F3 and ``_exact_sum_mask``'s test hold in any order).
+
+
+@functools.lru_cache(maxsize=None)
+def _log_softmax_backward_kernel():
+    numba = _numba()
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def log_softmax_backward(mg, rg, e, m, k, wide, rows, n, out):
+        c_e, g_s, th, u, phi1, a1 = k[0], k[1], k[2], k[3], k[4], k[5]
+        has_rg = rg.size > 0
+        phi, a = (k[8], k[9]) if has_rg else (k[6], k[7])
+        size = rows * n
+        bad = 0
+        for i in range(rows):
+            o = i * n
+            s = sa = sr = 0.0
+            count = 0
+            top, low = 0.0, np.inf  # max |G| (NaN kept) and min |G| > 0 of the row (``_exact_sum_mask``)
+            for j in range(n):
+                g = np.float64(mg[o + j])
+                ag = abs(g)
+                s += g
+                sa += ag
+                count += ag > 0.0
+                top = np.nan if (ag != ag or top != top) else (ag if ag > top else top)
+                if ag > 0.0 and ag < low:
+                    low = ag
+                if has_rg:
+                    sr += np.float64(rg[o + j])
+            e_s = np.nextafter(sa * g_s, np.inf)
+            if count <= 1 or (not wide and top * np.float64(n) <= low * 2.0**29):
+                e_s = 0.0
+            base = np.nextafter(sr * th, np.inf)
+            for j in range(n):
+                g = np.float64(mg[o + j])
+                m64 = np.float64(m[o + j])
+                rad = 0.0
+                for h in range(2):  # P's lower end (half 0) and upper end (half 1)
+                    eh = e[h * size + o + j]
+                    sign = -1.0 if h == 0 else 1.0
+                    p = np.nextafter(eh + sign * (eh * c_e * phi1 + a1), sign * np.inf)
+                    p = 0.0 if p < 0.0 else p
+                    t1 = p * s
+                    t2 = g - t1
+                    t3 = t2 - m64
+                    bb = t2 - g
+                    t4 = t3 + ((g - (t2 - bb)) - (bb + t1))
+                    c = abs(t4)
+                    c = c + (abs(t1) + abs(t3) + c) * u
+                    if has_rg:
+                        rj = np.float64(rg[o + j])
+                        rest = np.nextafter(base - rj, np.inf)
+                        c = c + p * (e_s + rest) + abs(1.0 - p) * rj
+                    else:
+                        c = c + p * e_s
+                    v = c * phi + a
+                    rad = np.nan if (v != v or rad != rad) else (v if v > rad else rad)
+                if not np.isfinite(rad):
+                    bad += 1
+                out[o + j] = rad
+        return bad
+
+    return log_softmax_backward
+
+
+def log_softmax_backward_radius(mg, rg, e, m, k) -> torch.Tensor | None:
+    """The float64 radius of ``nn.log_softmax_backward_radius`` (rows along the last dim; ``e`` = exp of the stacked
+    end points [z_lo, z_hi], float64), or None where some radius is not finite (the caller's composition copes)."""
+    n = m.shape[-1]
+    out = torch.empty(m.shape, dtype=torch.float64)
+    bad = _log_softmax_backward_kernel()(_flat(mg), _flat(rg), _flat(e), _flat(m), k, mg.dtype == torch.float64,
+                                         m.numel() // n, n, _flat(out))
+    return None if bad else out

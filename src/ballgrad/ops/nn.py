@@ -34,10 +34,11 @@ import struct
 from fractions import Fraction
 
 import mpmath
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ballgrad import accuracy, diagnostics, rounding
+from ballgrad import accuracy, diagnostics, fused, rounding
 from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops import elementwise, inplace
 from ballgrad.ops.common import mid_of, nan_where_not_finite, recentre, result
@@ -622,6 +623,23 @@ def _log_softmax_backward_constants(n: int, backend: str) -> tuple:
     return _BACKWARD_CONSTANTS[key]
 
 
+def _log_softmax_backward_fused(m, grad, e, d: int, constants: tuple):
+    """The radius below from ``fused.log_softmax_backward_radius`` (the same operations after exp, the row sums in
+    index order) where it applies: CPU float32/float64, classes on the last dim, every operand contiguous; else
+    None (also where a radius is not finite: the composition then runs, as below)."""
+    if d != m.dim() - 1 or not fused.applies(m):
+        return None
+    g = mid_of(grad)
+    r = grad.rad if isinstance(grad, BallTensor) and not _all_zero(grad.rad) else None  # ``_parts64``'s rG
+    if g.dtype != m.dtype or not g.is_contiguous() or (r is not None and (r.dtype != m.dtype or r.shape != m.shape
+                                                                          or not r.is_contiguous())):
+        return None
+    k = np.array(constants, dtype=np.float64)
+    rad = fused.log_softmax_backward_radius(g.detach(), r if r is not None else torch.empty(0, dtype=m.dtype),
+                                            e.contiguous(), m, k)
+    return None if rad is None else _radius_result(m, rad)
+
+
 def log_softmax_backward_radius(m: torch.Tensor, grad, z, dim: int):
     """The ball of _log_softmax_backward_data, f_i = G_i - P_i s with P_i = exp(z_i), s = sum_j G_j, over the balls of
     G and z, without composing ball rules (None for non-floating arguments or a non-finite result: use the rule's
@@ -645,7 +663,6 @@ def log_softmax_backward_radius(m: torch.Tensor, grad, z, dim: int):
     if m.dim() == 0:
         return None
     d = dim % m.dim()
-    mg, rg = _parts64(grad)
     mz, rz = _parts64(z)
     c_e, g_s, th, u, (phi1, a1), inflation = _log_softmax_backward_constants(m.shape[d],
                                                                              accuracy.backend_for(m.device.type))
@@ -654,6 +671,10 @@ def log_softmax_backward_radius(m: torch.Tensor, grad, z, dim: int):
     # z_lo = down(mz - rz), z_hi = up(mz + rz) (F2; the product by -+1 is exact): one addcmul and one nextafter
     ends = torch.stack((mz, mz)) if rz is None else torch.nextafter(torch.addcmul(mz, sign, rz), outward)
     e = torch.exp(ends)
+    fast = _log_softmax_backward_fused(m, grad, e, d, (c_e, g_s, th, u, phi1, a1) + inflation[6] + inflation[10])
+    if fast is not None:
+        return fast
+    mg, rg = _parts64(grad)
     # P[0] <= exp(z_lo) (clamped at 0 <= exp), P[1] >= exp(z_hi): e -+ inflate(c_e e, 1, a_e), rounded outward
     # (``rounding.inflate``'s two passes with its constants; a NaN, which only a NaN or infinite e gives, stays NaN and
     # makes the radius non-finite below)
