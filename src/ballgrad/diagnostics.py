@@ -300,14 +300,15 @@ def scan_outputs(op, args, out, frame: _Frame | None = None, kwargs=None) -> Non
     inputs_finite = all(bool(torch.isfinite(a.rad).all()) for a in balls)
     inputs_nan = any(bool(torch.isnan(a.mid).any()) for a in balls if a.is_floating_point())
     explained = frame.explained if frame is not None else 0
-    # empty_like / new_empty / new_empty_strided...: uninitialised memory is "nothing known" by design, not overflow
+    # empty_like / new_empty / new_empty_strided...: uninitialised memory is "nothing known" by design, neither
+    # overflow nor a NaN the computation created (its garbage midpoints may be NaN: no event, whatever they hold)
     uninitialised = "empty" in name
     bits_in = frame.bits_in if frame is not None else None
     for o in outs:
         if not isinstance(o, BallTensor) or o.dtype == torch.bool or not o.is_floating_point():
             continue
         nan = torch.isnan(o.mid)
-        if nan.any():
+        if nan.any() and not uninitialised:
             new = nan
             if inputs_nan:  # only NaNs created by this op: elementwise for pointwise ops, else none
                 nan_in = frame.nan_in if frame is not None else None
