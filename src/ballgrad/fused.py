@@ -322,7 +322,21 @@ def _scalar_steps():
         spread = up(up(abs(ac) * br) + up(ar * up(abs(bc) + br)))
         return c, up(spread + up(up(abs(c) * u)))
 
-    return up, dn, clamp0, inflate, nan_max, nan_min, from_bounds, recentre, ball_mul
+    @jit
+    def any_positive(r):  # normalization._is_point's test, negated: some radius > 0 (empty: a plain tensor)
+        for i in range(r.size):
+            if r[i] > 0:
+                return True
+        return False
+
+    @jit
+    def row_sum(x, o, n):  # sum of x[o:o + n] in float64, in index order
+        s = 0.0
+        for j in range(n):
+            s += np.float64(x[o + j])
+        return s
+
+    return up, dn, clamp0, inflate, nan_max, nan_min, from_bounds, recentre, ball_mul, any_positive, row_sum
 
 
 # Indices of the layer-norm constants (``normalization._layer_norm_constants``)
@@ -334,7 +348,7 @@ def _scalar_steps():
 @functools.lru_cache(maxsize=None)
 def _layer_norm_forward_kernel():
     numba = _numba()
-    up, dn, clamp0, inflate, nan_max, nan_min, from_bounds, recentre, ball_mul = _scalar_steps()
+    up, dn, clamp0, inflate, nan_max, nan_min, from_bounds, recentre, ball_mul, any_positive, row_sum = _scalar_steps()
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")  # IEEE division: 1/0 = +inf, no exception
     def forward(m, r, wc, wr, bc, br, has_w, has_b, out, mean, rstd, k, eps, narrow, rows, n, out_rad, mean_rad,
@@ -344,18 +358,11 @@ def _layer_norm_forward_kernel():
         phi1, a1, phi4, a4 = k[LN_PHI1], k[LN_A1], k[LN_PHI4], k[LN_A4]
         phi6h, a6h, phi2e, a2e, phi_o, a_o = k[LN_PHI6H], k[LN_A6H], k[LN_PHI2E], k[LN_A2E], k[LN_PHI_OUT], k[LN_A_OUT]
         nf = np.float64(n)
-        has_r = False  # normalization._radius_of: a point unless some radius is > 0
-        for i in range(r.size):
-            if r[i] > 0:
-                has_r = True
-                break
+        has_r = any_positive(r)  # normalization._radius_of: a point unless some radius is > 0
         for i in range(rows):
             o = i * n
             # _statistics: the computed mean c, then the sums of d = m - c
-            s = 0.0
-            for j in range(n):
-                s += np.float64(m[o + j])
-            c = s / nf
+            c = row_sum(m, o, n) / nf
             s_a = s_d = sq = s_r = s_r2a = 0.0
             for j in range(n):
                 d = np.float64(m[o + j]) - c
@@ -425,7 +432,7 @@ def _layer_norm_forward_kernel():
 @functools.lru_cache(maxsize=None)
 def _layer_norm_backward_kernel():
     numba = _numba()
-    up, dn, clamp0, inflate, nan_max, nan_min, from_bounds, recentre, ball_mul = _scalar_steps()
+    up, dn, clamp0, inflate, nan_max, nan_min, from_bounds, recentre, ball_mul, any_positive, row_sum = _scalar_steps()
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
     def backward(gm, gr, m, r, mean_c, mean_r, rstd_c, rstd_r, wc, wr, has_w, gx, gw, gb, want_gx, want_gw,
@@ -436,16 +443,7 @@ def _layer_norm_backward_kernel():
         phi4, a4, phi6h, a6h, phi_gx, a_gx = k[LN_PHI4], k[LN_A4], k[LN_PHI6H], k[LN_A6H], k[LN_PHI_GX], k[LN_A_GX]
         row_f0, row_gamma = k[LN_ROW_F0], k[LN_ROW_GAMMA]
         nf = np.float64(n)
-        has_r = False
-        for i in range(r.size):
-            if r[i] > 0:
-                has_r = True
-                break
-        has_gr = False
-        for i in range(gr.size):
-            if gr[i] > 0:
-                has_gr = True
-                break
+        has_r, has_gr = any_positive(r), any_positive(gr)
         has_g_r = has_w or has_gr  # g = _mul_full(gy, w) always has a radius; gy alone only if it is a ball
         # column sums over the rows (grad_weight's product balls and grad_bias's gy), float64
         cw_sum = np.zeros(n)
@@ -458,10 +456,7 @@ def _layer_norm_backward_kernel():
         for i in range(rows):
             o = i * n
             # mu: the hull of the saved mean and _mean_ball (the mean of x recomputed)
-            s = 0.0
-            for j in range(n):
-                s += np.float64(m[o + j])
-            c2 = s / nf
+            c2 = row_sum(m, o, n) / nf
             s_a = s_d = s_r = 0.0
             for j in range(n):
                 d = np.float64(m[o + j]) - c2
