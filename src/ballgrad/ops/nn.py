@@ -671,7 +671,8 @@ def log_softmax_backward_radius(m: torch.Tensor, grad, z, dim: int):
     # z_lo = down(mz - rz), z_hi = up(mz + rz) (F2; the product by -+1 is exact): one addcmul and one nextafter
     ends = torch.stack((mz, mz)) if rz is None else torch.nextafter(torch.addcmul(mz, sign, rz), outward)
     e = torch.exp(ends)
-    fast = _log_softmax_backward_fused(m, grad, e, d, (c_e, g_s, th, u, phi1, a1) + inflation[6] + inflation[10])
+    constants = (c_e, g_s, th, u, phi1, a1) + inflation[6] + inflation[10]
+    fast = _log_softmax_backward_fused(m, grad, e, d, constants)
     if fast is not None:
         return fast
     mg, rg = _parts64(grad)

@@ -920,8 +920,10 @@ def _layer_norm_constants(n: int, rows: int, dtype: torch.dtype, has_bias: bool)
         fused.LN_OPU2: _ONE_PLUS_U_SQUARED, fused.LN_OMU2: _ONE_MINUS_U_SQUARED,
         fused.LN_ROW_F0: _sum_up_factor(rows, 0), fused.LN_ROW_GAMMA: _group_constants(rows)[0],
     }
-    for slots, constants in (((fused.LN_PHI1, fused.LN_A1), _inflation(1)), ((fused.LN_PHI2, fused.LN_A2), _inflation(2)),
-                             ((fused.LN_PHI3, fused.LN_A3), _inflation(3)), ((fused.LN_PHI4, fused.LN_A4), _inflation(4)),
+    for slots, constants in (((fused.LN_PHI1, fused.LN_A1), _inflation(1)),
+                             ((fused.LN_PHI2, fused.LN_A2), _inflation(2)),
+                             ((fused.LN_PHI3, fused.LN_A3), _inflation(3)),
+                             ((fused.LN_PHI4, fused.LN_A4), _inflation(4)),
                              ((fused.LN_PHI6H, fused.LN_A6H), _inflation(6, _HALF_ETA)),
                              ((fused.LN_PHI2E, fused.LN_A2E), _inflation(2, _ETA)),
                              ((fused.LN_PHI_OUT, fused.LN_A_OUT), out), ((fused.LN_PHI_GX, fused.LN_A_GX), gx)):
