@@ -242,3 +242,84 @@ def test_log_softmax_backward_kernel_against_the_reference(dtype, arbitrary, dat
     assert bool(close[finite].all())
     if g.is_floating_point() and bool(finite.all()):
         assert kernel.call_count == 1  # the case compared is the kernel's
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The measured GEMM bound's passes (``linalg._residual32`` / ``_blocked_residual`` and ``_measured_radius_f32``'s sum):
+# the residual bit for bit, the sum up to fused multiply-adds in the reference's torch ops; containment against mpmath
+# runs through both paths in test_linalg.py (the "measured" and "measured-reference" configs).
+
+
+def _gemm(op, args, fused_min, block=None):
+    from ballgrad.ops import linalg
+    patches = [mock.patch.object(linalg, "_FUSED_GEMM_MIN", fused_min)]
+    if block is not None:
+        patches += [mock.patch.object(linalg, "_REFERENCE_BLOCK", block), mock.patch.object(linalg, "_MIN_BLOCK", 1)]
+    with patches[0], (patches[1] if block else mock.MagicMock()), (patches[2] if block else mock.MagicMock()), \
+            mock.patch.object(fused, "gemm_finish", wraps=fused.gemm_finish) as finish, \
+            mock.patch.object(fused, "gemm_residual_into", wraps=fused.gemm_residual_into) as residual:
+        with bg.gemm_bound("measured"):
+            out = op(*args)
+    return out, finish.call_count, residual.call_count
+
+
+GEMM_CASES = {
+    "mm": lambda a, b, c: torch.mm(a, b),
+    "addmm": lambda a, b, c: torch.addmm(c, a, b),
+    "addmm-scaled": lambda a, b, c: torch.addmm(c, a, b, beta=0.5, alpha=-3.0),
+    "linear": lambda a, b, c: torch.nn.functional.linear(a, b.t(), c),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GEMM_CASES))
+@pytest.mark.parametrize("points", ["balls", "a-point", "b-point", "points"])
+@pytest.mark.parametrize("block", [None, 12], ids=["whole", "blocked"])
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), adversarial=st.booleans())
+def test_gemm_kernels_agree_with_the_reference(case, points, block, data, adversarial):
+    """Both operands and the bias balls or points, random or adversarial (inf and NaN midpoints, infinite radii,
+    subnormals, signed zeros, huge values): midpoints bit-identical, radii never NaN or negative, infinite exactly
+    where the reference's are, and within 2^-20 relative of them elsewhere (fused multiply-adds in the reference's
+    torch ops round once where the kernel rounds twice); the kernels ran."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    n, k, p = 5, 6, 7
+    if adversarial:
+        a = data.draw(balls(torch.float32, (n, k)))
+        b = data.draw(balls(torch.float32, (k, p)))
+        c = data.draw(balls(torch.float32, (p,)))
+    else:
+        a, b, c = (bg.ball(torch.randn(s, generator=gen), torch.rand(s, generator=gen) * 2.0**-20)
+                   for s in ((n, k), (k, p), (p,)))
+    if points == "a-point":  # a plain tensor
+        a = a.mid.clone()
+    if points == "b-point":
+        b = b.mid.clone()
+    if points == "points":  # balls of radius 0
+        a, b = bg.ball(a.mid.clone(), 0.0), bg.ball(b.mid.clone(), 0.0)
+    op = GEMM_CASES[case]
+    fast, finishes, residuals = _gemm(op, (a, b, c), 0, block)
+    slow, slow_finishes, _ = _gemm(op, (a, b, c), float("inf"), block)
+    assert finishes == 1 and slow_finishes == 0
+    assert residuals == (1 if block is None else 4)  # A (5 x 6) is the smaller operand: blocks of 12 // 5 columns
+    assert torch.equal(fast.mid.isnan(), slow.mid.isnan())
+    assert torch.equal(fast.mid.nan_to_num(), slow.mid.nan_to_num())
+    assert fast.rad.dtype == slow.rad.dtype == torch.float32
+    assert not bool(fast.rad.isnan().any()) and bool((fast.rad >= 0).all())
+    finite = torch.isfinite(slow.rad)
+    assert torch.equal(torch.isfinite(fast.rad), finite)
+    assert bool(((fast.rad[finite].double() - slow.rad[finite].double()).abs()
+                 <= 2.0**-20 * slow.rad[finite].double()).all())
+
+
+def test_gemm_kernels_run_from_the_size_threshold_on():
+    """The fused GEMM passes run for 2-D float32 outputs of at least ``_FUSED_GEMM_MIN`` elements only."""
+    from ballgrad.ops import linalg
+    gen = torch.Generator().manual_seed(3)
+    small = (bg.ball(torch.randn(4, 8, generator=gen), 2.0**-20), bg.ball(torch.randn(8, 4, generator=gen), 2.0**-20))
+    rows = -(-linalg._FUSED_GEMM_MIN // 128)
+    large = (bg.ball(torch.randn(rows, 8, generator=gen), 2.0**-20),
+             bg.ball(torch.randn(8, 128, generator=gen), 2.0**-20))
+    _, finishes, _ = _gemm(lambda a, b, c: torch.mm(a, b), small + (None,), linalg._FUSED_GEMM_MIN)
+    assert finishes == 0
+    _, finishes, _ = _gemm(lambda a, b, c: torch.mm(a, b), large + (None,), linalg._FUSED_GEMM_MIN)
+    assert finishes == 1

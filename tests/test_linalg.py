@@ -227,11 +227,17 @@ def _cases(examples):
 # (gamma_k |A||B|). Radius GEMMs run in bfloat16 (Lemma B) only from ``_BF16_MIN_MACS_*`` multiply-adds on, far
 # larger than these tests' GEMMs, so the configs pin them: "measured" and "a-priori-float32" keep float32 radius
 # GEMMs (the fallback elsewhere too), "measured-bfloat16" and "a-priori" force bfloat16 where this CPU allows.
-GEMM_CONFIGS = ["measured", "measured-bfloat16", "a-priori", "a-priori-float32"]
+# The measured bound's passes over 2-D float32 outputs run as ``fused``'s GEMM kernels from ``_FUSED_GEMM_MIN``
+# elements on: "measured" and "measured-bfloat16" force them for every size, "measured-reference" never.
+GEMM_CONFIGS = ["measured", "measured-bfloat16", "measured-reference", "a-priori", "a-priori-float32"]
 
 
 @pytest.fixture(params=GEMM_CONFIGS)
 def gemm_config(request, monkeypatch):
+    if request.param in ("measured", "measured-bfloat16"):
+        monkeypatch.setattr(linalg, "_FUSED_GEMM_MIN", 0)
+    if request.param == "measured-reference":
+        monkeypatch.setattr(linalg, "_FUSED_GEMM_MIN", math.inf)
     if request.param == "a-priori-float32":
         monkeypatch.setattr(linalg, "_BF16_RADIUS", False)
     if request.param == "measured-bfloat16":
@@ -575,9 +581,10 @@ def test_linear_backward_gradients_contain_exact(gemm_config):
         assert bool(b.grad.contains(grad_b).all())
 
 
+@pytest.mark.parametrize("fused_min", [0, math.inf], ids=["fused", "reference"])
 @pytest.mark.parametrize("block", [10, 12], ids=["rows", "columns"])  # A 7x6 vs B 6x5: rows; B 6x7: columns
 @pytest.mark.parametrize("bias_shape", [None, (5,), (7, 5), (1, 5)])
-def test_blocked_float64_reference_contains_exact(bias_shape, block, monkeypatch):
+def test_blocked_float64_reference_contains_exact(bias_shape, block, fused_min, monkeypatch):
     """Outputs larger than ``_REFERENCE_BLOCK`` get their float64 reference a block of rows at a time (memory); forced
     here on small shapes (blocks of 2 rows out of 7): containment and midpoints as in the unblocked rule, and radii
     equal to the unblocked ones up to the reference's own float64 rounding. Blocks run over rows when B is the
@@ -588,6 +595,7 @@ def test_blocked_float64_reference_contains_exact(bias_shape, block, monkeypatch
     b = make_operand((6, n), torch.float32, gen, "ball")
     bias_shape = None if bias_shape is None else tuple(n if d == 5 else d for d in bias_shape)
     bias = None if bias_shape is None else make_operand(bias_shape, torch.float32, gen, "ball")
+    monkeypatch.setattr(linalg, "_FUSED_GEMM_MIN", fused_min)
     unblocked = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b, beta=0.5, alpha=-2.0)
     monkeypatch.setattr(linalg, "_REFERENCE_BLOCK", block)
     monkeypatch.setattr(linalg, "_MIN_BLOCK", 1)

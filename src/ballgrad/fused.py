@@ -695,3 +695,64 @@ def log_softmax_backward_radius(mg, rg, e, m, k) -> torch.Tensor | None:
     bad = _log_softmax_backward_kernel()(_flat(mg), _flat(rg), _flat(e), _flat(m), k, mg.dtype == torch.float64,
                                          m.numel() // n, n, _flat(out))
     return None if bad else out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The measured GEMM bound's passes over the output (``linalg._residual32`` / ``_blocked_residual`` and the sum of
+# ``linalg._measured_radius_f32``), float32 radii of 2-D float32 outputs
+#
+# The residual kernel is the reference bit for bit: e = RN_32(|R - m|) with the float64 difference of the reference R
+# and the exactly widened m (one float64 rounding), its absolute value, and one round-to-nearest conversion (an
+# overflow gives +inf), as ``reference.sub_(m).abs_().to(float32)``.
+# The finish kernel evaluates the reference's sum t = e C_e + s C_s + rows_i cols_l + rc_l C_1 + |mc|_l C_2 in that
+# order, every product and addition a float32 operation rounded to nearest, then fl(fl(t phi) + a) with NaN -> +inf.
+# The reference's ``add_(x, alpha=c)`` and ``addcmul_`` may run as fused multiply-adds (one rounding instead of
+# two), so the radii can differ in the last bits; the bound holds for either evaluation: ``inflate``'s lemma counts a
+# product and an addition per term, each at most one relative rounding of a non-negative result, and an FMA's single
+# rounding is within that.
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_kernels():
+    numba = _numba()
+
+    @numba.njit(cache=True, nogil=True)
+    def residual(ref, m, e):  # e = RN_32(|ref - m|), 2-D arrays of one shape
+        for i in range(ref.shape[0]):
+            for j in range(ref.shape[1]):
+                e[i, j] = np.float32(abs(ref[i, j] - np.float64(m[i, j])))
+
+    @numba.njit(cache=True, nogil=True)
+    def finish(e, s, rows, cols, rc, amc, k):  # in place over e (a separate output array that aliases e would defeat
+        c_e, c_s, c_1, c_2, phi, a = k[0], k[1], k[2], k[3], k[4], k[5]  # LLVM's vectorisation: 8x slower)
+        has_s, has_bounds, has_bias = s.size > 0, rows.size > 0, rc.size > 0
+        inf = np.float32(np.inf)
+        for i in range(e.shape[0]):
+            for j in range(e.shape[1]):
+                t = e[i, j] * c_e
+                if has_s:
+                    t = t + s[i, j] * c_s
+                if has_bounds:
+                    t = t + rows[i] * cols[j]
+                if has_bias:
+                    t = t + rc[j] * c_1
+                    t = t + amc[j] * c_2
+                r = t * phi + a
+                e[i, j] = inf if r != r else r
+
+    return residual, finish
+
+
+def gemm_residual_into(reference: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> None:
+    """``e[...] = RN_32(|reference - m|)`` for 2-D CPU tensors of one shape (reference float64, m and e float32; any
+    strides), the reference's ``copy_(reference.sub_(m).abs_())`` in one pass without modifying ``reference``."""
+    _gemm_kernels()[0](reference.numpy(), m.detach().numpy(), e.numpy())
+
+
+def gemm_finish(e: torch.Tensor, s, rows, cols, rc, amc, constants) -> torch.Tensor:
+    """``linalg._measured_radius_f32``'s sum and inflation in one pass (the header's contract), written over ``e``
+    (float32, 2-D, contiguous): numpy float32 arrays s of e's shape (or 0 x 0 when absent), rows and cols (the outer
+    product bound; empty when absent), rc and amc along the columns (the bias terms; empty when absent), and
+    ``constants`` (C_e, C_s, C_1, C_2, phi, a)."""
+    _gemm_kernels()[1](e.numpy(), s, rows, cols, rc, amc, constants)
+    return e

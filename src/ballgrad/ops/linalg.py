@@ -98,9 +98,10 @@ import functools
 import math
 from fractions import Fraction
 
+import numpy as np
 import torch
 
-from ballgrad import guard, rounding
+from ballgrad import fused, guard, rounding
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import finite_only as _finite_only
 from ballgrad.ops.common import operand, result, result_in_place
@@ -362,8 +363,24 @@ def _residual32(m: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     the eta32/2 term to its absolute constant. A ``reference`` of m's shape is overwritten (it is not needed after
     this, and a float64 output-sized temporary is what sets the rules' peak memory)."""
     if reference.shape == m.shape:
+        if _fused_gemm(m):
+            e = torch.empty(m.shape, dtype=torch.float32, device=m.device)
+            fused.gemm_residual_into(reference, m, e)  # the same operations in one pass
+            return e
         return reference.sub_(m).abs_().to(torch.float32)
     return torch.sub(m, reference).abs_().to(torch.float32)
+
+
+# The measured bound's passes over the output run as ``fused``'s GEMM kernels from this many output elements on. Below,
+# numba's call overhead (~1 us per array argument) outweighs the torch passes it saves (64 x 10: 4% slower fused;
+# 256 x 64: even; 256 x 192: 5% faster, single-threaded CPU time of the whole addmm rule, interleaved).
+_FUSED_GEMM_MIN = 1 << 14
+
+
+def _fused_gemm(m: torch.Tensor) -> bool:
+    """Whether the measured bound's passes over a 2-D float32 output run as ``fused``'s GEMM kernels."""
+    return (m.dim() == 2 and m.numel() >= _FUSED_GEMM_MIN and m.dtype == torch.float32 and m.device.type == "cpu"
+            and fused._numba() is not None)
 
 
 # Float64 reference GEMMs are evaluated a block of the output at a time when the output has more than this many
@@ -385,29 +402,32 @@ def _blocked_residual(m: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, refer
         return _residual32(m, reference_block(None, None, ma.to(_F64), mb.to(_F64)))
     rows, cols = m.shape
     e = torch.empty(m.shape, dtype=torch.float32, device=m.device)
+    into = fused.gemm_residual_into if _fused_gemm(m) else _residual_into
     if ma.numel() <= mb.numel():
         ma64, step = ma.to(_F64), max(_MIN_BLOCK, _REFERENCE_BLOCK // rows)
         for j in range(0, cols, step):
             block = slice(j, min(j + step, cols))
-            e[:, block].copy_(reference_block(slice(None), block, ma64, mb[:, block].to(_F64)).sub_(m[:, block]).abs_())
+            into(reference_block(slice(None), block, ma64, mb[:, block].to(_F64)), m[:, block], e[:, block])
     else:
         mb64, step = mb.to(_F64), max(_MIN_BLOCK, _REFERENCE_BLOCK // cols)
         for i in range(0, rows, step):
             block = slice(i, min(i + step, rows))
-            e[block].copy_(reference_block(block, slice(None), ma[block].to(_F64), mb64).sub_(m[block]).abs_())
+            into(reference_block(block, slice(None), ma[block].to(_F64), mb64), m[block], e[block])
     return e
 
 
-@functools.lru_cache(maxsize=1024)
+def _residual_into(reference: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> None:
+    """e[...] = RN_32(|reference - m|) (``_residual32``'s operations; ``reference`` is overwritten)."""
+    e.copy_(reference.sub_(m).abs_())
+
+
 def _propagation_constants(n: int, alpha: float, scale: Fraction) -> tuple[float, Fraction]:
     """(C_s, A_s) of ``_measured_radius_f32``: C_s >= |alpha| theta_n scale (float32, rounded up) and the absolute
-    term A_s = |alpha| theta_n scale n eta32 (exact). Cached, like every constant here: the rational arithmetic costs
-    more than a small GEMM's kernels."""
+    term A_s = |alpha| theta_n scale n eta32 (exact)."""
     th = rounding.theta(n, _U32) * abs(Fraction(alpha)) * scale
     return rounding.round_up_float(th, torch.float32), th * n * _ETA32
 
 
-@functools.lru_cache(maxsize=1024)
 def _lemma_b_terms(alpha: float, c1: float, c2: float) -> tuple[float, Fraction]:
     """(C, A) of ``_measured_radius_f32`` for Lemma B's bound C1 S^ + C2 scaled by |alpha|: C >= |alpha| C1 (float32,
     rounded up) and the absolute term A = |alpha| C2 (exact)."""
@@ -416,19 +436,46 @@ def _lemma_b_terms(alpha: float, c1: float, c2: float) -> tuple[float, Fraction]
 
 
 @functools.lru_cache(maxsize=1024)
-def _bias_coefficients(coefs: tuple[Fraction, ...]) -> tuple[float, ...]:
-    """The bias terms' coefficients c_j rounded up to float32 (C_j >= c_j)."""
-    return tuple(rounding.round_up_float(c, torch.float32) for c in coefs)
+def _finish_constants(steps: int, alpha: float, beta: float, propagation: tuple | None, bounds: bool) -> tuple:
+    """(C_s, C_1, C_2, phi, a, array) of ``_measured_radius_f32``, cached on cheap keys (a Fraction's hash costs ~3 us
+    and its arithmetic more: together ~40 us per GEMM uncached). (g64, a64) = ``_mid_error(steps, float64)``;
+    ``propagation``: None, ("lemma-b", C1, C2) or ("products", n, p, q) with scale = p/q (``_propagation_products``);
+    C_s from ``_lemma_b_terms`` / ``_propagation_constants``; the bias terms (beta != 0) C_1 >= |beta| and
+    C_2 >= g64 |beta| rounded up to float32; (phi, a) = ``rounding.inflation_constants`` for n_ops = 1 + 2 per further
+    term and the exact absolute sum A = eta32/2 C_e + a64 (+ A_s); ``array`` = (C_e, C_s, C_1, C_2, phi, a) in float32
+    for ``fused.gemm_finish`` (all float32 values: the conversion is exact)."""
+    g64, a64 = _mid_error(steps, _F64)
+    absolute = _RESIDUAL_ABSOLUTE + a64
+    n_ops, c_s, c_1, c_2 = 1, 0.0, 0.0, 0.0
+    if propagation is not None:
+        if propagation[0] == "lemma-b":
+            c_s, extra = _lemma_b_terms(alpha, propagation[1], propagation[2])
+        else:
+            c_s, extra = _propagation_constants(propagation[1], alpha, Fraction(propagation[2], propagation[3]))
+        absolute += extra
+        n_ops += 2
+    if bounds:
+        n_ops += 2
+    if beta != 0:
+        b = abs(Fraction(beta))
+        c_1, c_2 = rounding.round_up_float(b, torch.float32), rounding.round_up_float(g64 * b, torch.float32)
+        n_ops += 4
+    phi, a = rounding.inflation_constants(n_ops, torch.float32, absolute)
+    array = np.array([_RESIDUAL_FACTOR, c_s, c_1, c_2, phi, a], dtype=np.float32)
+    assert all(float(v) == c for v, c in zip(array, (_RESIDUAL_FACTOR, c_s, c_1, c_2, phi, a)))
+    array.setflags(write=False)
+    return c_s, c_1, c_2, phi, a, array
 
 
 @functools.lru_cache(maxsize=1024)
-def _row_scale(k: int, g64: Fraction, alpha: float) -> float:
-    """theta_k(u32) g64 |alpha| rounded up to float32 (``_row_col_bounds``; cached: rational arithmetic costs ~100 us
-    per GEMM)."""
+def _row_scale(k: int, steps: int, alpha: float) -> float:
+    """theta_k(u32) g64 |alpha| rounded up to float32, g64 of ``_mid_error(steps, float64)`` (``_row_col_bounds``;
+    cached: rational arithmetic costs ~100 us per GEMM)."""
+    g64 = _mid_error(steps, _F64)[0]
     return rounding.round_up_float(rounding.theta(k, _U32) * g64 * abs(Fraction(alpha)), torch.float32)
 
 
-def _row_col_bounds(abs_ma: torch.Tensor, abs_mb: torch.Tensor, k: int, b_dim: int, g64: Fraction, alpha: float):
+def _row_col_bounds(abs_ma: torch.Tensor, abs_mb: torch.Tensor, k: int, b_dim: int, steps: int, alpha: float):
     """(rows, cols), float32, broadcasting to the output, with g64 |alpha| (|mA||mB|)_il <= rows_i cols_l exactly,
     from |mA| and |mB| in float32 (exact): rows_i = up(fl(S_i) C) with S_i = sum_j |mA_ij| summed in float32 (any
     order, non-negative terms: S_i <= theta_k fl(S_i), F3; the caller keeps 2k u32 < 1/4) and C >= theta_k g64 |alpha|
@@ -436,7 +483,7 @@ def _row_col_bounds(abs_ma: torch.Tensor, abs_mb: torch.Tensor, k: int, b_dim: i
     exactly 0)."""
     if k == 0:
         return None
-    rows = rounding.mul_up(torch.sum(abs_ma, dim=-1), _row_scale(k, g64, alpha))
+    rows = rounding.mul_up(torch.sum(abs_ma, dim=-1), _row_scale(k, steps, alpha))
     cols = torch.amax(abs_mb, dim=b_dim)
     if abs_ma.dim() >= 2 and abs_mb.dim() >= 2:
         return rows.unsqueeze(-1), cols.unsqueeze(-2)
@@ -494,27 +541,25 @@ def _bf16_radius_gemm(plain, macs: int, min_macs: int) -> bool:
     return plain in _ACCUMULATE and macs >= min_macs and _bf16_radius_gemms()
 
 
-def _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=1.0, bias_terms=()):
-    """Float32 upper bound of |m - R| + g64 |alpha| |mA||mB| + a64 + |alpha| (|mA| rB + rA |mB| + rA rB) + sum of
-    ``bias_terms`` (pairs (t, c): c t with t >= 0 float32 exact, c a Fraction), where R is the float64 reference and
-    e = ``_residual32(m, R)`` (computed by the caller, so that R is freed before the radius GEMMs allocate).
+def _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, steps, alpha=1.0, beta=0.0, bias=None):
+    """Float32 upper bound of |m - R| + g64 |alpha| |mA||mB| + a64 + |alpha| (|mA| rB + rA |mB| + rA rB)
+    + |beta| rc + g64 |beta| |mc| (the last two for ``bias`` = (rc, |mc|), float32, exact, used when beta != 0), where
+    (g64, a64) = ``_mid_error(steps, float64)``, R is the float64 reference and e = ``_residual32(m, R)`` (computed by
+    the caller, so that R is freed before the radius GEMMs allocate).
 
-    t = e C_e + s C_s + rows cols + sum t_j C_j + A with e = ``_residual32``, (s, n) = ``_propagation_products``, rows and
-    cols from ``_row_col_bounds`` (scale g64 |alpha|), constants rounded up: C_e >= 1/((1 - u32)(1 - u64)),
-    C_s >= |alpha| theta_n, C_j >= c_j, and the absolute A = eta32/2 C_e + a64 + |alpha| theta_n n eta32 passed to
-    ``inflate`` as its ``extra``. Every term of t is a product of two non-negative floats, so ``inflate(t, n_ops,
-    extra=A)`` (its lemma) bounds the rounding of t's evaluation plus A: n_ops counts the first multiplication and
-    one multiplication and one addition per further term. The result is >= the exact bound term by term."""
+    t = e C_e + s C_s + rows cols + rc C_1 + |mc| C_2 + A with e = ``_residual32``, (s, n) = ``_propagation_products``,
+    rows and cols from ``_row_col_bounds`` (scale g64 |alpha|), constants rounded up: C_e >= 1/((1 - u32)(1 - u64)),
+    C_s >= |alpha| theta_n, C_1 >= |beta|, C_2 >= g64 |beta|, and the absolute A = eta32/2 C_e + a64 + |alpha| theta_n n
+    eta32 passed to ``inflate`` as its ``extra`` (``_finish_constants``). Every term of t is a product of two
+    non-negative floats, so ``inflate(t, n_ops, extra=A)`` (its lemma) bounds the rounding of t's evaluation plus A:
+    n_ops counts the first multiplication and one multiplication and one addition per further term. The result is
+    >= the exact bound term by term."""
     f32 = torch.float32
-    t = e.expand(m.shape).clone() if e.shape != m.shape else e
-    t.mul_(_RESIDUAL_FACTOR)
-    absolute = [_RESIDUAL_ABSOLUTE, a64]  # exact absolute terms, summed by the cached ``_inflation_of``
-    n_ops = 1
     prop = lemma_b = bounds = None
     if k > 0 and alpha != 0:
         a_point, b_point = _is_point(ra), _is_point(rb)
         abs_ma, abs_mb = torch.abs(ma), torch.abs(mb)  # float32 (the operands' radius dtype): exact
-        bounds = _row_col_bounds(abs_ma, abs_mb, k, b_dim, g64, float(alpha))  # before abs_mb is overwritten
+        bounds = _row_col_bounds(abs_ma, abs_mb, k, b_dim, steps, float(alpha))  # before abs_mb is overwritten
         # _bf16_bracket returns None where Lemma B does not apply
         if not (a_point and b_point) and _bf16_radius_gemm(plain, m.numel() * k, _BF16_MIN_MACS_MEASURED):
             lemma_b = _bf16_bracket(plain, ma, ra.to(f32), mb, rb.to(f32), k, Fraction(0), b_dim, a_point, b_point,
@@ -522,33 +567,51 @@ def _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64, alpha=
         if lemma_b is None and not (a_point and b_point):
             prop = _propagation_products(plain, abs_ma, ra, abs_mb, rb, k, b_dim, a_point, b_point)
         del abs_ma, abs_mb
+    s = propagation = None  # the propagation term C_s s, s >= 0 exact
     if lemma_b is not None:  # the propagation term is <= C1 S^ + C2 (S^ the bfloat16 GEMM, an exact float32 value)
-        s_hat, c1, c2 = lemma_b
-        coef, lemma_b_absolute = _lemma_b_terms(float(alpha), c1, c2)
-        t.add_(s_hat, alpha=coef)
-        absolute.append(lemma_b_absolute)
-        n_ops += 2
+        s, c1, c2 = lemma_b
+        propagation = ("lemma-b", c1, c2)
     if prop is not None:
         s, n, scale = prop
-        coef, prop_absolute = _propagation_constants(n, float(alpha), scale)
-        t.add_(s, alpha=coef)
-        absolute.append(prop_absolute)
-        n_ops += 2
+        propagation = ("products", n, scale.numerator, scale.denominator)
+    beta = float(beta) if bias is not None else 0.0
+    c_s, c_1, c_2, phi, a, constants = _finish_constants(steps, float(alpha), beta, propagation, bounds is not None)
+    if _fused_gemm(m) and e.shape == m.shape:
+        finished = _fused_finish(m, e, s, bounds, bias if beta != 0 else None, constants)
+        if finished is not None:
+            return finished
+    t = e.expand(m.shape).clone() if e.shape != m.shape else e
+    t.mul_(_RESIDUAL_FACTOR)
+    if s is not None:
+        t.add_(s, alpha=c_s)
     if bounds is not None:
         t.addcmul_(*bounds)
-        n_ops += 2
-    if bias_terms:
-        for (term, _), coef in zip(bias_terms, _bias_coefficients(tuple(c for _, c in bias_terms))):
-            t.add_(term.to(f32), alpha=coef)
-            n_ops += 2
-    phi, a = _inflation_of(n_ops, tuple(absolute))
+    if beta != 0:
+        t.add_(bias[0].to(f32), alpha=c_1).add_(bias[1].to(f32), alpha=c_2)
     return t.mul_(phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)  # rounding.inflate_, t our own buffer
 
 
-@functools.lru_cache(maxsize=1024)
-def _inflation_of(n_ops: int, absolute: tuple[Fraction, ...]) -> tuple[float, float]:
-    """``rounding.inflate``'s float32 (phi, a) for n_ops operations and the extra absolute term sum(absolute)."""
-    return rounding.inflation_constants(n_ops, torch.float32, sum(absolute, Fraction(0)))
+_NO_MATRIX = np.empty((0, 0), dtype=np.float32)
+_NO_VECTOR = np.empty(0, dtype=np.float32)
+
+
+def _fused_finish(m, e, s, bounds, bias, constants) -> torch.Tensor | None:
+    """``_measured_radius_f32``'s sum and inflation as ``fused.gemm_finish`` (one pass, written over e), or None where
+    its operands do not have the kernel's layout (a bias that varies along the rows)."""
+    rows_n, cols_n = m.shape
+    s_np = _NO_MATRIX
+    if s is not None:
+        if s.shape != m.shape:
+            return None
+        s_np = s.to(torch.float32).contiguous().numpy()  # exact (S^ of Lemma B is a bfloat16 value)
+    rows = cols = rc = amc = _NO_VECTOR
+    if bounds is not None:
+        rows, cols = (b.reshape(-1).expand(n).contiguous().numpy() for b, n in zip(bounds, (rows_n, cols_n)))
+    if bias is not None:
+        if any(t.dim() > 2 or (t.dim() == 2 and t.shape[0] != 1) for t in bias):
+            return None
+        rc, amc = (t.to(torch.float32).reshape(-1).expand(cols_n).contiguous().numpy() for t in bias)
+    return fused.gemm_finish(e, s_np, rows, cols, rc, amc, constants)
 
 
 def _check_fp32_gemm_precision() -> None:
@@ -597,11 +660,10 @@ def gemm(func, a, b):
     rd = rounding.rad_dtype(m.dtype)
     plain = _PLAIN_GEMM[func]
     if _measures(m, k):
-        g64, a64 = _mid_error(k, _F64)
         if rounding.work_dtype(rd, 2 * k) == torch.float32:
             e = _blocked_residual(m, ma, mb, lambda rows, cols, ma64, mb64: plain(ma64, mb64))
             # the radius is +inf or NaN (made +inf by inflate) wherever m is not finite: |m - R| is then inf or NaN
-            return BallTensor(m, _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64))
+            return BallTensor(m, _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, k))
         reference = plain(ma.to(_F64), mb.to(_F64))
         rad = _checked_bracket(plain, m, ma, ra, mb, rb, k, b_dim, rd, reference)
         return result(m, _finite_only(m, rounding.clean_rad(rad)))
@@ -703,7 +765,7 @@ def _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd):
     plain = _PLAIN_GEMM[func]
     g64, a64 = _mid_error(k + 2, _F64)
     if rounding.work_dtype(rd, 2 * k) == torch.float32:
-        bias_terms = []
+        bias_terms = None
         product = alpha_f != 0 and k > 0
         if beta_f != 0:
             mc, rc = operand(bias, m.dtype)
@@ -717,7 +779,7 @@ def _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd):
                 shape = m.shape if rows is None else m[rows, cols].shape
                 return (bias_block * beta_f).expand(shape).clone()
 
-            bias_terms = [(rc, abs(Fraction(beta_f))), (torch.abs(mc), g64 * abs(Fraction(beta_f)))]
+            bias_terms = (rc, torch.abs(mc))
         else:
             def reference_block(rows, cols, ma64, mb64):
                 if product:
@@ -726,8 +788,8 @@ def _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd):
 
         e = _blocked_residual(m, ma, mb, reference_block)
         # +inf (via inflate's NaN -> inf) wherever m is not finite, as in ``gemm``
-        return _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, g64, a64,
-                                    alpha=alpha_f if k > 0 else 0.0, bias_terms=bias_terms)
+        return _measured_radius_f32(m, e, plain, ma, ra, mb, rb, k, b_dim, k + 2, alpha=alpha_f if k > 0 else 0.0,
+                                    beta=beta_f, bias=bias_terms)
     ma64, mb64 = ma.to(_F64), mb.to(_F64)
     terms = torch.zeros((), dtype=_F64)
     if beta_f != 0:
