@@ -323,3 +323,45 @@ def test_gemm_kernels_run_from_the_size_threshold_on():
     assert finishes == 0
     _, finishes, _ = _gemm(lambda a, b, c: torch.mm(a, b), large + (None,), linalg._FUSED_GEMM_MIN)
     assert finishes == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# log_softmax's pairwise forward: the reference bit for bit (containment against mpmath: test_nn_ops.py, whose float32
+# rows along the last dim now take the kernels).
+
+def _lsf_reference(x):
+    from ballgrad.ops import nn as nn_rules
+    with mock.patch.object(nn_rules, "_log_softmax_pairwise_fused", lambda *a, **k: None):
+        return torch.log_softmax(x, -1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), shape=st.sampled_from([(1, 1), (3, 5), (2, 3, 4), (4, 10)]))
+def test_log_softmax_pairwise_kernels_are_the_reference_bit_for_bit(shape, data):
+    """Adversarial float32 logits (inf, NaN, subnormals, signed zeros, huge values and radii): midpoints and radii
+    bit-identical to the torch formulas; the kernels run wherever the rows' pair differences are exact and finite
+    (the reference's exact branch), and otherwise leave the call to the reference."""
+    x = data.draw(balls(torch.float32, shape))
+    with mock.patch.object(fused, "log_softmax_pairwise", wraps=fused.log_softmax_pairwise) as kernel:
+        fast = torch.log_softmax(x, -1)
+    slow = _lsf_reference(x)
+    assert kernel.call_count == 1
+    assert torch.equal(fast.mid.isnan(), slow.mid.isnan())
+    assert torch.equal(fast.mid.nan_to_num(), slow.mid.nan_to_num())
+    assert fast.rad.dtype == slow.rad.dtype == torch.float32
+    assert torch.equal(fast.rad, slow.rad)
+
+
+def test_log_softmax_pairwise_kernels_on_model_logits():
+    """A classifier head's logits (64 x 10, a small radius, and exact points): bit-identical, and the kernels ran."""
+    gen = torch.Generator().manual_seed(2)
+    for rad in (2.0**-20, 0.0):
+        x = bg.ball(torch.randn(64, 10, generator=gen) * 3, rad)
+        returned = []
+        original = fused.log_softmax_pairwise
+        with mock.patch.object(fused, "log_softmax_pairwise", lambda *a: returned.append(original(*a)) or returned[-1]):
+            fast = torch.log_softmax(x, -1)
+        slow = _lsf_reference(x)
+        assert len(returned) == 1 and returned[0] is not None  # the kernels' radius is the one returned
+        assert torch.equal(fast.mid, slow.mid) and torch.equal(fast.rad, slow.rad)
+        assert bool(torch.isfinite(fast.rad).all())

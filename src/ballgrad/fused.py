@@ -756,3 +756,109 @@ def gemm_finish(e: torch.Tensor, s, rows, cols, rc, amc, constants) -> torch.Ten
     ``constants`` (C_e, C_s, C_1, C_2, phi, a)."""
     _gemm_kernels()[1](e.numpy(), s, rows, cols, rc, amc, constants)
     return e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# log_softmax's pairwise forward (``nn._log_softmax_pairwise``), float32 rows along the last dim whose pair
+# differences are exact (``nn._exact_pairs``)
+#
+# The reference bit for bit: the kernels perform its elementwise operations in its order, each rounded to nearest in
+# float64 (the products by the signs -+1 exact, as there), and leave to torch what the trust table or the summation
+# order rests on: the exps and their row sums, expm1, the addition t + b and log1p run between the two kernels as in
+# the reference.
+
+
+@functools.lru_cache(maxsize=None)
+def _log_softmax_pairwise_kernels():
+    numba = _numba()
+    phi, e0 = _SUCC_PHI, _SUCC_E0
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def pairs(m, r, y, neg_shift):
+        """y[h, n, i, j] = step_h(z - K) with z[0] = lo_j - hi_i, z[1] = hi_j - lo_i (exact), K = max(0, max_j z) per
+        half and row, -inf on the diagonal; neg_shift = -K. False (nothing usable) where the row's pair differences
+        are not all exact (``nn._exact_pairs``: max(|m| + r) <= 2^28 min(|m|, r > 0) over the row)."""
+        rows, n = m.shape
+        for k in range(rows):
+            top, low = 0.0, np.inf
+            for j in range(n):
+                am, ar = abs(np.float64(m[k, j])), np.float64(r[k, j])
+                s = am + ar
+                if s != s or s > top:
+                    top = s
+                if am > 0.0 and am < low:
+                    low = am
+                if ar > 0.0 and ar < low:
+                    low = ar
+            if not (top <= low * 2.0**28 and top < np.inf):  # (non-finite rows: the reference path)
+                return False
+        for k in range(rows):
+            for h in range(2):
+                sign = -1.0 if h == 0 else 1.0
+                for i in range(n):
+                    mi, ri = np.float64(m[k, i]), np.float64(r[k, i])
+                    own = mi + ri if h == 0 else mi - ri  # hi_i (half 0) / lo_i (half 1)
+                    shift = 0.0
+                    for j in range(n):
+                        if j != i:
+                            zj = (np.float64(m[k, j]) + sign * np.float64(r[k, j])) - own
+                            y[h, k, i, j] = zj
+                            if zj > shift:
+                                shift = zj
+                    for j in range(n):
+                        if j == i:
+                            y[h, k, i, j] = -np.inf
+                        else:
+                            c = y[h, k, i, j] - shift
+                            y[h, k, i, j] = c + sign * (abs(c) * phi + e0)
+                    neg_shift[h, k, i] = -shift
+        return True
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def finish(t, b, a, w, neg_shift, m, kd, kx, ka, c_l, u, phi_f, a_f, out):
+        """The radius (float32, rounded up) from the row sums t = sum_j exp(y), b = expm1(-K), a = t + b,
+        w = log1p(a); False where some radius is not finite."""
+        rows, n = m.shape
+        for k in range(rows):
+            for i in range(n):
+                rad = 0.0
+                for h in range(2):
+                    sign = -1.0 if h == 0 else 1.0
+                    th, bh, ah, wh = t[h, k, i], b[h, k, i], a[h, k, i], w[h, k, i]
+                    v = -neg_shift[h, k, i] + wh
+                    d = ah + 1.0
+                    q = ((th * kd + abs(bh) * kx) + ka) / (0.0 if d < 0.0 else d)
+                    p = (v + np.float64(m[k, i])) * sign
+                    c = ((abs(p) + abs(v)) * u + abs(wh) * c_l) + q
+                    ph = np.nextafter(p + (c * phi_f + a_f), np.inf)
+                    rad = np.nan if (ph != ph or rad != rad) else (ph if ph > rad else rad)
+                if not np.isfinite(rad):
+                    return False
+                rad = 0.0 if rad < 0.0 else rad
+                y = np.float32(rad)
+                if np.float64(y) < rad:
+                    y = np.nextafter(y, np.float32(np.inf))
+                out[k, i] = y
+        return True
+
+    return pairs, finish
+
+
+def log_softmax_pairwise(m: torch.Tensor, mid: torch.Tensor, rad: torch.Tensor, constants) -> torch.Tensor | None:
+    """The float32 radius of ``nn._log_softmax_pairwise`` for float32 rows along the last dim (2-D contiguous m, mid,
+    rad), bit for bit, or None where the reference would not take its exact-pairs branch or would decline."""
+    rows, n = m.shape
+    pairs, finish = _log_softmax_pairwise_kernels()
+    y = torch.empty((2, rows, n, n), dtype=torch.float64)
+    neg_shift = torch.empty((2, rows, n), dtype=torch.float64)
+    if not pairs(mid.numpy(), rad.numpy(), y.numpy(), neg_shift.numpy()):
+        return None
+    t = y.exp_().sum(-1)
+    b = torch.expm1(neg_shift)
+    a = t + b
+    w = torch.log1p(a)
+    out = torch.empty((rows, n), dtype=torch.float32)
+    c_l, (kd, kx, ka), (phi, a_abs), u = constants
+    ok = finish(t.numpy(), b.numpy(), a.numpy(), w.numpy(), neg_shift.numpy(), m.detach().numpy(), kd, kx, ka, c_l, u,
+                phi, a_abs, out.numpy())
+    return out if ok else None

@@ -525,6 +525,10 @@ def _log_softmax_pairwise(m: torch.Tensor, x: BallTensor, dim: int):
     if n_classes > _PAIRWISE_MAX_CLASSES or x.numel() * n_classes > _PAIRWISE_MAX_TERMS:
         return None
     last = d == x.dim() - 1
+    if last:
+        fast = _log_softmax_pairwise_fused(m, x)
+        if fast is not None:
+            return fast
     both = _mid_rad64(x)  # [mid, r], classes on the last dim
     if not last:
         both = both.movedim(d + 1, -1).contiguous()  # (the pair sums below then run along contiguous rows)
@@ -558,6 +562,20 @@ def _log_softmax_pairwise(m: torch.Tensor, x: BallTensor, dim: int):
     if not math.isfinite(float(rad.sum())):
         return None
     return _radius_result(m, rad if last else rad.movedim(-1, d))
+
+
+def _log_softmax_pairwise_fused(m: torch.Tensor, x: BallTensor) -> BallTensor | None:
+    """``_log_softmax_pairwise`` for float32 rows along the last dim with exact pair differences as
+    ``fused.log_softmax_pairwise`` (the same operations bit for bit, two compiled passes around torch's exp, sum,
+    expm1 and log1p), or None where it does not apply (the torch formulas then run)."""
+    if not (m.dtype == x.mid.dtype == x.rad.dtype == torch.float32 and m.device.type == "cpu"
+            and fused._numba() is not None and x.dim() >= 1 and m.numel() > 0):
+        return None
+    n = m.shape[-1]
+    mid, rad = x.mid.detach().reshape(-1, n).contiguous(), x.rad.expand(x.shape).reshape(-1, n).contiguous()
+    constants = _pairwise_constants(n, accuracy.backend_for(m.device.type)) + (_U64,)
+    out = fused.log_softmax_pairwise(m.reshape(-1, n).contiguous(), mid, rad, constants)
+    return None if out is None else BallTensor(m, out.reshape(m.shape))
 
 
 def _to_dtype_up(rad: torch.Tensor, rd: torch.dtype) -> torch.Tensor:
