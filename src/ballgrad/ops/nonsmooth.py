@@ -517,6 +517,8 @@ def logical_inplace(func, target, *args):
 
 def _python_double(value, what: str) -> float:
     """A Python number argument (threshold, slope, bound) as the exact double it denotes; finite."""
+    if (type(value) is float or (type(value) is int and abs(value) <= 2**53)) and math.isfinite(value):
+        return float(value)  # exactly the double (an int up to 2^53 converts exactly): no tensors, ~30 us less
     v, err = _exact(value)
     if float(err) != 0 or not math.isfinite(float(v)):
         raise UnsupportedOpError(current_op(), f"{what} {value!r} must be a finite number exactly representable as a "
