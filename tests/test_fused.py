@@ -60,6 +60,36 @@ def test_add_radius_large_and_points(dtype):
     assert bool(torch.isinf((a + b).rad[0, :4]).all())
 
 
+BROADCASTS = [((3, 5), (5,)), ((5,), (3, 5)), ((3, 1), (1, 5)), ((2, 3, 5), (3, 1)), ((3, 5), ())]
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("shapes", BROADCASTS, ids=str)
+@pytest.mark.parametrize("plain", [None, "left", "right"])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_add_radius_broadcast_and_plain_operands(op, shapes, plain, data):
+    """Broadcast operands (a bias row, outer sums, a 0-d ball) and plain-tensor operands (radius 0) go through the
+    kernel on dense copies (``fused.dense_operands``): the reference bit for bit on adversarial balls."""
+    a = data.draw(balls(torch.float32, shapes[0]))
+    b = data.draw(balls(torch.float32, shapes[1]))
+    a = a.mid.clone() if plain == "left" else a
+    b = b.mid.clone() if plain == "right" else b
+    with mock.patch.object(fused, "add_radius", wraps=fused.add_radius) as kernel:
+        fast = OPS[op](a, b)
+    assert kernel.call_count == 1
+    _same(fast, _reference(op, a, b))
+
+
+def test_dense_operands_copies_only_what_it_must():
+    x, row = torch.ones(4, 4), torch.ones(4)
+    dense = fused.dense_operands(x, x, row, x.t())
+    assert dense[0] is x and dense[1].shape == (4, 4) and dense[2].is_contiguous()
+    assert fused.dense_operands(x, x, row.double()) is None  # mixed dtypes
+    assert fused.dense_operands(x.t(), x) is None  # the output must be contiguous
+    assert fused.dense_operands(x.half(), x.half()) is None
+
+
 def test_applies_only_to_dense_same_shape_cpu_tensors():
     x = torch.ones(4, 4)
     assert fused.applies(x, x, x)

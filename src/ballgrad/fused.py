@@ -49,6 +49,18 @@ def applies(out_like: torch.Tensor, *operands: torch.Tensor) -> bool:
     return all(t.shape == shape and t.dtype == dtype and t.is_contiguous() for t in operands)
 
 
+def dense_operands(out_like: torch.Tensor, *operands: torch.Tensor) -> list[torch.Tensor] | None:
+    """The operands broadcast to the output's shape as dense contiguous tensors (a copy only where one is not already
+    that), so that an elementwise kernel reads element i of each at flat index i; None where ``applies`` refuses them
+    (a dtype other than the output's, not on the CPU, numba missing, a non-contiguous output)."""
+    if (out_like.dtype not in _DTYPES or out_like.device.type != "cpu" or not out_like.is_contiguous()
+            or any(t.dtype != out_like.dtype for t in operands) or _numba() is None):
+        return None
+    shape = out_like.shape
+    dense = [t if t.shape == shape and t.is_contiguous() else t.expand(shape).contiguous() for t in operands]
+    return dense if applies(out_like, *dense) else None
+
+
 def _flat(t: torch.Tensor) -> np.ndarray:
     """A flat numpy view of a contiguous CPU tensor (no copy)."""
     return t.detach().numpy().reshape(-1)

@@ -54,8 +54,11 @@ def _add_rad(m, a, b, alpha, sign=1):
     mb, rb = operand(b, m.dtype)
     u, eta = _constants(m.dtype)
     if alpha == 1:
-        if fused.applies(m, ma, mb, ra, rb):  # the formula below in one pass, bit for bit (``fused.add_radius``)
-            rad = fused.add_radius(ma, mb, float(sign), m, ra, rb, *rounding.inflation_constants(2, m.dtype))
+        # the formula below in one pass, bit for bit (``fused.add_radius``), on the operands broadcast to m's shape
+        dense = fused.dense_operands(m, ma, mb, ra, rb)
+        if dense is not None:
+            rad = fused.add_radius(dense[0], dense[1], float(sign), m, dense[2], dense[3],
+                                   *rounding.inflation_constants(2, m.dtype))
             if rad is not None:
                 return rad
         if m.dtype in _SINGLE_ROUNDING:  # the exact rounding error (TwoSum) instead of u|m|
