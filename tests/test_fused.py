@@ -395,3 +395,52 @@ def test_log_softmax_pairwise_kernels_on_model_logits():
         assert len(returned) == 1 and returned[0] is not None  # the kernels' radius is the one returned
         assert torch.equal(fast.mid, slow.mid) and torch.equal(fast.rad, slow.rad)
         assert bool(torch.isfinite(fast.rad).all())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sum over adjacent dims: the sums in index order (containment against mpmath: test_reductions.py, both paths)
+
+SUM_CASES = [((3, 5), [0]), ((3, 5), [1]), ((2, 3, 4), [0, 1]), ((2, 3, 4), [1]), ((2, 3, 4), [1, 2]),
+             ((2, 3, 4), None), ((7,), [0])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", SUM_CASES, ids=str)
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_sum_kernel_against_the_reference(dtype, case, data):
+    """Adversarial balls (inf and NaN midpoints, infinite radii, subnormals, huge values): midpoints bit-identical,
+    radii never NaN or negative, within 2^-18 relative of the reference's where both are finite (the radius sums'
+    order), and finite where the reference's are, except where a sum of |m| or r comes within a factor 2 of overflow
+    (one order may overflow where another does not; either result is a bound); the kernel ran."""
+    from ballgrad.ops import reductions
+    shape, dims = case
+    x = data.draw(balls(dtype, shape))
+    op = (lambda t: torch.sum(t)) if dims is None else (lambda t: torch.sum(t, dims))
+    with mock.patch.object(fused, "sum_radius", wraps=fused.sum_radius) as kernel:
+        fast = op(x)
+    with mock.patch.object(reductions, "_sum_fused", lambda *a: None):
+        slow = op(x)
+    assert kernel.call_count == 1
+    assert torch.equal(fast.mid.isnan(), slow.mid.isnan())
+    assert torch.equal(fast.mid.nan_to_num(), slow.mid.nan_to_num())
+    assert fast.rad.dtype == slow.rad.dtype and fast.rad.shape == slow.rad.shape
+    assert not bool(fast.rad.isnan().any()) and bool((fast.rad >= 0).all())
+    big = 0.5 * torch.finfo(dtype).max
+    reduced = list(range(x.dim())) if dims is None else dims
+    near = ((x.mid.double().abs().sum(reduced) >= big) | (x.rad.double().sum(reduced) >= big)).reshape(slow.shape)
+    assert bool((torch.isfinite(fast.rad) == torch.isfinite(slow.rad))[~near].all())
+    both = torch.isfinite(slow.rad) & torch.isfinite(fast.rad)
+    assert bool(((fast.rad[both].double() - slow.rad[both].double()).abs()
+                 <= 2.0**-18 * slow.rad[both].double()).all())
+
+
+def test_sum_kernel_declines_what_it_does_not_take():
+    """Non-adjacent dims, a dtype argument, reduced dtypes and non-contiguous balls take the torch formulas."""
+    x = bg.ball(torch.randn(2, 3, 4), 1e-6)
+    with mock.patch.object(fused, "sum_radius", wraps=fused.sum_radius) as kernel:
+        torch.sum(x, [0, 2])
+        torch.sum(x, 1, dtype=torch.float64)
+        torch.sum(bg.ball(torch.randn(2, 3).bfloat16(), 1e-3), 0)
+        torch.sum(bg.ball(torch.randn(3, 2).t(), 1e-6), 0)
+    assert kernel.call_count == 0

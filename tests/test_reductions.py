@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import ballgrad as bg
 from ballgrad import rounding
+from ballgrad.ops import reductions
 from ballgrad.ops.registry import RULES
 from ballgrad.tensor import BallTensor
 from ballgrad.testing import balls, contains_exact
@@ -170,10 +171,15 @@ def _mean_op(dims, keepdim, dtype=None):
 @pytest.mark.parametrize("examples", EXAMPLES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("shape_dims", SHAPES_DIMS, ids=str)
-def test_sum_mean(shape_dims, dtype, examples):
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_sum_mean(shape_dims, dtype, examples, path, monkeypatch):
+    """Containment on adversarial balls, through the fused sum kernel (``reductions._sum_fused``: float32/float64 over
+    adjacent dims) and through the torch formulas."""
     shape, dims = shape_dims
     if 0 in shape and dims is None:
         pytest.skip("covered by the dim cases")
+    if path == "reference":
+        monkeypatch.setattr(reductions, "_sum_fused", lambda *args: None)
 
     @settings(max_examples=max(3, examples // 5))
     @given(balls(dtype, shape), st.booleans())

@@ -874,3 +874,62 @@ def log_softmax_pairwise(m: torch.Tensor, mid: torch.Tensor, rad: torch.Tensor, 
     ok = finish(t.numpy(), b.numpy(), a.numpy(), w.numpy(), neg_shift.numpy(), m.detach().numpy(), kd, kx, ka, c_l, u,
                 phi, a_abs, out.numpy())
     return out if ok else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sum over a block of adjacent dims (``reductions._sum_radius`` and ``common.result_in_place``), radius sums in the
+# midpoint's dtype
+#
+# Per output element the reference's formula: s_r = fl(sum r), s_m = fl(sum |m|) in the work dtype (here the
+# midpoint's), c = s_r C_r + s_m C_m, inflate(c) = c phi + a, NaN -> +inf, and +inf where the kernel's sum is not
+# finite; but the two sums run in index order, where the reference's reduction has its own order: theta_(n-1) and
+# F3 hold for any order, so the derivation is unchanged and the radii differ from the reference's by the last bits of
+# those sums (and ``add_(alpha=)``'s possible FMA, one rounding where the kernel has two: ``inflate``'s 3 operations
+# count both).
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_kernel():
+    numba = _numba()
+
+    @numba.njit(cache=True, nogil=True)
+    def sum_radius(m, r, outer, red, inner, c_r, c_m, phi, a, mo, out):
+        inf = phi * np.inf  # +inf in the radius dtype
+        if inner == 1:  # rows: scalar accumulators (the general loop's per-element bookkeeping costs 3x)
+            for o in range(outer):
+                s_r = phi * 0  # 0 in the radius dtype
+                s_m = s_r
+                for k in range(o * red, (o + 1) * red):
+                    s_r += r[k]
+                    s_m += abs(m[k])
+                v = (s_r * c_r + s_m * c_m) * phi + a
+                x = mo[o]
+                out[o] = inf if (v != v or x != x or abs(x) == inf) else v
+            return
+        sm = np.empty_like(out[:inner])
+        for o in range(outer):
+            bo = o * inner
+            for i in range(inner):
+                out[bo + i] = 0
+                sm[i] = 0
+            for k in range(red):
+                bi = (o * red + k) * inner
+                for i in range(inner):
+                    out[bo + i] += r[bi + i]
+                    sm[i] += abs(m[bi + i])
+            for i in range(inner):
+                v = (out[bo + i] * c_r + sm[i] * c_m) * phi + a
+                x = mo[bo + i]
+                out[bo + i] = inf if (v != v or x != x or abs(x) == inf) else v
+
+    return sum_radius
+
+
+def sum_radius(m: torch.Tensor, r: torch.Tensor, outer: int, red: int, inner: int, c_r: float, c_m: float,
+               phi: float, a: float, mo: torch.Tensor) -> torch.Tensor:
+    """The radius of the sum over the middle dim of the contiguous (outer, red, inner) view of the ball (m, r), for
+    the kernel's sum ``mo`` (the header's contract); constants in the midpoint's dtype."""
+    out = torch.empty(mo.shape, dtype=m.dtype)
+    sc = _scalar(m.dtype)
+    _sum_kernel()(_flat(m), _flat(r), outer, red, inner, sc(c_r), sc(c_m), sc(phi), sc(a), _flat(mo), _flat(out))
+    return out

@@ -29,7 +29,7 @@ from fractions import Fraction
 
 import torch
 
-from ballgrad import diagnostics, rounding
+from ballgrad import diagnostics, fused, rounding
 from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops import arith
 from ballgrad.ops.common import finite_only as _finite_only
@@ -169,7 +169,38 @@ def sum_(func, x, *args, **kwargs):
     keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
     if func is aten.sum.default:
         dim, keepdim = None, False
+    fast = _sum_fused(x, m, dim)
+    if fast is not None:
+        return BallTensor(m, fast)
     return _sum_result(m, _sum_radius(x, m, dim), keepdim)
+
+
+def _sum_fused(x, m: torch.Tensor, dim) -> torch.Tensor | None:
+    """``_sum_radius`` and ``_sum_result`` as ``fused.sum_radius`` (one compiled pass, the sums in index order) where
+    the reduced dims are adjacent, the ball is a dense float32/float64 one with its radius in its own dtype and the
+    radius sums run in that dtype; None otherwise."""
+    if not (isinstance(x, BallTensor) and x.dtype in (torch.float32, torch.float64) and m.dtype == x.dtype
+            and x.rad.dtype == x.dtype and x.rad.shape == x.shape and x.mid.is_contiguous() and x.rad.is_contiguous()
+            and m.is_contiguous() and x.device.type == "cpu" and x.dim() > 0 and fused._numba() is not None):
+        return None
+    dims = _dims(x.dim(), dim)
+    if dims != list(range(dims[0], dims[-1] + 1)):
+        return None
+    n = _count(x.shape, dims)
+    if n == 0 or work_dtype(x.dtype, n - 1) != x.dtype:
+        return None
+    outer, inner = math.prod(x.shape[:dims[0]]), math.prod(x.shape[dims[-1] + 1:])
+    c_r, c_m, phi, a = _sum_fused_constants(n, x.dtype)
+    return fused.sum_radius(x.mid.detach(), x.rad, outer, n, inner, c_r, c_m, phi, a, m)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sum_fused_constants(n: int, dtype: torch.dtype) -> tuple[float, float, float, float]:
+    """(C_r, C_m, phi, a) of ``_sum_radius`` for n float32/float64 terms summed in their own dtype: C_r >= theta_(n-1),
+    C_m >= g theta_(n-1) with g = gamma_(n-1), inflate's constants for 3 operations (cached on cheap keys)."""
+    u = rounding.unit_roundoff_exact(dtype)
+    th, g = theta(max(n - 1, 0), u), growth(n - 1, u)
+    return _up(th, dtype), _up(g * th, dtype), *rounding.inflation_constants(3, dtype)
 
 
 def _mean_constants(n: int, out_dtype: torch.dtype) -> tuple[Fraction, Fraction]:
