@@ -398,17 +398,19 @@ def test_log_softmax_pairwise_kernels_on_model_logits():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# sum over adjacent dims: the sums in index order (containment against mpmath: test_reductions.py, both paths)
+# sum and mean over adjacent dims: the sums in index order (containment against mpmath: test_reductions.py, both
+# paths)
 
 SUM_CASES = [((3, 5), [0]), ((3, 5), [1]), ((2, 3, 4), [0, 1]), ((2, 3, 4), [1]), ((2, 3, 4), [1, 2]),
              ((2, 3, 4), None), ((7,), [0])]
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", SUM_CASES, ids=str)
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
-def test_sum_kernel_against_the_reference(dtype, case, data):
+def test_sum_kernel_against_the_reference(reduction, dtype, case, data):
     """Adversarial balls (inf and NaN midpoints, infinite radii, subnormals, huge values): midpoints bit-identical,
     radii never NaN or negative, within 2^-18 relative of the reference's where both are finite (the radius sums'
     order), and finite where the reference's are, except where a sum of |m| or r comes within a factor 2 of overflow
@@ -416,10 +418,11 @@ def test_sum_kernel_against_the_reference(dtype, case, data):
     from ballgrad.ops import reductions
     shape, dims = case
     x = data.draw(balls(dtype, shape))
-    op = (lambda t: torch.sum(t)) if dims is None else (lambda t: torch.sum(t, dims))
+    f = getattr(torch, reduction)
+    op = (lambda t: f(t)) if dims is None else (lambda t: f(t, dims))
     with mock.patch.object(fused, "sum_radius", wraps=fused.sum_radius) as kernel:
         fast = op(x)
-    with mock.patch.object(reductions, "_sum_fused", lambda *a: None):
+    with mock.patch.object(reductions, "_sum_fused", lambda *a, **k: None):
         slow = op(x)
     assert kernel.call_count == 1
     assert torch.equal(fast.mid.isnan(), slow.mid.isnan())

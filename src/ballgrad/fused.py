@@ -882,7 +882,7 @@ def log_softmax_pairwise(m: torch.Tensor, mid: torch.Tensor, rad: torch.Tensor, 
 #
 # Per output element the reference's formula: s_r = fl(sum r), s_m = fl(sum |m|) in the work dtype (here the
 # midpoint's), c = s_r C_r + s_m C_m, inflate(c) = c phi + a, NaN -> +inf, and +inf where the kernel's sum is not
-# finite; but the two sums run in index order, where the reference's reduction has its own order: theta_(n-1) and
+# finite (``mean``: c = s_r C_r + s_m C_m + |m| C_o + A0 and its inflate, ``reductions.mean``); but the two sums run in index order, where the reference's reduction has its own order: theta_(n-1) and
 # F3 hold for any order, so the derivation is unchanged and the radii differ from the reference's by the last bits of
 # those sums (and ``add_(alpha=)``'s possible FMA, one rounding where the kernel has two: ``inflate``'s 3 operations
 # count both).
@@ -893,7 +893,7 @@ def _sum_kernel():
     numba = _numba()
 
     @numba.njit(cache=True, nogil=True)
-    def sum_radius(m, r, outer, red, inner, c_r, c_m, phi, a, mo, out):
+    def sum_radius(m, r, outer, red, inner, c_r, c_m, c_o, a0, phi, a, mo, out):
         inf = phi * np.inf  # +inf in the radius dtype
         if inner == 1:  # rows: scalar accumulators (the general loop's per-element bookkeeping costs 3x)
             for o in range(outer):
@@ -902,8 +902,8 @@ def _sum_kernel():
                 for k in range(o * red, (o + 1) * red):
                     s_r += r[k]
                     s_m += abs(m[k])
-                v = (s_r * c_r + s_m * c_m) * phi + a
                 x = mo[o]
+                v = (((s_r * c_r + s_m * c_m) + abs(x) * c_o) + a0) * phi + a
                 out[o] = inf if (v != v or x != x or abs(x) == inf) else v
             return
         sm = np.empty_like(out[:inner])
@@ -918,18 +918,20 @@ def _sum_kernel():
                     out[bo + i] += r[bi + i]
                     sm[i] += abs(m[bi + i])
             for i in range(inner):
-                v = (out[bo + i] * c_r + sm[i] * c_m) * phi + a
                 x = mo[bo + i]
+                v = (((out[bo + i] * c_r + sm[i] * c_m) + abs(x) * c_o) + a0) * phi + a
                 out[bo + i] = inf if (v != v or x != x or abs(x) == inf) else v
 
     return sum_radius
 
 
 def sum_radius(m: torch.Tensor, r: torch.Tensor, outer: int, red: int, inner: int, c_r: float, c_m: float,
-               phi: float, a: float, mo: torch.Tensor) -> torch.Tensor:
-    """The radius of the sum over the middle dim of the contiguous (outer, red, inner) view of the ball (m, r), for
-    the kernel's sum ``mo`` (the header's contract); constants in the midpoint's dtype."""
+               c_o: float, a0: float, phi: float, a: float, mo: torch.Tensor) -> torch.Tensor:
+    """The radius inflate(s_r C_r + s_m C_m + |mo| C_o + A0) of the sum (C_o = A0 = 0: the terms vanish exactly) or
+    mean over the middle dim of the contiguous (outer, red, inner) view of the ball (m, r), for the kernel's output
+    ``mo`` (the header's contract); constants in the midpoint's dtype."""
     out = torch.empty(mo.shape, dtype=m.dtype)
     sc = _scalar(m.dtype)
-    _sum_kernel()(_flat(m), _flat(r), outer, red, inner, sc(c_r), sc(c_m), sc(phi), sc(a), _flat(mo), _flat(out))
+    _sum_kernel()(_flat(m), _flat(r), outer, red, inner, sc(c_r), sc(c_m), sc(c_o), sc(a0), sc(phi), sc(a),
+                  _flat(mo), _flat(out))
     return out

@@ -175,10 +175,10 @@ def sum_(func, x, *args, **kwargs):
     return _sum_result(m, _sum_radius(x, m, dim), keepdim)
 
 
-def _sum_fused(x, m: torch.Tensor, dim) -> torch.Tensor | None:
-    """``_sum_radius`` and ``_sum_result`` as ``fused.sum_radius`` (one compiled pass, the sums in index order) where
-    the reduced dims are adjacent, the ball is a dense float32/float64 one with its radius in its own dtype and the
-    radius sums run in that dtype; None otherwise."""
+def _sum_fused(x, m: torch.Tensor, dim, mean: bool = False) -> torch.Tensor | None:
+    """``_sum_radius`` and ``_sum_result`` (``mean``: ``mean``'s radius and result) as ``fused.sum_radius`` (one
+    compiled pass, the sums in index order) where the reduced dims are adjacent, the ball is a dense float32/float64
+    one with its radius in its own dtype and the radius sums run in that dtype; None otherwise."""
     if not (isinstance(x, BallTensor) and x.dtype in (torch.float32, torch.float64) and m.dtype == x.dtype
             and x.rad.dtype == x.dtype and x.rad.shape == x.shape and x.mid.is_contiguous() and x.rad.is_contiguous()
             and m.is_contiguous() and x.device.type == "cpu" and x.dim() > 0 and fused._numba() is not None):
@@ -190,17 +190,22 @@ def _sum_fused(x, m: torch.Tensor, dim) -> torch.Tensor | None:
     if n == 0 or work_dtype(x.dtype, n - 1) != x.dtype:
         return None
     outer, inner = math.prod(x.shape[:dims[0]]), math.prod(x.shape[dims[-1] + 1:])
-    c_r, c_m, phi, a = _sum_fused_constants(n, x.dtype)
-    return fused.sum_radius(x.mid.detach(), x.rad, outer, n, inner, c_r, c_m, phi, a, m)
+    return fused.sum_radius(x.mid.detach(), x.rad, outer, n, inner, *_sum_fused_constants(n, x.dtype, mean), m)
 
 
 @functools.lru_cache(maxsize=1024)
-def _sum_fused_constants(n: int, dtype: torch.dtype) -> tuple[float, float, float, float]:
-    """(C_r, C_m, phi, a) of ``_sum_radius`` for n float32/float64 terms summed in their own dtype: C_r >= theta_(n-1),
-    C_m >= g theta_(n-1) with g = gamma_(n-1), inflate's constants for 3 operations (cached on cheap keys)."""
+def _sum_fused_constants(n: int, dtype: torch.dtype, mean: bool) -> tuple[float, ...]:
+    """(C_r, C_m, C_o, A0, phi, a) for n float32/float64 terms summed in their own dtype (cached on cheap keys).
+    sum (``_sum_radius``): C_r >= theta_(n-1), C_m >= g theta_(n-1) with g = gamma_(n-1), C_o = A0 = 0, inflate's
+    constants for 3 operations; mean (``mean``): C_r >= theta/n, C_m >= g theta/n, C_o >= C and A0 >= max(A,
+    realmin) of ``_mean_constants``, inflate's constants for 7 operations."""
     u = rounding.unit_roundoff_exact(dtype)
     th, g = theta(max(n - 1, 0), u), growth(n - 1, u)
-    return _up(th, dtype), _up(g * th, dtype), *rounding.inflation_constants(3, dtype)
+    if not mean:
+        return _up(th, dtype), _up(g * th, dtype), 0.0, 0.0, *rounding.inflation_constants(3, dtype)
+    c_m, a_m = _mean_constants(n, dtype)
+    return (_up(th / n, dtype), _up(g * th / n, dtype), _up(c_m, dtype),
+            max(_up(a_m, dtype), float(torch.finfo(dtype).smallest_normal)), *rounding.inflation_constants(7, dtype))
 
 
 def _mean_constants(n: int, out_dtype: torch.dtype) -> tuple[Fraction, Fraction]:
@@ -241,6 +246,9 @@ def mean(func, x, *args, **kwargs):
     n = _count(x.shape, dims)
     if n == 0:  # 0/0: PyTorch returns NaN, nothing is known
         return result(m, torch.full(m.shape, math.inf, dtype=rounding.rad_dtype(m.dtype)))
+    fast = _sum_fused(x, m, dim, mean=True)
+    if fast is not None:
+        return BallTensor(m, fast)
     s_r, s_m, th, g = _sum_parts(x, m.dtype, dims, n)
     wd = s_r.dtype
     c_m, a_m = _mean_constants(n, m.dtype)
