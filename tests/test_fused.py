@@ -1,5 +1,6 @@
 """The fused radius kernels (ballgrad.fused) against their rules' reference formulas: bit for bit."""
 
+import math
 from unittest import mock
 
 import pytest
@@ -447,3 +448,43 @@ def test_sum_kernel_declines_what_it_does_not_take():
         torch.sum(bg.ball(torch.randn(2, 3).bfloat16(), 1e-3), 0)
         torch.sum(bg.ball(torch.randn(3, 2).t(), 1e-6), 0)
     assert kernel.call_count == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# nll_loss on [N, C] float32 balls (containment against mpmath: test_nn_ops.py, whose float32 cases take the kernels)
+
+def _nll_reference(f, *args):
+    from ballgrad.ops import nn as nn_rules
+    with mock.patch.object(nn_rules, "_nll_fused", lambda *a: False):
+        return f(*args)
+
+
+@pytest.mark.parametrize("reduction", [1, 2], ids=["mean", "sum"])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(1, 6), ignore=st.booleans())
+def test_nll_kernels_against_the_reference(reduction, n, ignore, data):
+    """Adversarial logits (inf, NaN, subnormals, huge values and radii) and ignored samples: forward midpoints
+    bit-identical and radii within what two summation orders can move the float64 sum (4 n u64 sum|x| at most; the
+    same where the sum is exact), the total weight identical; the backward's radii bit-identical; the kernels ran."""
+    aten = torch.ops.aten
+    x = data.draw(balls(torch.float32, (n, 4)))
+    target = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)))
+    if ignore:
+        target[data.draw(st.integers(0, n - 1))] = -100
+    with mock.patch.object(fused, "nll_forward_stats", wraps=fused.nll_forward_stats) as stats:
+        out, total = aten.nll_loss_forward(x, target, None, reduction, -100)
+    slow_out, slow_total = _nll_reference(aten.nll_loss_forward, x, target, None, reduction, -100)
+    assert stats.call_count == 1
+    assert torch.equal(out.mid.isnan(), slow_out.mid.isnan()) and torch.equal(total.mid, slow_total.mid)
+    assert torch.equal(total.rad, slow_total.rad)
+    a, b = float(out.rad), float(slow_out.rad)
+    kept = target != -100
+    picked = x.mid.double()[torch.arange(n)[kept], target[kept]].abs().sum().item()
+    assert a == b or abs(a - b) <= 4 * n * 2.0**-53 * picked + 2.0**-22 * b  # (+ one float32 ulp: rounded up)
+    g = data.draw(balls(torch.float32, ()))
+    with mock.patch.object(fused, "nll_backward_radius", wraps=fused.nll_backward_radius) as kernel:
+        grad = aten.nll_loss_backward(g, x, target, None, reduction, -100, slow_total)
+    slow_grad = _nll_reference(aten.nll_loss_backward, g, x, target, None, reduction, -100, slow_total)
+    assert kernel.call_count == 1
+    assert torch.equal(grad.mid.nan_to_num(), slow_grad.mid.nan_to_num())
+    assert torch.equal(grad.rad, slow_grad.rad)

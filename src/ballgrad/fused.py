@@ -935,3 +935,76 @@ def sum_radius(m: torch.Tensor, r: torch.Tensor, outer: int, red: int, inner: in
     _sum_kernel()(_flat(m), _flat(r), outer, red, inner, sc(c_r), sc(c_m), sc(c_o), sc(a0), sc(phi), sc(a),
                   _flat(mo), _flat(out))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# nll_loss without class weights on [N, C] float32 balls (``nn.nll_loss_forward_fast`` / ``nll_loss_backward_fast``)
+#
+# Forward: the reference's statistics of the picked entries x[n, t_n] of kept samples (the sums of x, |x| and r, the
+# kept count, max |x| and min |x| > 0), the sums in index order in float64 (the reference's bounds, F3 and
+# ``_exact_sum_mask``'s test, hold for any order); the scalar arithmetic after them stays the reference's Python code.
+# Backward (a 0-d grad): the reference bit for bit: |m| everywhere (exact in float32), and at each kept sample's target
+# up(up(|m - c|) + r) (r where m = c exactly), rounded up to float32, the ignored samples' targets |m|; NaN -> +inf.
+
+
+@functools.lru_cache(maxsize=None)
+def _nll_kernels():
+    numba = _numba()
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def forward_stats(mid, rad, target, ignore_index, out):
+        n, c = mid.shape
+        s = sa = sr = 0.0
+        w = 0
+        top, low = 0.0, np.inf
+        for i in range(n):
+            t = target[i]
+            if t == ignore_index:
+                continue
+            t = min(max(t, 0), c - 1)
+            x = np.float64(mid[i, t])
+            ax = abs(x)
+            s += x
+            sa += ax
+            sr += np.float64(rad[i, t])
+            w += 1
+            top = np.nan if (ax != ax or top != top) else (ax if ax > top else top)
+            if ax > 0.0 and ax < low:
+                low = ax
+        out[0], out[1], out[2], out[3], out[4], out[5] = s, sa, sr, w, top, low
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def backward_radius(m, target, ignore_index, c, r, out):
+        n, k = m.shape
+        inf32 = np.float32(np.inf)
+        for i in range(n):
+            for j in range(k):
+                v = abs(m[i, j])
+                out[i, j] = inf32 if v != v else v
+            t = target[i]
+            if t == ignore_index:
+                continue
+            t = min(max(t, 0), k - 1)
+            at = np.float64(m[i, t])
+            d = abs(at - c)
+            v = r if d == 0.0 else np.nextafter(np.nextafter(d, np.inf) + r, np.inf)
+            y = np.float32(v)
+            if np.float64(y) < v:
+                y = np.nextafter(y, inf32)
+            out[i, t] = inf32 if y != y else y
+
+    return forward_stats, backward_radius
+
+
+def nll_forward_stats(mid: torch.Tensor, rad: torch.Tensor, target: torch.Tensor, ignore_index: int) -> list[float]:
+    """[sum x, sum |x|, sum r, kept count, max |x|, min |x| > 0] over the kept samples' picked entries (float64)."""
+    out = np.empty(6, dtype=np.float64)
+    _nll_kernels()[0](mid.detach().numpy(), rad.numpy(), target.numpy(), ignore_index, out)
+    return out.tolist()
+
+
+def nll_backward_radius(m: torch.Tensor, target: torch.Tensor, ignore_index: int, c: float, r: float) -> torch.Tensor:
+    """The float32 radius of ``nn.nll_loss_backward_fast`` for a 0-d grad with centre c and radius r at the targets."""
+    out = torch.empty(m.shape, dtype=torch.float32)
+    _nll_kernels()[1](m.detach().numpy(), target.numpy(), ignore_index, float(c), float(r), out.numpy())
+    return out

@@ -857,27 +857,35 @@ def nll_loss_forward_fast(out, total, x, target, reduction, ignore_index):
     if not x.is_floating_point() or reduction not in (NONE, MEAN, SUM):
         return None
     cd = class_dim(x)
-    kept = target != ignore_index
-    safe_t = _safe_targets(target, x.shape[cd], cd)
-    pm, pr = _picked64(x, cd, safe_t, kept)
+    fast_stats = reduction != NONE and _nll_fused(x.mid, x.rad, target)
+    if fast_stats:
+        n_terms = target.numel()  # one picked entry per sample
+    else:
+        kept = target != ignore_index
+        safe_t = _safe_targets(target, x.shape[cd], cd)
+        pm, pr = _picked64(x, cd, safe_t, kept)
+        n_terms = pm.numel()
     if reduction == NONE:
         diff = torch.abs(out.detach().to(_F64) + pm)  # |out - (-x[n, t_n])|
         rad = torch.where(diff == 0, pr, rounding.add_up(pr, rounding.up(diff)))
         tw_exact = 0 if x.dim() >= 2 else int(kept)
         return result(out, nan_where_not_finite(out, rad)), _exact_scalar(total, tw_exact)
-    a = torch.abs(pm)
-    # one read: the sums of x[n, t_n], |x[n, t_n]|, r[n, t_n] and the kept count (each over its own row of one stacked
-    # tensor), and max a / min(a != 0) for ``_exact_sum_mask``'s test
-    parts = [torch.stack((pm, a, pr, kept.to(_F64))).reshape(4, -1).sum(-1)]
-    exact_check = x.mid.dtype != _F64 and pm.numel() > 0
-    if exact_check:
-        parts += [torch.amax(a).reshape(1), torch.amin(torch.where(a > 0.0, a, _POS_INF64)).reshape(1)]
-    vals = torch.cat(parts).tolist()
+    exact_check = x.mid.dtype != _F64 and n_terms > 0
+    if fast_stats:  # the same statistics in one compiled pass (``fused.nll_forward_stats``: the sums in index order)
+        vals = fused.nll_forward_stats(x.mid, x.rad, target, ignore_index)
+    else:
+        a = torch.abs(pm)
+        # one read: the sums of x[n, t_n], |x[n, t_n]|, r[n, t_n] and the kept count (each over its own row of one
+        # stacked tensor), and max a / min(a != 0) for ``_exact_sum_mask``'s test
+        parts = [torch.stack((pm, a, pr, kept.to(_F64))).reshape(4, -1).sum(-1)]
+        if exact_check:
+            parts += [torch.amax(a).reshape(1), torch.amin(torch.where(a > 0.0, a, _POS_INF64)).reshape(1)]
+        vals = torch.cat(parts).tolist()
     s, a_sum, r_sum, w = vals[:4]
     o, tw = float(out), float(total)
-    g1, th = _sum_constants(max(pm.numel(), 1))
+    g1, th = _sum_constants(max(n_terms, 1))
     # ``_exact_sum_mask`` in float64 scalars: n max a <= 2^29 min(a != 0) (the same two rounded products)
-    exact = exact_check and vals[4] * float(pm.numel()) <= vals[5] * 2.0**29
+    exact = exact_check and vals[4] * float(n_terms) <= vals[5] * 2.0**29
     e_s = 0.0 if exact else _fmul_up(a_sum, g1)
     r_up = r_sum if th == 1 else _fmul_up(r_sum, th)
     if reduction == SUM:
@@ -892,6 +900,15 @@ def nll_loss_forward_fast(out, total, x, target, reduction, ignore_index):
     diff = abs(o - c)
     rad = slack if diff == 0 else _fadd_up(slack, math.nextafter(diff, math.inf))
     return _scalar_ball(out, rad, o), _exact_scalar(total, int(w), tw)
+
+
+def _nll_fused(m: torch.Tensor, r: torch.Tensor | None, target: torch.Tensor) -> bool:
+    """Whether ``fused``'s nll kernels take these operands: [N, C] float32 midpoints (and radii) and int64 targets,
+    dense and contiguous on the CPU."""
+    return (m.dim() == 2 and m.dtype == torch.float32 and m.is_contiguous() and m.device.type == "cpu"
+            and (r is None or (r.dtype == torch.float32 and r.shape == m.shape and r.is_contiguous()))
+            and target.dtype == torch.int64 and target.dim() == 1 and target.is_contiguous()
+            and target.device.type == "cpu" and fused._numba() is not None)
 
 
 def _safe_targets(target: torch.Tensor, n_classes: int, cd: int) -> torch.Tensor:
@@ -936,6 +953,9 @@ def nll_loss_backward_fast(m, grad, target, reduction, ignore_index, total_weigh
     if reduction not in (NONE, MEAN, SUM):
         return None
     cd = class_dim(m)
+    if reduction != NONE and mid_of(grad).dim() == 0 and _nll_fused(m, None, target):
+        c, r = _nll_backward_scalar(grad, reduction, total_weight)  # the rest in one pass, bit for bit
+        return BallTensor(m, fused.nll_backward_radius(m, target, ignore_index, c, r))
     kept = target != ignore_index
     safe_t = _safe_targets(target, m.shape[cd], cd)
     at = torch.gather(m.detach(), cd, safe_t).squeeze(cd).to(_F64)
