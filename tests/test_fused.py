@@ -488,3 +488,31 @@ def test_nll_kernels_against_the_reference(reduction, n, ignore, data):
     assert kernel.call_count == 1
     assert torch.equal(grad.mid.nan_to_num(), slow_grad.mid.nan_to_num())
     assert torch.equal(grad.rad, slow_grad.rad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The optimizer's p.add_(g, alpha=a) (containment: test_inplace.py and test_optim.py, which now take the kernel)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [-0.01, 3.0, -1e-30])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_scaled_add_kernel_against_the_reference(dtype, alpha, data):
+    """Adversarial parameter and gradient balls: the updated midpoints bit-identical, radii never NaN or negative,
+    infinite exactly where the reference's are, within 2^-20 relative elsewhere (the reference's add_ with alpha may
+    round a product and a sum once); the kernel ran."""
+    p = data.draw(balls(dtype, (3, 5)))
+    g = data.draw(balls(dtype, (3, 5)))
+    fast, slow = bg.ball(p.mid.clone(), p.rad.clone()), bg.ball(p.mid.clone(), p.rad.clone())
+    with mock.patch.object(fused, "scaled_add_radius", wraps=fused.scaled_add_radius) as kernel:
+        fast.add_(g, alpha=alpha)
+    assert kernel.call_count == 1
+    with mock.patch.object(fused, "applies", lambda *a: False):
+        slow.add_(g, alpha=alpha)
+    assert torch.equal(fast.mid.isnan(), slow.mid.isnan())
+    assert torch.equal(fast.mid.nan_to_num(), slow.mid.nan_to_num())
+    assert not bool(fast.rad.isnan().any()) and bool((fast.rad >= 0).all())
+    finite = torch.isfinite(slow.rad)
+    assert torch.equal(torch.isfinite(fast.rad), finite)
+    assert bool(((fast.rad[finite].double() - slow.rad[finite].double()).abs()
+                 <= 2.0**-20 * slow.rad[finite].double()).all())

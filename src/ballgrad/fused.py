@@ -1008,3 +1008,32 @@ def nll_backward_radius(m: torch.Tensor, target: torch.Tensor, ignore_index: int
     out = torch.empty(m.shape, dtype=torch.float32)
     _nll_kernels()[1](m.detach().numpy(), target.numpy(), ignore_index, float(c), float(r), out.numpy())
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The optimizer's p.add_(g, alpha=a) on a ball (``inplace._scaled_add_in_place``): the radius after torch's own
+# in-place midpoint update, inflate(ra + Aup rb + C |mb| + u |m|, 7) with NaN -> +inf, the reference's terms in its
+# order, each product and addition rounded to nearest (the reference's ``add_(alpha=)`` may fuse a product and an
+# addition into one rounding; ``inflate``'s 7 operations count both).
+
+
+@functools.lru_cache(maxsize=None)
+def _scaled_add_kernel():
+    numba = _numba()
+
+    @numba.njit(cache=True, nogil=True)
+    def scaled_add_radius(ra, rb, mb, m, a_up, coef, u, phi, a):
+        inf = phi * np.inf
+        for i in range(ra.size):
+            v = (((ra[i] + rb[i] * a_up) + abs(mb[i]) * coef) + abs(m[i]) * u) * phi + a
+            ra[i] = inf if v != v else v
+
+    return scaled_add_radius
+
+
+def scaled_add_radius(ra: torch.Tensor, rb: torch.Tensor, mb: torch.Tensor, m: torch.Tensor, a_up: float, coef: float,
+                      u: float, phi: float, a: float) -> None:
+    """Overwrite ``ra`` with the radius of ``inplace._scaled_add_in_place`` (the header's contract): m the updated
+    midpoint, (rb, mb) the added ball; dense contiguous tensors of one shape and dtype (``applies``)."""
+    sc = _scalar(m.dtype)
+    _scaled_add_kernel()(_flat(ra), _flat(rb), _flat(mb), _flat(m), sc(a_up), sc(coef), sc(u), sc(phi), sc(a))

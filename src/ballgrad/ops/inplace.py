@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ballgrad import rounding
+from ballgrad import fused, rounding
 from ballgrad.ops.arith import alpha_constants
 from ballgrad.ops.common import add_abs_, mids
 from ballgrad.ops.registry import RULES, rule
@@ -112,6 +112,11 @@ def _scaled_add_in_place(func, self: BallTensor, other, alpha) -> bool:
     a_up, coef = alpha_constants(float(alpha), self.dtype, self.rad.dtype)
     u = rounding.op_roundoff(self.dtype)
     rad = self.rad
+    if fused.applies(rad, other.rad, other.mid, self.mid) and self.mid.is_contiguous():  # one pass after the update
+        func(self.mid, other.mid, alpha=alpha)
+        fused.scaled_add_radius(rad, other.rad, other.mid, self.mid, a_up, coef, u,
+                                *rounding.inflation_constants(7, rad.dtype))
+        return True
     rad.add_(other.rad, alpha=a_up)
     add_abs_(rad, other.mid, coef)  # blocked: no full-size |mb| (common.add_abs_)
     func(self.mid, other.mid, alpha=alpha)
