@@ -522,7 +522,13 @@ def _propagation_products(plain, abs_ma, ra, abs_mb, rb, k: int, b_dim: int, a_p
     else:
         left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
         s = plain(left, torch.cat([first, abs_mb.add_(rb)], dim=b_dim))
-    return s, n, 1 / (1 - rounding.unit_roundoff_exact(abs_mb.dtype))
+    return s, n, _sum_scale(abs_mb.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_scale(dtype: torch.dtype) -> Fraction:
+    """1/(1 - u) of ``_propagation_products`` (cached: the Fraction arithmetic costs ~10 us a call)."""
+    return 1 / (1 - rounding.unit_roundoff_exact(dtype))
 
 
 # Radius GEMMs run in bfloat16 (Lemma B) from these many multiply-adds (m n k) on. Below, a bfloat16 GEMM with its
