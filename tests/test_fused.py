@@ -285,8 +285,10 @@ def _gemm(op, args, fused_min, block=None):
     from ballgrad.ops import linalg
     patches = [mock.patch.object(linalg, "_FUSED_GEMM_MIN", fused_min)]
     if block is not None:
-        patches += [mock.patch.object(linalg, "_REFERENCE_BLOCK", block), mock.patch.object(linalg, "_MIN_BLOCK", 1)]
+        patches += [mock.patch.object(linalg, "_REFERENCE_BLOCK", block), mock.patch.object(linalg, "_MIN_BLOCK", 1),
+                    mock.patch.object(linalg, "_UNBLOCKED_MAX", block)]
     with patches[0], (patches[1] if block else mock.MagicMock()), (patches[2] if block else mock.MagicMock()), \
+            (patches[3] if block else mock.MagicMock()), \
             mock.patch.object(fused, "gemm_finish", wraps=fused.gemm_finish) as finish, \
             mock.patch.object(fused, "gemm_residual_into", wraps=fused.gemm_residual_into) as residual:
         with bg.gemm_bound("measured"):

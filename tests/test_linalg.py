@@ -585,7 +585,7 @@ def test_linear_backward_gradients_contain_exact(gemm_config):
 @pytest.mark.parametrize("block", [10, 12], ids=["rows", "columns"])  # A 7x6 vs B 6x5: rows; B 6x7: columns
 @pytest.mark.parametrize("bias_shape", [None, (5,), (7, 5), (1, 5)])
 def test_blocked_float64_reference_contains_exact(bias_shape, block, fused_min, monkeypatch):
-    """Outputs larger than ``_REFERENCE_BLOCK`` get their float64 reference a block of rows at a time (memory); forced
+    """Outputs larger than ``_UNBLOCKED_MAX`` get their float64 reference a block of rows at a time (memory); forced
     here on small shapes (blocks of 2 rows out of 7): containment and midpoints as in the unblocked rule, and radii
     equal to the unblocked ones up to the reference's own float64 rounding. Blocks run over rows when B is the
     smaller operand (B 6x5 < A 7x6) and over columns otherwise (B 6x9 > A 7x6)."""
@@ -598,6 +598,7 @@ def test_blocked_float64_reference_contains_exact(bias_shape, block, fused_min, 
     monkeypatch.setattr(linalg, "_FUSED_GEMM_MIN", fused_min)
     unblocked = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b, beta=0.5, alpha=-2.0)
     monkeypatch.setattr(linalg, "_REFERENCE_BLOCK", block)
+    monkeypatch.setattr(linalg, "_UNBLOCKED_MAX", block)
     monkeypatch.setattr(linalg, "_MIN_BLOCK", 1)
     with bg.gemm_bound("measured"):
         if bias is None:

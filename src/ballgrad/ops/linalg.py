@@ -383,12 +383,15 @@ def _fused_gemm(m: torch.Tensor) -> bool:
             and fused._numba() is not None)
 
 
-# Float64 reference GEMMs are evaluated a block of the output at a time when the output has more than this many
-# elements, so that the float64 output (2x the float32 one) and the float64 operand copies do not set the rule's peak
-# memory; a block spans at least _MIN_BLOCK rows or columns (narrower float64 GEMMs run at half speed: 64 columns of
-# a 512 x 2048 x 2048 product take 1.5x the time of 128).
+# Float64 reference GEMMs are evaluated a block of the output at a time when the output has more than _UNBLOCKED_MAX
+# elements, in blocks of about _REFERENCE_BLOCK elements, so that the float64 output (2x the float32 one) and the
+# float64 operand copies do not set the rule's peak memory; a block spans at least _MIN_BLOCK rows or columns (narrower
+# float64 GEMMs run at half speed: 64 columns of a 512 x 2048 x 2048 product take 1.5x the time of 128). Outputs up to
+# 2^16 elements are not split (transformer-tiny's 256 x 192 projections: two GEMMs of 170 and 86 rows cost 40% more
+# than one), which leaves every zoo model's step peak where it is; blocks of 2^16 raise mlp-small's to 2.62x plain.
 _REFERENCE_BLOCK = 2**15
 _MIN_BLOCK = 128
+_UNBLOCKED_MAX = 2**16
 
 
 def _blocked_residual(m: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, reference_block) -> torch.Tensor:
@@ -398,7 +401,7 @@ def _blocked_residual(m: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, refer
     product whether computed with the whole matrices or with a block (F3 is per element), and the float64 -> float32
     copy rounds to nearest like ``.to``. Blocks run over the columns (holding A in float64) when A is the smaller
     operand, else over the rows (holding B)."""
-    if m.dim() != 2 or m.numel() <= _REFERENCE_BLOCK:
+    if m.dim() != 2 or m.numel() <= _UNBLOCKED_MAX:
         return _residual32(m, reference_block(None, None, ma.to(_F64), mb.to(_F64)))
     rows, cols = m.shape
     e = torch.empty(m.shape, dtype=torch.float32, device=m.device)
