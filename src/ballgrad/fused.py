@@ -1037,3 +1037,40 @@ def scaled_add_radius(ra: torch.Tensor, rb: torch.Tensor, mb: torch.Tensor, m: t
     midpoint, (rb, mb) the added ball; dense contiguous tensors of one shape and dtype (``applies``)."""
     sc = _scalar(m.dtype)
     _scaled_add_kernel()(_flat(ra), _flat(rb), _flat(mb), _flat(m), sc(a_up), sc(coef), sc(u), sc(phi), sc(a))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Division of a ball by a Python number (``arith._quotient_rad`` with a point divisor): the reference bit for bit,
+# its elementwise operations in its order in the midpoint's dtype, the divisor's scalars (rb, up(|mb| + 2 rb),
+# down(|mb| - rb)) computed by the reference's own torch code once per divisor (``arith._number_divisor``).
+
+
+@functools.lru_cache(maxsize=None)
+def _div_number_kernel():
+    numba = _numba()
+
+    @numba.njit(cache=True, nogil=True)
+    def div_number_radius(m, ra, rb, divisor_up, denominator, u, eta, phi2, a2, phi4, a4, inf, out):
+        # (``inf`` in the midpoint's dtype: a float64 infinity would make nextafter step in float64, a step the
+        # float32 store then rounds away)
+        for i in range(m.size):
+            am = abs(m[i])
+            res = (am * u + eta) * phi2 + a2  # inflate(|m| u + eta, 2)
+            res = inf if res != res else res
+            num = ((ra[i] + am * rb) + divisor_up * res) * phi4 + a4  # inflate(ra + |m| rb + D res, 4)
+            num = inf if num != num else num
+            q = np.nextafter(num / denominator, inf)  # div_up
+            out[i] = inf if q != q else q
+
+    return div_number_radius
+
+
+def div_number_radius(m: torch.Tensor, ra: torch.Tensor, rb: float, divisor_up: float, denominator: float, u: float,
+                      eta: float, inflate2: tuple[float, float], inflate4: tuple[float, float]) -> torch.Tensor:
+    """The radius of ``arith._quotient_rad`` for a ball (m's shape, contiguous, ``applies``) divided by a number whose
+    ball has radius rb, with the reference's scalars up(|mb| + 2 rb) and down(|mb| - rb) > 0."""
+    out = torch.empty_like(m)
+    sc = _scalar(m.dtype)
+    _div_number_kernel()(_flat(m), _flat(ra), sc(rb), sc(divisor_up), sc(denominator), sc(u), sc(eta),
+                         sc(inflate2[0]), sc(inflate2[1]), sc(inflate4[0]), sc(inflate4[1]), sc(np.inf), _flat(out))
+    return out

@@ -19,6 +19,7 @@ from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import operand, result
 from ballgrad.ops.registry import current_op, rule
+from ballgrad.tensor import BallTensor
 
 aten = torch.ops.aten
 
@@ -164,9 +165,40 @@ def _quotient_rad(m, ma, ra, mb, rb, dtype):
 def div(func, a, b):
     """x / y: see ``_quotient_rad``."""
     m = func(_mid(a), _mid(b))
+    fast = _divided_by_number(m, a, b)
+    if fast is not None:
+        return fast
     ma, ra = operand(a, m.dtype)
     mb, rb = operand(b, m.dtype)
     return result(m, _quotient_rad(m, ma, ra, mb, rb, m.dtype))
+
+
+def _divided_by_number(m: torch.Tensor, a, b) -> BallTensor | None:
+    """``_quotient_rad`` for a dense float32/float64 ball divided by a Python number (a mean's backward, a scale) as
+    ``fused.div_number_radius`` (one pass, bit for bit), or None where that does not apply (the torch formulas run;
+    also where the divisor's ball contains 0, which they report)."""
+    if (type(b) not in (int, float) or type(a) is not BallTensor or m.dtype not in _SINGLE_ROUNDING
+            or not fused.applies(m, a.mid, a.rad) or not m.is_contiguous()):
+        return None
+    scalars = _number_divisor(float(b), m.dtype) if type(b) is float or abs(b) <= 2**53 else None  # (exact doubles)
+    if scalars is None:
+        return None
+    u, eta = _constants(m.dtype)
+    inflations = rounding.inflation_constants(2, m.dtype), rounding.inflation_constants(4, m.dtype)
+    return BallTensor(m, fused.div_number_radius(m, a.rad, *scalars, u, eta, *inflations))
+
+
+@functools.lru_cache(maxsize=1024)
+def _number_divisor(b: float, dtype: torch.dtype) -> tuple[float, float, float] | None:
+    """(rb, up(|mb| + 2 rb), down(|mb| - rb)) of ``_quotient_rad`` for the divisor b (``operand``: the kernel's cast
+    mb and its error rb), by the reference's own torch operations; None where the divisor ball contains 0."""
+    mb, rb = operand(b, dtype)
+    abs_mb = torch.abs(mb)
+    divisor_up = rounding.up(abs_mb + 2 * rb)
+    denominator = rounding.sub_down(abs_mb, rb)
+    if not bool(denominator > 0):
+        return None
+    return float(rb), float(divisor_up), float(denominator)
 
 
 @rule(aten.div.Tensor_mode, aten.div.Scalar_mode)
