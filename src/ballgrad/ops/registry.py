@@ -65,7 +65,7 @@ def dispatch(func, args, kwargs):
 def _device_type(args) -> str:
     for a in args:
         if isinstance(a, torch.Tensor):
-            return a.device.type
+            return "cpu" if a.is_cpu else a.device.type  # (is_cpu: no torch.device object, ~1 us less per op)
         if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
             return a[0].device.type
     return "cpu"
