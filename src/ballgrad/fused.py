@@ -885,15 +885,15 @@ def log_softmax_pairwise(m: torch.Tensor, mid: torch.Tensor, rad: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# sum over a block of adjacent dims (``reductions._sum_radius`` and ``common.result_in_place``), radius sums in the
-# midpoint's dtype
+# sum and mean over a block of adjacent dims (``reductions._sum_radius`` and ``common.result_in_place``;
+# ``reductions.mean``), radius sums in the midpoint's dtype
 #
 # Per output element the reference's formula: s_r = fl(sum r), s_m = fl(sum |m|) in the work dtype (here the
-# midpoint's), c = s_r C_r + s_m C_m, inflate(c) = c phi + a, NaN -> +inf, and +inf where the kernel's sum is not
-# finite (``mean``: c = s_r C_r + s_m C_m + |m| C_o + A0 and its inflate, ``reductions.mean``); but the two sums run in index order, where the reference's reduction has its own order: theta_(n-1) and
-# F3 hold for any order, so the derivation is unchanged and the radii differ from the reference's by the last bits of
-# those sums (and ``add_(alpha=)``'s possible FMA, one rounding where the kernel has two: ``inflate``'s 3 operations
-# count both).
+# midpoint's), c = s_r C_r + s_m C_m (mean: + |m| C_o + A0), inflate(c) = c phi + a, NaN -> +inf, and +inf where the
+# kernel's output is not finite; but the two sums run in index order, where the reference's reduction has its own
+# order: theta_(n-1) and F3 hold for any order, so the derivation is unchanged and the radii differ from the
+# reference's by the last bits of those sums (and ``add_(alpha=)``'s possible FMA, one rounding where the kernel has
+# two: ``inflate``'s operation count covers both).
 
 
 @functools.lru_cache(maxsize=None)
