@@ -363,11 +363,9 @@ def _residual32(m: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     the eta32/2 term to its absolute constant. A ``reference`` of m's shape is overwritten (it is not needed after
     this, and a float64 output-sized temporary is what sets the rules' peak memory)."""
     if reference.shape == m.shape:
-        if _fused_gemm(m):
-            e = torch.empty(m.shape, dtype=torch.float32, device=m.device)
-            fused.gemm_residual_into(reference, m, e)  # the same operations in one pass
-            return e
-        return reference.sub_(m).abs_().to(torch.float32)
+        e = torch.empty(m.shape, dtype=torch.float32, device=m.device)
+        _residual_writer(m)(reference, m, e)
+        return e
     return torch.sub(m, reference).abs_().to(torch.float32)
 
 
@@ -405,7 +403,7 @@ def _blocked_residual(m: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, refer
         return _residual32(m, reference_block(None, None, ma.to(_F64), mb.to(_F64)))
     rows, cols = m.shape
     e = torch.empty(m.shape, dtype=torch.float32, device=m.device)
-    into = fused.gemm_residual_into if _fused_gemm(m) else _residual_into
+    into = _residual_writer(m)
     if ma.numel() <= mb.numel():
         ma64, step = ma.to(_F64), max(_MIN_BLOCK, _REFERENCE_BLOCK // rows)
         for j in range(0, cols, step):
@@ -422,6 +420,11 @@ def _blocked_residual(m: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, refer
 def _residual_into(reference: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> None:
     """e[...] = RN_32(|reference - m|) (``_residual32``'s operations; ``reference`` is overwritten)."""
     e.copy_(reference.sub_(m).abs_())
+
+
+def _residual_writer(m: torch.Tensor):
+    """``_residual_into`` or its one-pass twin ``fused.gemm_residual_into`` (the same operations, bit for bit)."""
+    return fused.gemm_residual_into if _fused_gemm(m) else _residual_into
 
 
 def _propagation_constants(n: int, alpha: float, scale: Fraction) -> tuple[float, Fraction]:
