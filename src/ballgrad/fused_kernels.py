@@ -58,39 +58,29 @@ def decided_saved(s, rs):
     return min(1, np.int64(abs(s) > rs) + np.int64(s == 0) * np.int64(rs == 0))
 
 
-# Index lists of the balls that touch 0 (at most ``count``, the caller's tally of the same test): the rare elements
-# get their own loop. A branch per element on the data (the sign of x, an inactive unit) is mispredicted half the time
-# (5 ns per element instead of 0.3), so each chunk of ``_CHUNK`` elements is first tallied branch-free and only chunks
-# with a touching ball are walked element by element.
+@numba.njit(cache=True, nogil=True, inline="always")
+def decided(x, r, saved):
+    """1 where the ball (x, r) does not touch 0, else 0 (NaN included): relu's test (below: -x > r, above: x > r), or
+    with ``saved`` relu's backward's (``decided_saved``, which also counts the exact point 0 as decided)."""
+    return decided_saved(x, r) if saved else np.int64(abs(x) > r)
+
+
+# Index lists of the balls that touch 0 (at most ``count``, the caller's tally of the same test ``decided``): the rare
+# elements get their own loop. A branch per element on the data (the sign of x, an inactive unit) is mispredicted half
+# the time (5 ns per element instead of 0.3), so each chunk of ``_CHUNK`` elements is first tallied branch-free and only
+# chunks with a touching ball are walked element by element.
 @numba.njit(cache=True, nogil=True)
-def touching(xm, xr, count):  # relu: neither -x > r (below) nor x > r (above), NaN included
+def touching(xm, xr, count, saved):
     where = np.empty(count, np.int64)
     k = 0
     for start in range(0, xm.size, _CHUNK):
         stop = min(start + _CHUNK, xm.size)
         tally = 0
         for i in range(start, stop):
-            tally += not abs(xm[i]) > xr[i]
+            tally += 1 - decided(xm[i], xr[i], saved)
         if tally:
             for i in range(start, stop):
-                if not abs(xm[i]) > xr[i] and k < count:
-                    where[k] = i
-                    k += 1
-    return where[:k]
-
-
-@numba.njit(cache=True, nogil=True)
-def touching_saved(sm, sr, count):  # relu's backward: neither below, the exact point 0, nor above
-    where = np.empty(count, np.int64)
-    k = 0
-    for start in range(0, sm.size, _CHUNK):
-        stop = min(start + _CHUNK, sm.size)
-        tally = 0
-        for i in range(start, stop):
-            tally += 1 - decided_saved(sm[i], sr[i])
-        if tally:
-            for i in range(start, stop):
-                if decided_saved(sm[i], sr[i]) == 0 and k < count:
+                if decided(xm[i], xr[i], saved) == 0 and k < count:
                     where[k] = i
                     k += 1
     return where[:k]
@@ -105,7 +95,7 @@ def relu_kernel(xm, xr, m, eta, zero, one, inf, out):
         nx = -x
         touches += not abs(x) > r  # neither below (-x > r) nor above (x > r): NaN included
         out[i] = (one if nx <= r else zero) * r  # the indicator of "not below" times r
-    for i in touching(xm, xr, touches):
+    for i in touching(xm, xr, touches, False):
         x, r = xm[i], xr[i]
         if x < 0:  # _add_up(x, r): fl(x + r), or its successor where TwoSum shows it went down
             s = x + r
@@ -129,7 +119,7 @@ def relu_backward_kernel(gm, gr, sm, sr, m, zero, one, inf, out):
         s, rs = sm[i], sr[i]
         touches += decided_saved(s, rs) == 0  # touching 0, or NaN
         out[i] = (one if s > rs else zero) * gr[i]  # the indicator of "above" times rG
-    for i in touching_saved(sm, sr, touches):
+    for i in touching(sm, sr, touches, True):
         s, a, rg = sm[i], abs(gm[i]), gr[i]
         if s > 0:  # maximum(|g|, rG), NaN kept
             out[i] = a if a != a else (rg if rg != rg else (a if a >= rg else rg))
