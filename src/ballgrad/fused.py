@@ -21,14 +21,13 @@ wherever a kernel does not apply: tensors not on the CPU, dtypes other than floa
 dense and contiguous (broadcast operands of an addition are copied dense first), numba missing, or
 ``BALLGRAD_FUSED=0`` in the environment.
 
-The loops themselves live in ``ballgrad.fused_kernels`` (module-level functions, so that numba's on-disk cache
-finds them in every process), compiled on first use (about a second each; ``cache=True`` keeps them across processes).
+The loops themselves live in ``ballgrad.fused_kernels`` as module-level functions, compiled on first use (about a
+second each) and kept in numba's on-disk cache for later processes.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import numpy as np
