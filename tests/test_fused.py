@@ -553,3 +553,64 @@ def test_division_by_a_number_is_the_reference_bit_for_bit(dtype, divisor, data)
         slow = x / divisor
     assert kernel.call_count == 1
     _same(fast, slow)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lemma B's bfloat16 operands and finish (containment: test_linalg.py's GEMM tests, whose bfloat16 configs take them)
+
+# (abs_x, abs_y, has_y, alpha): Y of the bracket (r + g'|m|), Y2 (r + |m|), Lemma B1's X (|mA| + c' rA), |m|, r
+BF16_OPERANDS = [(False, True, True, 1.2e-4), (False, True, True, 1.0), (True, False, True, 8192.5), (True, False,
+                 False, 1.0), (False, False, False, 1.0)]
+
+
+@pytest.mark.parametrize("form", BF16_OPERANDS, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "broadcast"])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), t=st.sampled_from([0.0, 2.0**-20, 1.0, math.inf]))
+def test_bf16_operand_kernel_against_the_reference(form, layout, t, data):
+    """Adversarial balls (midpoints: zeros of both signs, subnormals, huge values, inf, NaN; radii >= 0, inf too):
+    the kernel's bfloat16 operand is the reference's bit for bit (NaN payloads aside) where the sum has one rounding,
+    within one bfloat16 ulp where the reference's add with alpha may fuse the product (one rounding instead of two);
+    the counts of not X <= t Y agree; the kernel ran except on a broadcast operand, which takes the reference."""
+    from ballgrad.ops import linalg
+    abs_x, abs_y, has_y, alpha = form
+    b = data.draw(balls(torch.float32, (6, 5)))
+    x, y = (b.mid, b.rad) if abs_x else (b.rad, b.mid)  # as the bracket uses them: |m| + c' r, r + a|m|, |m|, r
+    if layout == "transposed":
+        x, y = x.t().contiguous().t(), y.t().contiguous().t()
+    if layout == "broadcast":
+        x = x[:1].expand(x.shape)
+    args = (x, y if has_y else None, alpha, abs_x, abs_y, t)
+    with mock.patch.object(fused, "bf16_operand", wraps=fused.bf16_operand) as kernel:
+        fast, wide_fast = linalg._bf16_sum(*args)
+    assert kernel.call_count == 1
+    with mock.patch.object(fused, "bf16_operand", lambda *a: None):
+        slow, wide_slow = linalg._bf16_sum(*args)
+    assert fast.dtype == slow.dtype == torch.bfloat16 and fast.shape == slow.shape
+    assert (fused.bf16_operand(*args) is None) == (layout == "broadcast")
+    if has_y:
+        assert wide_fast == wide_slow
+    f, s = fast.float(), slow.float()
+    assert torch.equal(f.isnan(), s.isnan())
+    assert bool((f[~f.isnan()] >= 2.0**-126).all()), "an operand entry below realmin_32 (Lemma B reads none)"
+    if alpha == 1.0 or not has_y:
+        assert torch.equal(f.nan_to_num(), s.nan_to_num())
+    else:
+        ok = f.isnan() | (f == s) | ((f - s).abs() <= 2.0**-7 * s.abs())
+        assert bool(ok.all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), c1=st.sampled_from([1.0, 1.0000305, 3.5]), c2=st.sampled_from([0.0, 2.0**-120, 1e-30]))
+def test_bf16_finish_is_the_reference_bit_for_bit(c1, c2, data):
+    """The bfloat16 GEMM output widened and scaled, fl(fl(S c1) + c2) with NaN -> +inf: the torch formula's bits on
+    adversarial S (zeros, subnormals, huge values, inf, NaN)."""
+    from ballgrad.ops import linalg
+    s = data.draw(balls(torch.float32, (4, 7))).mid.abs().to(torch.bfloat16)
+    with mock.patch.object(fused, "bf16_finish", wraps=fused.bf16_finish) as kernel:
+        fast = linalg._bf16_finish(s, c1, c2)
+    assert kernel.call_count == 1 and fused.bf16_finish(s, c1, c2) is not None
+    with mock.patch.object(fused, "bf16_finish", lambda *a: None):
+        slow = linalg._bf16_finish(s, c1, c2)
+    assert torch.equal(fast, slow) and not bool(fast.isnan().any())
+    assert fused.bf16_finish(s.t(), c1, c2) is None  # not contiguous: the torch formula

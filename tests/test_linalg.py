@@ -229,7 +229,10 @@ def _cases(examples):
 # GEMMs (the fallback elsewhere too), "measured-bfloat16" and "a-priori" force bfloat16 where this CPU allows.
 # The measured bound's passes over 2-D float32 outputs run as ``fused``'s GEMM kernels from ``_FUSED_GEMM_MIN``
 # elements on: "measured" and "measured-bfloat16" force them for every size, "measured-reference" never.
-GEMM_CONFIGS = ["measured", "measured-bfloat16", "measured-reference", "a-priori", "a-priori-float32"]
+# "a-priori-one-gemm" forces Lemma B1 (two balls in one bfloat16 GEMM) wherever both operands are balls; "a-priori"
+# takes it only where B's radius is small, which these tests' random radii seldom are.
+GEMM_CONFIGS = ["measured", "measured-bfloat16", "measured-reference", "a-priori", "a-priori-one-gemm",
+                "a-priori-float32"]
 
 
 @pytest.fixture(params=GEMM_CONFIGS)
@@ -242,10 +245,11 @@ def gemm_config(request, monkeypatch):
         monkeypatch.setattr(linalg, "_BF16_RADIUS", False)
     if request.param == "measured-bfloat16":
         monkeypatch.setattr(linalg, "_BF16_MIN_MACS_MEASURED", 0)
-    if request.param == "a-priori":
+    if request.param in ("a-priori", "a-priori-one-gemm"):
         monkeypatch.setattr(linalg, "_BF16_MIN_MACS_A_PRIORI", 0)
-    with bg.gemm_bound(request.param.split("-")[0] if request.param.startswith("measured") else
-                       request.param.split("-float32")[0]):
+    if request.param == "a-priori-one-gemm":
+        monkeypatch.setattr(linalg, "_ONE_GEMM", True)
+    with bg.gemm_bound("measured" if request.param.startswith("measured") else "a-priori"):
         yield request.param
 
 
@@ -440,12 +444,13 @@ def test_linear(x_shape, with_bias, gemm_config):
             check_gemm(F.linear, [x, w], lambda xx, ww: exact_matmul(xx, (ww[0].T, ww[1])), max_points=5)
 
 
-@pytest.mark.parametrize("radius_gemm,shrink_bits", [("float32", 10), ("bfloat16", 4)])
+@pytest.mark.parametrize("radius_gemm,shrink_bits", [("float32", 10), ("bfloat16", 4), ("bfloat16-one-gemm", 4)])
 def test_negative_control_too_small_radius_is_caught(radius_gemm, shrink_bits, monkeypatch):
     """Scaling one computed mm radius by (1 - 2^-shrink_bits) must make containment fail at the adversarial corner
     (positive midpoints, upper end points): the checker would catch a too-small bound. With float32 radius GEMMs the
     bound is within 2^-10 of that corner; bfloat16 radius GEMMs (Lemma B) are up to about 3% wider (operands rounded
-    to 8 bits, 3 bfloat16 roundings in the constants), so there a 2^-4 shrink must already fail."""
+    to 8 bits, 3 bfloat16 roundings in the constants), so there a 2^-4 shrink must already fail; so too for Lemma
+    B1's one GEMM (B nearly a point, radius 2^-30 |mB|)."""
     if radius_gemm == "float32":
         monkeypatch.setattr(linalg, "_BF16_RADIUS", False)
     elif not linalg._bf16_radius_gemms():
@@ -458,7 +463,9 @@ def test_negative_control_too_small_radius_is_caught(radius_gemm, shrink_bits, m
     ma = torch.rand(4, k, generator=gen) + 0.5
     mb = torch.rand(k, 3, generator=gen) + 0.5
     a = bg.ball(ma, ma * 2.0 ** -6)
-    b = bg.ball(mb, mb * 2.0 ** -6)
+    b = bg.ball(mb, mb * 2.0 ** (-30 if radius_gemm == "bfloat16-one-gemm" else -6))
+    if radius_gemm == "bfloat16-one-gemm":  # B1 must be the path taken
+        monkeypatch.setitem(linalg._ACCUMULATE, aten.mm.default, None)
     out = check_gemm(torch.mm, [a, b], exact_matmul)
     shrunk = BallTensor(out.mid, out.rad.clone())
     shrunk.rad[1, 2] = out.rad[1, 2] * (1 - 2.0 ** -shrink_bits)
@@ -471,6 +478,31 @@ def test_negative_control_too_small_radius_is_caught(radius_gemm, shrink_bits, m
     # and the generic checker reports it
     with pytest.raises(AssertionError, match="not in"):
         check_gemm(lambda x, y: shrunk if x is a else torch.mm(x, y), [a, b], exact_matmul)
+
+
+@pytest.mark.parametrize("b_scale,one_gemm", [(2.0**-24, True), (2.0**-8, False)])
+def test_one_gemm_for_two_balls_only_where_b_is_nearly_a_point(b_scale, one_gemm, monkeypatch):
+    """Lemma B1 (a-priori bound, bfloat16 radius GEMMs), k = 512 (g' ~ 3e-5): with B's radius 2^-24 |mB| (a
+    parameter, < 2^-8 g') the two balls' bracket is one GEMM, contains every exact product, and is no wider than the
+    two-GEMM bracket beyond the bfloat16 roundings of its operands (2^-6 relative); with B's radius 2^-8 |mB| the two
+    GEMMs run."""
+    if not linalg._bf16_radius_gemms():
+        pytest.skip("no fast bfloat16 GEMM on this CPU: radius GEMMs run in float32")
+    monkeypatch.setattr(linalg, "_BF16_MIN_MACS_A_PRIORI", 0)
+    gen = torch.Generator().manual_seed(11)
+    ma, mb = torch.randn(24, 512, generator=gen), torch.randn(512, 16, generator=gen)
+    a, b = bg.ball(ma, ma.abs() * 2.0**-8), bg.ball(mb, mb.abs() * b_scale)
+    accumulated = []
+    real_accumulate = linalg._ACCUMULATE[aten.mm.default]
+    monkeypatch.setitem(linalg._ACCUMULATE, aten.mm.default,
+                        lambda *args: accumulated.append(1) or real_accumulate(*args))
+    with bg.gemm_bound("a-priori"):
+        one = check_gemm(torch.mm, [a, b], exact_matmul, max_points=4)
+        assert bool(accumulated) != one_gemm
+        monkeypatch.setattr(linalg, "_ONE_GEMM", False)
+        two = torch.mm(a, b)
+    assert torch.equal(one.mid, two.mid)
+    assert bool((one.rad <= two.rad * (1 + 2.0**-6)).all())
 
 
 def test_radius_tightness():

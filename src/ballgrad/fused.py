@@ -33,6 +33,8 @@ import os
 import numpy as np
 import torch
 
+from ballgrad.rounding import REALMIN_32, inverse_order, memory_order
+
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -330,4 +332,52 @@ def div_number_radius(m: torch.Tensor, ra: torch.Tensor, rb: float, divisor_up: 
     _kernels().div_number_radius(_flat(m), _flat(ra), sc(rb), sc(divisor_up), sc(denominator), sc(u), sc(eta),
                                  sc(inflate2[0]), sc(inflate2[1]), sc(inflate4[0]), sc(inflate4[1]), sc(np.inf),
                                  _flat(out))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lemma B's bfloat16 operands and finish (``linalg._bf16_bracket``), float32: the operand kernel computes
+# z = fl(X + fl(alpha Y)) (X = |x| or x, Y = |y| or y; z = X without y) and Z = max(RN_bf16(z), realmin_32) in one
+# pass, the reference's ``rounding.to_bf16_normal(torch.add(X, Y, alpha=alpha))`` (``sum_to_bf16_normal``,
+# ``abs_sums_to_bf16_normal``, ``abs_to_bf16_normal``): the same bfloat16 rounding (round to nearest even, as
+# c10::BFloat16), the same clamp, bit for bit except where the reference's ``add`` with alpha != 1 fuses the product
+# into the addition (one rounding instead of the kernel's two; Lemma B's phi counts two) and in NaN payloads (every
+# NaN becomes +inf after the GEMM). The finish kernel is the reference's ``s.to(float32).mul_(c1).add_(c2)`` and
+# ``nan_to_num_(nan=inf, posinf=inf)`` bit for bit (the bfloat16 value widens exactly; two roundings, as torch's two
+# separate kernels).
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A flat uint16 numpy view of a contiguous bfloat16 CPU tensor (no copy)."""
+    return t.view(torch.int16).numpy().reshape(-1).view(np.uint16)
+
+
+def bf16_operand(x: torch.Tensor, y: torch.Tensor | None = None, alpha: float = 1.0, abs_x: bool = False,
+                 abs_y: bool = False, t: float = 0.0) -> tuple[torch.Tensor, int] | None:
+    """(Z, wide): Z = max(RN_bf16(fl(X + fl(alpha Y))), realmin_32) as a bfloat16 tensor of x's shape and layout
+    (the header of this section), wide = how many elements have not X <= t Y (0 without y). None where the kernel
+    does not apply: numba off, not float32 on the CPU, or x and y not of one dense layout (same shape and strides, a
+    permutation of a contiguous tensor)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or _numba() is None:
+        return None
+    if y is not None and (y.dtype != x.dtype or y.shape != x.shape or y.stride() != x.stride()):
+        return None
+    order = memory_order(x)
+    if order is None:
+        return None
+    xs = x.permute(order)
+    out = torch.empty(xs.shape, dtype=torch.bfloat16)
+    ys = _flat(y.permute(order)) if y is not None else _flat(xs)
+    wide = _kernels().bf16_operand(_flat(xs), ys, np.float32(alpha), abs_x, abs_y, y is not None, np.float32(t),
+                                   np.float32(REALMIN_32), _bits(out))
+    return out.permute(inverse_order(order)), int(wide)
+
+
+def bf16_finish(s: torch.Tensor, c1: float, c2: float) -> torch.Tensor | None:
+    """fl(fl(S c1) + c2) with NaN -> +inf as a float32 tensor, S the bfloat16 tensor s (contiguous, CPU); None where s
+    is not contiguous or numba is off."""
+    if s.dtype != torch.bfloat16 or s.device.type != "cpu" or not s.is_contiguous() or _numba() is None:
+        return None
+    out = torch.empty(s.shape, dtype=torch.float32)
+    _kernels().bf16_finish(_bits(s), np.float32(c1), np.float32(c2), np.float32(np.inf), _flat(out))
     return out

@@ -714,3 +714,66 @@ def div_number_radius(m, ra, rb, divisor_up, denominator, u, eta, phi2, a2, phi4
         num = inf if num != num else num
         q = np.nextafter(num / denominator, inf)  # div_up
         out[i] = inf if q != q else q
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ``fused.bf16_operand``, ``fused.bf16_finish``
+
+_BF16_CHUNK = 1024  # float32 values per chunk of ``bf16_operand`` (a 4 KiB scratch in L1, reread as bits)
+
+
+@_inline
+def operand_chunk(x, y, alpha, abs_x, abs_y, has_y, t, realmin, buf, o, count):
+    """buf[j] = max(z, realmin) for z = fl(X + fl(alpha Y)) (z = X without y) at x[o + j], y[o + j]; NaN stays NaN, -0
+    becomes realmin. Returns how many have not X <= t Y. (A chunk of constant length vectorises; see bf16_operand.)"""
+    wide = np.int32(0)
+    for j in range(count):
+        xi = abs(x[o + j]) if abs_x else x[o + j]
+        z = xi
+        if has_y:
+            yi = abs(y[o + j]) if abs_y else y[o + j]
+            z = xi + alpha * yi
+            wide += np.int32(not xi <= t * yi)
+        buf[j] = realmin if z < realmin else z
+    return wide
+
+
+@_inline
+def bf16_bits(bits, out, o, count):
+    """out[o + j] = RN_bf16 of the float32 bits[j]: round to nearest even on the upper 16 bits (c10::BFloat16's
+    conversion; +inf stays +inf, an overflow rounds to +inf), NaN to c10's quiet bfloat16 NaN."""
+    for j in range(count):
+        b = bits[j]
+        rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        out[o + j] = np.uint16(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else np.uint16(rounded)
+
+
+@numba.njit(cache=True, nogil=True)
+def bf16_operand(x, y, alpha, abs_x, abs_y, has_y, t, realmin, out):
+    """out (bfloat16 bits, uint16) = max(RN_bf16(z), realmin) for z = fl(X + fl(alpha Y)) (z = X without y), X = |x| or
+    x, Y = |y| or y, float32: ``rounding.to_bf16_normal`` of the sum (for z >= 0, max(RN(z), realmin) = RN(max(z,
+    realmin)) since realmin is a bfloat16 value). Returns how many elements have not X <= t Y. Full chunks of the
+    constant length ``_BF16_CHUNK`` and then the tail: a loop whose bounds are not constant did not vectorise (5-10x
+    slower)."""
+    buf = np.empty(_BF16_CHUNK, np.float32)
+    bits = buf.view(np.uint32)
+    wide = 0
+    full = x.size - x.size % _BF16_CHUNK
+    for o in range(0, full, _BF16_CHUNK):
+        wide += operand_chunk(x, y, alpha, abs_x, abs_y, has_y, t, realmin, buf, o, _BF16_CHUNK)
+        bf16_bits(bits, out, o, _BF16_CHUNK)
+    if full < x.size:
+        wide += operand_chunk(x, y, alpha, abs_x, abs_y, has_y, t, realmin, buf, full, x.size - full)
+        bf16_bits(bits, out, full, x.size - full)
+    return wide
+
+
+@numba.njit(cache=True, nogil=True)
+def bf16_finish(s, c1, c2, inf, out):
+    """out = fl(fl(S c1) + c2) with NaN -> +inf, S the float32 value of the bfloat16 bits s (exact)."""
+    wide = out.view(np.uint32)
+    for i in range(s.size):
+        wide[i] = np.uint32(s[i]) << np.uint32(16)
+    for i in range(s.size):
+        v = out[i] * c1 + c2
+        out[i] = inf if v != v else v

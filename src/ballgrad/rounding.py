@@ -414,15 +414,15 @@ def sum_to_bf16_normal(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> 
 
     That casting store is only fast on contiguous memory: on a transposed operand (a weight W.t() in addmm) it falls
     back to an element-by-element loop, 20-30x slower than the add and the conversion apart (35 ms against 1.4 ms on
-    2048x2048). So operands of one dense layout are added in their memory order (``_memory_order``) and the result is
+    2048x2048). So operands of one dense layout are added in their memory order (``memory_order``) and the result is
     given back in theirs; any other pair (broadcast, mixed strides) takes the float32 intermediate."""
-    order = _memory_order(x) if x.shape == y.shape and x.stride() == y.stride() else None
+    order = memory_order(x) if x.shape == y.shape and x.stride() == y.stride() else None
     if order is None:
         return to_bf16_normal(torch.add(x, y, alpha=alpha))
     xs, ys = x.permute(order), y.permute(order)
     out = torch.empty(xs.shape, dtype=torch.bfloat16, device=x.device)
     torch.add(xs, ys, alpha=alpha, out=out).clamp_min_(REALMIN_32)
-    return out.permute(_inverse(order))
+    return out.permute(inverse_order(order))
 
 
 BF16_BLOCK = 1 << 18  # elements per block of ``abs_sums_to_bf16_normal`` (1 MiB of float32 scratch)
@@ -442,7 +442,7 @@ def abs_sums_to_bf16_normal(r: torch.Tensor, m: torch.Tensor, alphas: tuple[floa
     blocks of ``BF16_BLOCK`` elements in one reused scratch block, and each block's sums are stored straight into
     the bfloat16 outputs (the same add kernel on the same values). A fresh full-size |m| costs its page faults on
     every call (CPU buffers this large go back to the OS when freed): a few ms per 2048 x 2048 weight."""
-    order = _memory_order(r) if (r.shape == m.shape and r.stride() == m.stride()
+    order = memory_order(r) if (r.shape == m.shape and r.stride() == m.stride()
                                  and r.numel() > BF16_BLOCK) else None
     if order is None:
         abs_m = torch.abs(m).to(torch.float32)
@@ -457,17 +457,17 @@ def abs_sums_to_bf16_normal(r: torch.Tensor, m: torch.Tensor, alphas: tuple[floa
         abs_block = scratch[: stop - start].copy_(ms[start:stop]).abs_()
         for a, o in zip(alphas, flat_outs):
             torch.add(rs[start:stop], abs_block, alpha=a, out=o[start:stop])
-    inverse = _inverse(order)
+    inverse = inverse_order(order)
     return [o.clamp_min_(REALMIN_32).permute(inverse) for o in outs]
 
 
-def _memory_order(t: torch.Tensor) -> tuple[int, ...] | None:
+def memory_order(t: torch.Tensor) -> tuple[int, ...] | None:
     """A permutation p with ``t.permute(p)`` contiguous, or None where ``t`` is not a dense permutation of one."""
     order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
     return order if t.permute(order).is_contiguous() else None
 
 
-def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+def inverse_order(order: tuple[int, ...]) -> tuple[int, ...]:
     inverse = [0] * len(order)
     for i, d in enumerate(order):
         inverse[d] = i

@@ -88,6 +88,17 @@ C2 = RU((mu c2 + extra + eta/2)/(1 - u)) is >= it plus ``extra`` (each of its tw
 fails or the hardware lacks AMX/AVX512-BF16, the radius GEMM stays in float32. Cost: a bfloat16 GEMM is 5-10x faster
 than float32 on AMX; each operand copy is one conversion and one clamp of the 2-byte copy.
 
+**Two balls in one bfloat16 GEMM (Lemma B1, a priori bound).** For any lambda with g <= lambda <= 1, termwise
+|mA| rB + rA |mB| + rA rB + g |mA||mB| <= (|mA| + rA/lambda)(rB + lambda |mB|), whose four terms are |mA| rB,
+lambda |mA||mB|, rA rB / lambda and rA |mB|. With lambda = g' (g rounded up to float32, g' <= 1) and c' = RU_32(1/g')
+>= 1/g' >= 1, the operands X = |mA| + c' rA >= |mA| + rA/g' and Y = rB + g'|mB| are each at most 2 float32
+round-to-nearest operations and then ``to_bf16_normal`` (the operand kernel ``fused.bf16_operand`` or the torch
+formula), so Lemma B's mu = phi^2 bounds the one GEMM S = X Y as it bounds the two-GEMM sum. Over the two-GEMM
+bracket it adds (c' - 1) rA rB + (c' g' - 1) rA |mB| <= c' rA rB (up to roundings); it runs only where every
+rB <= 2^-8 g'|mB| (``_ONE_GEMM_RATIO``, counted in the pass that forms Y), which keeps that extra below ~2^-8 of
+rA |mB| (the size of the operands' own bfloat16 rounding), and saves one of the two bfloat16 GEMMs where B is a
+parameter of a long dot product (relative radius 2^-24 <= 2^-8 g' from k ~ 256 on).
+
 Non-finite midpoints (inf, NaN, or an overflowed sum) get an infinite radius; so do rows/columns meeting an infinite
 radius or midpoint in S (inf * 0 = NaN -> inf).
 """
@@ -226,31 +237,67 @@ _TO_BF16 = 1 / (1 - Fraction(rounding.BF16_ROUNDING))  # to_bf16_normal: z <= Z 
 _COMPUTED = (1 + _U32) / (1 - _U32) ** 2 * _TO_BF16  # a factor of <= 2 float32 RN operations, then to_bf16_normal
 
 
+def _bf16_sum(x, y=None, alpha: float = 1.0, abs_x: bool = False, abs_y: bool = False, t: float | None = None):
+    """(Z, wide): Z = ``rounding.to_bf16_normal`` of X + alpha Y (X = |x| or x, Y = |y| or y, float32 >= 0; Z of X
+    without y) at <= 2 float32 roundings, in one pass (``fused.bf16_operand``) or by the reference; wide = how many
+    elements have not X <= t Y (computed only when t is given, else 0)."""
+    fast = fused.bf16_operand(x, y, alpha, abs_x, abs_y, 0.0 if t is None else t)
+    if fast is not None:
+        return fast
+    if y is None:
+        z = rounding.abs_to_bf16_normal(x) if abs_x else rounding.to_bf16_normal(x)
+    elif abs_y and not abs_x:
+        z = rounding.abs_sums_to_bf16_normal(x, y, (alpha,))[0]  # blocked: no full-size float32 |y|
+    else:
+        z = rounding.sum_to_bf16_normal(torch.abs(x) if abs_x else x, torch.abs(y) if abs_y else y, alpha)
+    wide = 0
+    if t is not None and y is not None:
+        big_x, big_y = (torch.abs(x) if abs_x else x), (torch.abs(y) if abs_y else y)
+        wide = int(torch.count_nonzero(~(big_x <= big_y * t)))
+    return z, wide
+
+
+def _bf16_finish(s: torch.Tensor, c1: float, c2: float) -> torch.Tensor:
+    """fl(fl(S c1) + c2) in float32 with NaN -> +inf, S the bfloat16 GEMM output (``fused.bf16_finish``, or the torch
+    formula it follows bit for bit)."""
+    fast = fused.bf16_finish(s, c1, c2)
+    if fast is not None:
+        return fast
+    return s.to(torch.float32).mul_(c1).add_(c2).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+# Lemma B1 (one GEMM for two balls, a-priori bound): used where rB <= _ONE_GEMM_RATIO g'|mB| elementwise, so that its
+# extra term c' rA rB is at most ~2^-8 of the rA |mB| it sits beside, the size of the bfloat16 rounding of the operands
+# themselves; otherwise the two GEMMs run. Either is sound for any operands: _ONE_GEMM = True forces B1 (tests).
+_ONE_GEMM_RATIO = 2.0**-8
+_ONE_GEMM = None
+
+
 def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point: bool, b_point: bool,
                   extra: Fraction = Fraction(0), raw: bool = False, abs_operands=None):
     """The bracket of ``_bracket`` (float32 radii) plus ``extra`` from bfloat16 GEMMs (Lemma B in the module
-    docstring), or None where Lemma B's constants do not apply. Both balls: S = X1 Y1 + X2 Y2 as one bfloat16
-    addmm(mm(X1, Y1), X2, Y2) with X1 = |mA|, Y1 = rB + g'|mB|, X2 = rA, Y2 = |mB| + rB (inner dimension k each;
-    Lemma B's N = k + 2 and 3 bfloat16 roundings cover the two chains and the addition). ``abs_operands``: |mA|, |mB|
-    in float32 if the caller has them (not modified)."""
+    docstring), NaN made +inf, or None where Lemma B's constants do not apply. Both balls: S = X1 Y1 + X2 Y2 as one
+    bfloat16 addmm(mm(X1, Y1), X2, Y2) with X1 = |mA|, Y1 = rB + g'|mB|, X2 = rA, Y2 = |mB| + rB (inner dimension k
+    each; Lemma B's N = k + 2 and 3 bfloat16 roundings cover the two chains and the addition), or, with g > 0 and
+    rB small (Lemma B1), S = X Y1 with X = |mA| + c' rA. ``abs_operands``: |mA|, |mB| in float32 if the caller has
+    them (not modified)."""
     both_points = a_point and b_point
     consts = _lemma_b_constants(k, g * _TO_BF16**2 if both_points else _COMPUTED**2, extra)
     if consts is None:
         return None
     c1, c2 = consts
-    bf = rounding.to_bf16_normal
     g_w = rounding.round_up_float(g, torch.float32)
 
     def abs_of(m, i):  # Z of |m| (exact)
-        return bf(abs_operands[i]) if abs_operands is not None else rounding.abs_to_bf16_normal(m)
+        return _bf16_sum(abs_operands[i])[0] if abs_operands is not None else _bf16_sum(m, abs_x=True)[0]
 
-    def sums(r, m, i, alphas):  # Z of r + a|m| for each a (<= 2 float32 roundings each); r + |m| = |m| + r exactly
+    def plus(r, m, i, alpha, t=None):  # (Z of r + alpha |m| (<= 2 float32 roundings), wide); r + |m| = |m| + r exactly
         if abs_operands is not None:
-            return [rounding.sum_to_bf16_normal(r, abs_operands[i], a) for a in alphas]
-        return rounding.abs_sums_to_bf16_normal(r, m, alphas)  # blocked: no full-size float32 |m|
+            return _bf16_sum(r, abs_operands[i], alpha, t=t)
+        return _bf16_sum(r, m, alpha, abs_y=True, t=t)
 
     def plus_g(r, m, i):  # Z of r + g'|m|; of r itself when g = 0 (the measured bound)
-        return bf(r.expand(m.shape)) if g == 0 else sums(r, m, i, (g_w,))[0]
+        return _bf16_sum(r.expand(m.shape))[0] if g == 0 else plus(r, m, i, g_w)[0]
 
     if both_points:
         s = gemm(abs_of(ma, 0), abs_of(mb, 1))
@@ -258,13 +305,21 @@ def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point
         s = gemm(abs_of(ma, 0), plus_g(rb, mb, 1))
     elif b_point:
         s = gemm(plus_g(ra, ma, 0), abs_of(mb, 1))
+    elif g != 0 and g_w <= 1:
+        y1, wide = plus(rb, mb, 1, g_w, t=g_w * _ONE_GEMM_RATIO)
+        if (wide == 0 and _ONE_GEMM is not False) or _ONE_GEMM:  # Lemma B1: X = |mA| + c' rA, c' = RU(1/g') >= 1
+            c_inv = rounding.round_up_float(1 / Fraction(g_w), torch.float32)
+            s = gemm(_bf16_sum(ma, ra.expand(ma.shape), c_inv, abs_x=True)[0], y1)
+        else:
+            s = gemm(abs_of(ma, 0), y1)
+            s = _ACCUMULATE[gemm](s, _bf16_sum(ra)[0].expand(ma.shape), plus(rb, mb, 1, 1.0)[0])
     else:
-        y1, y2 = (plus_g(rb, mb, 1), sums(rb, mb, 1, (1.0,))[0]) if g == 0 else sums(rb, mb, 1, (g_w, 1.0))
+        y1, y2 = plus_g(rb, mb, 1), plus(rb, mb, 1, 1.0)[0]
         s = gemm(abs_of(ma, 0), y1)
-        s = _ACCUMULATE[gemm](s, bf(ra).expand(ma.shape), y2)
+        s = _ACCUMULATE[gemm](s, _bf16_sum(ra)[0].expand(ma.shape), y2)
     if raw:  # (S^, C1, C2) with the bound C1 S^ + C2, for a caller that folds it into its own inflate
         return s, c1, c2
-    return s.to(torch.float32).mul_(c1).add_(c2)
+    return _bf16_finish(s, c1, c2)
 
 
 # C += A B in place (no second output-sized temporary): the add-forms that accumulate a second product onto a first
@@ -284,7 +339,7 @@ def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: t
                                                       _BF16_MIN_MACS_A_PRIORI):
         bound = _bf16_bracket(gemm, ma, ra.to(wd), mb, rb.to(wd), k, g, b_dim, a_point, b_point, extra=extra)
         if bound is not None:
-            return bound.nan_to_num_(nan=math.inf, posinf=math.inf)
+            return bound
     u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
     th = rounding.theta(n, u)
     abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
