@@ -329,6 +329,22 @@ def test_cli_verify_writes_json(tmp_path):
         assert all(t["checked"] == min(200, t["numel"]) for t in m["tensors"])
 
 
+def test_cli_verify_the_a_priori_gemm_bound(tmp_path, capsys):
+    """``--gemm-bound a-priori`` verifies the cheap bound (ball parameters: the two-ball GEMM paths run), says so
+    above the table and in the JSON, and leaves the process's bound as it was."""
+    from ballgrad.cli import main
+    from ballgrad.ops import linalg
+
+    path = tmp_path / "verify.json"
+    rc = main(["verify", "--model", "mlp-small", "--samples", "100", "--batch", "4", "--rad", "1e-7",
+               "--gemm-bound", "a-priori", "--json", str(path), "--quiet"])
+    data = json.loads(path.read_text())
+    assert rc == 0 and data["ok"] and data["gemm_bound"] == "a-priori"
+    assert data["models"][0]["containment_percent"] == 100
+    assert "GEMM midpoint-error bound: a-priori" in capsys.readouterr().out
+    assert linalg._gemm_bound == "measured"
+
+
 def test_cli_exit_status(monkeypatch, capsys):
     import verification
     from ballgrad.cli import main

@@ -41,6 +41,7 @@ def _verify(args) -> int:
     import torch
     from tqdm import tqdm
 
+    import ballgrad as bg
     from verification import check_model, format_table, zoo
 
     names = zoo.NAMES if (not args.model or "all" in args.model) else args.model
@@ -52,14 +53,17 @@ def _verify(args) -> int:
     samples = None if args.samples == 0 else args.samples
     reports = []
     bar = tqdm(names, desc="verify", unit="model", file=sys.stderr, disable=args.quiet)
-    for name in bar:
-        case = zoo.make(name, dtype=dtype, seed=args.seed, batch=args.batch)
-        bar.set_postfix_str(name)
-        report = check_model(case.model, case.inputs, case.targets, case.loss_fn, samples=samples, rad=args.rad,
-                             seed=args.seed, name=name,
-                             progress=lambda stage, n=name: bar.set_postfix_str(f"{n}: {stage}"))
-        reports.append(report)
+    with bg.gemm_bound(args.gemm_bound):
+        for name in bar:
+            case = zoo.make(name, dtype=dtype, seed=args.seed, batch=args.batch)
+            bar.set_postfix_str(name)
+            report = check_model(case.model, case.inputs, case.targets, case.loss_fn, samples=samples, rad=args.rad,
+                                 seed=args.seed, name=name,
+                                 progress=lambda stage, n=name: bar.set_postfix_str(f"{n}: {stage}"))
+            reports.append(report)
     bar.close()
+    if args.gemm_bound != "measured":
+        print(f"GEMM midpoint-error bound: {args.gemm_bound}")
     print(format_table(reports))
     unsupported = [r for r in reports if r.status == "unsupported"]
     if unsupported:
@@ -76,6 +80,7 @@ def _verify(args) -> int:
             "samples_per_tensor": samples,
             "dtype": args.dtype,
             "seed": args.seed,
+            "gemm_bound": args.gemm_bound,
             "torch": torch.__version__,
             "models": [r.to_dict() for r in reports],
         }
@@ -104,6 +109,8 @@ def main(argv=None) -> int:
     v.add_argument("--seed", type=int, default=0, help="seed of the data and the sample (default 0)")
     v.add_argument("--rad", type=float, default=0.0, help="radius of the parameter balls (default 0: exact points)")
     v.add_argument("--batch", type=int, default=None, help="override the zoo batch size (quick runs)")
+    v.add_argument("--gemm-bound", choices=["measured", "a-priori"], default="measured",
+                   help="the GEMMs' midpoint-error bound to verify (ballgrad.gemm_bound; default: measured)")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(run=_verify)
     args = parser.parse_args(argv)
