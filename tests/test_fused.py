@@ -540,13 +540,15 @@ def test_scaled_add_kernel_against_the_reference(dtype, alpha, data):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("divisor", [32, 3.0, 0.1, -7, 1e-30, 2.0**-140, 1e30, 3e38])
+@pytest.mark.parametrize("expanded", [False, True], ids=["dense", "expanded"])
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
-def test_division_by_a_number_is_the_reference_bit_for_bit(dtype, divisor, data):
+def test_division_by_a_number_is_the_reference_bit_for_bit(dtype, divisor, expanded, data):
     """Adversarial balls over numbers exact and inexact in the dtype (0.1: the divisor's own radius), tiny, huge and
-    negative: midpoints and radii bit-identical to the torch formulas; the kernel ran."""
+    negative, dense or expanded (a mean's backward divides an expanded gradient): midpoints and radii bit-identical to
+    the torch formulas; the kernel ran."""
     from ballgrad.ops import arith
-    x = data.draw(balls(dtype, (3, 5)))
+    x = data.draw(balls(dtype, (3, 1) if expanded else (3, 5))).expand(3, 5)
     with mock.patch.object(fused, "div_number_radius", wraps=fused.div_number_radius) as kernel:
         fast = x / divisor
     with mock.patch.object(arith, "_divided_by_number", lambda *a: None):

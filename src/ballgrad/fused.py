@@ -329,9 +329,11 @@ def div_number_radius(m: torch.Tensor, ra: torch.Tensor, rb: float, divisor_up: 
     ball has radius rb, with the reference's scalars up(|mb| + 2 rb) and down(|mb| - rb) > 0."""
     out = torch.empty_like(m)
     sc = _scalar(m.dtype)
+    unsigned = np.uint32 if m.dtype == torch.float32 else np.uint64
+    flat_out = _flat(out)
     _kernels().div_number_radius(_flat(m), _flat(ra), sc(rb), sc(divisor_up), sc(denominator), sc(u), sc(eta),
                                  sc(inflate2[0]), sc(inflate2[1]), sc(inflate4[0]), sc(inflate4[1]), sc(np.inf),
-                                 _flat(out))
+                                 flat_out, flat_out.view(unsigned), np.array(np.inf, sc).view(unsigned)[()])
     return out
 
 

@@ -703,8 +703,8 @@ def scaled_add_radius(ra, rb, mb, m, a_up, coef, u, phi, a):
 # ``fused.div_number_radius``
 
 @numba.njit(cache=True, nogil=True)
-def div_number_radius(m, ra, rb, divisor_up, denominator, u, eta, phi2, a2, phi4, a4, inf, out):
-    # (``inf`` in the midpoint's dtype: a float64 infinity would make nextafter step in float64, a step the
+def div_number_radius(m, ra, rb, divisor_up, denominator, u, eta, phi2, a2, phi4, a4, inf, out, out_bits, inf_bits):
+    # (``inf`` in the midpoint's dtype: a float64 infinity would make the arithmetic step in float64, a step the
     # float32 store then rounds away)
     for i in range(m.size):
         am = abs(m[i])
@@ -712,8 +712,14 @@ def div_number_radius(m, ra, rb, divisor_up, denominator, u, eta, phi2, a2, phi4
         res = inf if res != res else res
         num = ((ra[i] + am * rb) + divisor_up * res) * phi4 + a4  # inflate(ra + |m| rb + D res, 4)
         num = inf if num != num else num
-        q = np.nextafter(num / denominator, inf)  # div_up
+        q = num / denominator
         out[i] = inf if q != q else q
+    # div_up = nextafter(q, +inf): q > 0 here (num >= a4 > 0, denominator > 0) or +inf (kept), so the successor is
+    # the next bit pattern, one integer step on the unsigned view (a libm nextafter call costs ~5 ns an element)
+    one = out_bits.dtype.type(1)
+    for i in range(out_bits.size):
+        b = out_bits[i]
+        out_bits[i] = b + one if b < inf_bits else b
 
 
 # ----------------------------------------------------------------------------------------------------------------------

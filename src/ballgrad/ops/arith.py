@@ -177,15 +177,17 @@ def _divided_by_number(m: torch.Tensor, a, b) -> BallTensor | None:
     """``_quotient_rad`` for a dense float32/float64 ball divided by a Python number (a mean's backward, a scale) as
     ``fused.div_number_radius`` (one pass, bit for bit), or None where that does not apply (the torch formulas run;
     also where the divisor's ball contains 0, which they report)."""
-    if (type(b) not in (int, float) or type(a) is not BallTensor or m.dtype not in _SINGLE_ROUNDING
-            or not fused.applies(m, a.mid, a.rad) or not m.is_contiguous()):
+    if type(b) not in (int, float) or type(a) is not BallTensor or m.dtype not in _SINGLE_ROUNDING:
+        return None
+    dense = fused.dense_operands(m, a.rad)  # the kernel reads m and ra only; an expanded ra (a mean's backward) is
+    if dense is None:                       # made dense, the elementwise formula giving the same bits either way
         return None
     scalars = _number_divisor(float(b), m.dtype) if type(b) is float or abs(b) <= 2**53 else None  # (exact doubles)
     if scalars is None:
         return None
     u, eta = _constants(m.dtype)
     inflations = rounding.inflation_constants(2, m.dtype), rounding.inflation_constants(4, m.dtype)
-    return BallTensor(m, fused.div_number_radius(m, a.rad, *scalars, u, eta, *inflations))
+    return BallTensor(m, fused.div_number_radius(m, dense[0], *scalars, u, eta, *inflations))
 
 
 @functools.lru_cache(maxsize=1024)
