@@ -128,3 +128,26 @@ def test_linear_with_1d_input_uses_squeeze_():
     assert_same_bits(y.mid, torch.nn.functional.linear(x, w.mid))
     y.sum().backward()
     assert isinstance(w.grad, bg.BallTensor) and w.grad.shape == (3, 4)
+
+
+def test_view_methods_are_their_aten_ops():
+    """``structural`` calls the commonest views as Tensor methods (``_AS_METHOD``): each gives what its aten overload
+    gives on the same arguments (shape, strides, offset, values, aliasing), and a ball's view is the pair of them."""
+    from ballgrad.ops import shape
+
+    aten = torch.ops.aten
+    x = torch.randn(2, 3, 4)
+    cases = {aten.view.default: ([6, 4],), aten.reshape.default: ([4, 6],), aten.t.default: None,
+             aten.transpose.int: (0, 2), aten.permute.default: ([2, 0, 1],), aten.unsqueeze.default: (1,),
+             aten.squeeze.dim: (0,), aten.select.int: (1, 2), aten.clone.default: (), aten.detach.default: ()}
+    assert set(cases) == set(shape._AS_METHOD)
+    for op, args in cases.items():
+        base = x[0] if op is aten.t.default else x
+        args = () if args is None else args
+        kwargs = {"memory_format": torch.contiguous_format} if op is aten.clone.default else {}
+        want, got = op(base, *args, **kwargs), shape._AS_METHOD[op](base, *args, **kwargs)
+        assert (got.shape, got.stride(), got.storage_offset()) == (want.shape, want.stride(), want.storage_offset())
+        assert torch.equal(got, want) and (got.data_ptr() == base.data_ptr()) == (want.data_ptr() == base.data_ptr())
+        b = bg.ball(base, base.abs() * 2.0**-10)
+        out = op(b, *args, **kwargs)
+        assert torch.equal(out.mid, want) and torch.equal(out.rad, op(b.rad, *args, **kwargs))
