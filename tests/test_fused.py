@@ -616,3 +616,67 @@ def test_bf16_finish_is_the_reference_bit_for_bit(c1, c2, data):
         slow = linalg._bf16_finish(s, c1, c2)
     assert torch.equal(fast, slow) and not bool(fast.isnan().any())
     assert fused.bf16_finish(s.t(), c1, c2) is None  # not contiguous: the torch formula
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fused attention's P ball and dS (containment: test_transformer.py's fast-path tests, whose unmasked calls take them)
+
+SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), rel=st.sampled_from([0.0, 2.0**-40, 1e-6, 0.25, 4.0]))
+def test_attention_probs_kernel_against_the_reference(rel, data):
+    """Adversarial finite q, k, v (zeros of both signs, subnormals, values up to 2^40 that saturate the softmax) with
+    radii from 0 to 4|x|: the kernel's P ball (p_hi, pm, pr) is the reference's within the one rounding that an FMA in
+    its addcmul/add with alpha can save, a few ulps of P itself (pr = (p_hi - p_lo)/2 inherits them absolutely), and
+    the kernel ran."""
+    import ballgrad.ops.transformer as tr
+    values = st.one_of(st.sampled_from([0.0, -0.0, 2.0**-1074, 2.0**-1022, 1.0, -3.0, 2.0**40]),
+                       st.floats(-30, 30, allow_nan=False))
+    def ball_of(shape):
+        m = torch.tensor(data.draw(st.lists(values, min_size=math.prod(shape), max_size=math.prod(shape))),
+                         dtype=torch.float64).reshape(shape)
+        return bg.ball(m, m.abs() * rel)
+    q, k, v = ball_of((1, 2, 3, 2)), ball_of((1, 2, 4, 2)), ball_of((1, 2, 4, 2))
+    with mock.patch.object(fused, "attention_probs", wraps=fused.attention_probs) as kernel:
+        fast = tr._FastAttention.build(SDPA, q, k, v, False, None, None)
+    with mock.patch.object(fused, "attention_probs", lambda *a: None):
+        slow = tr._FastAttention.build(SDPA, q, k, v, False, None, None)
+    assert (fast is None) == (slow is None)
+    if fast is None:  # scores near overflow: both decline to the composed rules
+        return
+    assert kernel.call_count == 1
+    for a, b in ((fast.p_hi, slow.p_hi), (fast.pm, slow.pm), (fast.pr, slow.pr)):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert bool(((a - b).abs() <= 2.0**-50 * slow.p_hi + 2.0**-1000).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), s=st.sampled_from([1, 3, 8]))
+def test_attention_ds_kernel_against_the_reference(s, data):
+    """Adversarial P balls and dP balls (zeros, subnormals, huge values, inf, NaN): the kernel's dS centre, radius and
+    |dS| against the reference formulas: the same non-finite entries, and within what the order of the row sum
+    Dm = sum W can change (s 2^-52 sum |W| times pm for the centre; a few roundings for the radius)."""
+    import types
+
+    import ballgrad.ops.transformer as tr
+    rows = 2
+    draw = lambda: data.draw(balls(torch.float64, (rows, s)))  # noqa: E731
+    p, dp = draw(), draw()
+    pm, pr = p.mid.abs().clamp(max=1.0), p.rad
+    p_hi = pm + pr
+    args = (p_hi, pm, pr)
+    slow = tr._FastAttention._ds(types.SimpleNamespace(s=s), *args, dp.mid.clone(), dp.rad.clone())
+    dp_c, dp_r = dp.mid.clone(), dp.rad.clone()
+    abs_fast = fused.attention_ds(*args, dp_c, dp_r, tr._gamma(s), tr._inflation(6 * s, s * tr._ETA64 / 2),
+                                  tr._DS_INFLATION)
+    assert abs_fast is not None
+    w_abs = (dp.mid * pm).abs().sum(-1, keepdim=True)
+    for fast, ref, slack in ((dp_c, slow[0], s * 2.0**-52 * pm * w_abs), (abs_fast, slow[2], s * 2.0**-52 * pm * w_abs),
+                             (dp_r, slow[1], None)):
+        finite = torch.isfinite(ref)
+        assert torch.equal(finite, torch.isfinite(fast)) and torch.equal(ref.isnan(), fast.isnan())
+        if slack is None:  # the radius: rd's sum in another order and dm's change in |Xm|
+            slack = 2.0**-40 * ref.abs() + s * 2.0**-50 * pr * pm * w_abs
+        assert bool(((fast - ref).abs()[finite] <= slack.expand(ref.shape)[finite] + 2.0**-1070).all())

@@ -383,3 +383,46 @@ def bf16_finish(s: torch.Tensor, c1: float, c2: float) -> torch.Tensor | None:
     out = torch.empty(s.shape, dtype=torch.float32)
     _kernels().bf16_finish(_bits(s), np.float32(c1), np.float32(c2), np.float32(np.inf), _flat(out))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fused attention's P ball (``transformer._FastAttention._probs``, no mask) and dS (``backward_into``), float64: the
+# reference's elementwise operations in its order, each rounded to nearest, except that a product and an addition
+# round twice where the reference's ``addcmul``/``add(alpha=)`` may fuse them (Lemma P's constants K1..K4, D's
+# (1 + u)^3 and the inflations count both roundings; the module docstring's derivations), and that dS's two row sums
+# run in index order (the bounds hold for any order). Checked against the reference in ``tests/test_fused.py`` and
+# against the oracle through ``tests/test_transformer.py``.
+
+
+def attention_probs(e_lo: torch.Tensor, e_hi: torch.Tensor, tl: torch.Tensor, tp: torch.Tensor, d: torch.Tensor,
+                    constants: tuple[float, ...]) -> torch.Tensor | None:
+    """Lemma P's (p_hi, pm) written over (e_hi, e_lo) and pr returned, from Lemma E's bounds e_lo, e_hi (float64,
+    contiguous, rows of S entries) and the row vectors TL, T', d; ``constants`` (K1, K2, K3, K4, C_pr, phi_pr, a_pr).
+    None (nothing written) where the layouts do not fit."""
+    if (e_lo.dtype != torch.float64 or e_lo.device.type != "cpu" or _numba() is None or not e_lo.is_contiguous()
+            or not e_hi.is_contiguous() or e_hi.shape != e_lo.shape or e_lo.dim() == 0):
+        return None
+    rows = e_lo.numel() // e_lo.shape[-1] if e_lo.shape[-1] else 0
+    vectors = [t.reshape(-1) for t in (tl, tp, d)]
+    if rows == 0 or any(v.numel() != rows or v.dtype != torch.float64 for v in vectors):
+        return None
+    pr = torch.empty_like(e_lo)
+    _kernels().attention_probs(_flat(e_lo), _flat(e_hi), *(v.contiguous().numpy() for v in vectors),
+                               e_lo.shape[-1], *constants, _flat(pr))
+    return pr
+
+
+def attention_ds(p_hi: torch.Tensor, pm: torch.Tensor, pr: torch.Tensor, dp_c: torch.Tensor, dp_r: torch.Tensor,
+                 gamma: float, rd_bound: tuple[float, float], ds_bound: tuple[float, float]) -> torch.Tensor | None:
+    """The backward's dS ball: dS_m written over dp_c, its radius over dp_r, |dS_m| returned (float64 tensors of one
+    shape, contiguous, rows along the last dim); ``rd_bound``, ``ds_bound`` the (phi, a) of the two inflations. None
+    (nothing written) where the layouts do not fit."""
+    operands = (p_hi, pm, pr, dp_c, dp_r)
+    if (dp_c.dtype != torch.float64 or dp_c.device.type != "cpu" or _numba() is None or dp_c.dim() == 0
+            or dp_c.shape[-1] == 0 or not all(t.shape == dp_c.shape and t.dtype == dp_c.dtype and t.is_contiguous()
+                                              for t in operands)):
+        return None
+    ds_abs = torch.empty_like(dp_c)
+    _kernels().attention_ds(*(_flat(t) for t in operands), dp_c.shape[-1], gamma, *rd_bound, *ds_bound,
+                            _flat(ds_abs))
+    return ds_abs

@@ -783,3 +783,59 @@ def bf16_finish(s, c1, c2, inf, out):
     for i in range(s.size):
         v = out[i] * c1 + c2
         out[i] = inf if v != v else v
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ``fused.attention_probs``, ``fused.attention_ds``
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")  # IEEE division: x/0 = inf, 0/0 = NaN, as torch
+def attention_probs(e_lo, e_hi, tl, tp, d, s, k1, k2, k3, k4, pr_coef, pr_phi, pr_a, pr):
+    """Lemma P's P ball from Lemma E's bounds, row by row (rows of s entries; tl, tp, d one value a row): p_hi over
+    e_hi, pm over e_lo, pr into pr. Every operation rounds to nearest (NaN propagates through the clamps, as
+    torch's)."""
+    for row in range(tl.size):
+        t_lo, t_p, dr = tl[row], tp[row], d[row]
+        o = row * s
+        for j in range(s):  # (o + j: a loop over range(o, o + s) ran 2x slower)
+            i = o + j
+            lo, hi = e_lo[i], e_hi[i]
+            den = t_lo - lo
+            den = 0.0 if den < 0.0 else den  # clamp_min(0)
+            den = hi + den * dr
+            q_hi = hi / den
+            p_hi = k2 + k1 * q_hi
+            p_hi = 1.0 if p_hi > 1.0 else p_hi  # clamp_max(1)
+            y = (t_p - hi) / dr + lo
+            q_lo = lo / y
+            p_lo = -k4 + k3 * q_lo
+            p_lo = 0.0 if p_lo < 0.0 else p_lo
+            wc = p_hi - p_lo
+            pm = p_lo + 0.5 * wc
+            e_hi[i] = p_hi
+            e_lo[i] = pm
+            pr[i] = pr_a + pr_phi * (wc + pr_coef * pm)
+
+
+@numba.njit(cache=True, nogil=True)
+def attention_ds(p_hi, pm, pr, dp_c, dp_r, s, gamma, rd_phi, rd_a, ds_phi, ds_a, ds_abs):
+    """The backward's dS ball row by row (rows of s entries): dm = sum W, W = pm dPm, and rd = the bound of
+    sum (p_hi rdP + pr |dPm| + gamma |W|), both sums in index order; then dS_m = pm (dPm - dm) over dp_c, its radius
+    bound((rdP + rd) p_hi + pr |Xm|) over dp_r, |dS_m| into ds_abs."""
+    for row in range(dp_c.size // s):
+        o = row * s
+        dm = 0.0
+        total = 0.0
+        for j in range(s):  # (o + j: a loop over range(o, o + s) ran 2x slower)
+            i = o + j
+            c = dp_c[i]
+            w = c * pm[i]
+            dm += w
+            total += (p_hi[i] * dp_r[i] + pr[i] * abs(c)) + gamma * abs(w)
+        rd = rd_a + rd_phi * total
+        for j in range(s):
+            i = o + j
+            xm = dp_c[i] - dm
+            ds = pm[i] * xm
+            dp_c[i] = ds
+            ds_abs[i] = abs(ds)
+            dp_r[i] = ds_a + ds_phi * ((dp_r[i] + rd) * p_hi[i] + pr[i] * abs(xm))

@@ -30,7 +30,7 @@ from fractions import Fraction
 
 import torch
 
-from ballgrad import accuracy, rounding
+from ballgrad import accuracy, fused, rounding
 from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import mids, recentre, result
@@ -710,6 +710,7 @@ _PR_COEF = _ru(8 * _U64 * (1 - _U64) / (1 + _U64))
 _PR_INFLATION = _inflation(2, _ETA64 / 2, (1 + _U64) / (2 * (1 - _U64)))
 _MASK_SLACK = _ru(_U64 * (2 + _U64))
 _DS_INFLATION = _inflation(5, _ETA64 / 2)  # dS: 4 operations and the (1 + u) on pr |Xm|
+_PROBS_CONSTANTS = (_K1, _K2, _K3, _K4, _PR_COEF, *_PR_INFLATION)  # ``fused.attention_probs``
 _U_UP = _ru(_U64)
 # T' = fl(lam' + fl(C s)) >= C s (1 - u)^2 + lam_B >= theta_(S-1) s + lam_B for C >= theta/(1 - u)^2,
 # lam' >= lam_B/(1 - u) + eta/2 (s the computed row sum of S non-negative terms, whose exact sum is <= theta_(S-1) s)
@@ -1085,6 +1086,11 @@ class _FastAttention:
             if self.call.recording:
                 self.call.kept[0][self.row_index].copy_(torch.stack([m_lo, m_hi, tl, t_prime, d]))
                 self.call.kept[1] = self.call.kept[1] or wide
+        pr = None if self.allowed is not None else fused.attention_probs(e_lo, e_hi, tl, t_prime, d, _PROBS_CONSTANTS)
+        if pr is not None:  # the lines below in one pass (``fused.attention_probs``): p_hi over e_hi, pm over e_lo
+            self.p_hi, self.pm, self.pr = e_hi, e_lo, pr
+            self.lse_parts = (m_lo, m_hi, torch.cat([tl, t_prime], -1)) if need_lse else None
+            return True
         # upper bounds (Lemma P): K2 + K1 a / (a + d (TL - El_dn)+)
         den = torch.sub(tl, e_lo).clamp_min_(0)
         den = torch.addcmul(e_hi, den, d, out=den)
@@ -1170,6 +1176,25 @@ class _FastAttention:
         del dv_c, dv_r
         dp_c, dp_r = _ball_mm(gm, rg, vcm.mT, None if rv is None else rv.mT, abs_a=gabs, abs_b=vabs.mT, eps_u=True)
         del gm, rg, gabs, vcm, rv, vabs
+        ds_abs = fused.attention_ds(p_hi, pm, pr, dp_c, dp_r, _gamma(self.s), _inflation(6 * self.s,
+                                                                                         self.s * _ETA64 / 2),
+                                    _DS_INFLATION)
+        if ds_abs is not None:  # ``_ds`` in one kernel (``fused.attention_ds``): dS over (dp_c, dp_r)
+            ds_c, ds_r = dp_c, dp_r
+        else:
+            ds_c, ds_r, ds_abs = self._ds(p_hi, pm, pr, dp_c, dp_r)
+        del pm, pr, p_hi, dp_c, dp_r
+        kcm, rk, kabs, _ = self._k_parts()
+        dq_c, dq_r = _ball_mm(ds_c, ds_r, kcm, rk, abs_a=ds_abs, abs_b=kabs, eps_u=True, scale=self.scale)
+        del kcm, rk, kabs
+        _recentre_into(rads[0], grads[0], self._restore(dq_c), self._restore(dq_r), self._empty_rows())
+        del dq_c, dq_r
+        qm, rq, qabs = self._q_parts()
+        dk_c, dk_r = _ball_mm(ds_c.mT, ds_r.mT, qm, rq, abs_a=ds_abs.mT, abs_b=qabs, scale=self.scale)
+        _recentre_into(rads[1], grads[1], dk_c, dk_r)
+
+    def _ds(self, p_hi, pm, pr, dp_c, dp_r):
+        """(dS_m, its radius, |dS_m|) by the backward paragraph's formulas (dp_c, dp_r overwritten)."""
         s = self.s
         # t = p_hi rdP + pr |dPm| + gamma_(S-1) |W|, W = fl(pm dPm) (written over the temporary |dPm|)
         t = torch.mul(p_hi, dp_r)
@@ -1184,16 +1209,7 @@ class _FastAttention:
         xm = dp_c.sub_(dm)
         ds_c = torch.mul(pm, xm)
         ds_r = _bound(dp_r.add_(rd).mul_(p_hi).addcmul_(pr, xm.abs_()), _DS_INFLATION)
-        del pm, pr, p_hi, xm, dp_c, dp_r
-        ds_abs = torch.abs(ds_c)
-        kcm, rk, kabs, _ = self._k_parts()
-        dq_c, dq_r = _ball_mm(ds_c, ds_r, kcm, rk, abs_a=ds_abs, abs_b=kabs, eps_u=True, scale=self.scale)
-        del kcm, rk, kabs
-        _recentre_into(rads[0], grads[0], self._restore(dq_c), self._restore(dq_r), self._empty_rows())
-        del dq_c, dq_r
-        qm, rq, qabs = self._q_parts()
-        dk_c, dk_r = _ball_mm(ds_c.mT, ds_r.mT, qm, rq, abs_a=ds_abs.mT, abs_b=qabs, scale=self.scale)
-        _recentre_into(rads[1], grads[1], dk_c, dk_r)
+        return ds_c, ds_r, torch.abs(ds_c)
 
 
 @functools.lru_cache(maxsize=None)
