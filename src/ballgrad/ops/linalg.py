@@ -33,7 +33,8 @@ covers the flushed and the unflushed kernel alike (|0| <= |x| in the terms that 
 |xy - mC| <= |x y - mA mB| + |mA mB - mC| <= |mA| rB + rA |mB| + rA rB + g |mA||mB| + a
            = |mA| (rB + g|mB|) + rA (|mB| + rB) + a.
 ``_bracket`` bounds the first two terms with one non-negative GEMM of inner dimension n = 2k:
-V = up(rB + up(g |mB|)) >= rB + g|mB|, U = up(|mB| + rB), S = fl([|mA|, rA] @ [V; U]).
+V = up(rB + up(g |mB|)) >= rB + g|mB|, U = up(|mB| + rB), S = fl([|mA|, rA] @ [V; U]) (mm, bmm, mv: fl(|mA| V)
+with rA U accumulated onto it by the add-form, the same 2k products in some summation order, which F3 covers alike).
 By F3 on that GEMM (non-negative terms), fl(S) >= (1 - gamma_n) S_exact - n eta, so
 S_exact <= theta (fl(S) + n eta) with theta = 1/(1 - gamma_n) = (1 - n u)/(1 - 2 n u) = 1 + 2ku/(1 - 4ku) (n = 2k)
 and we return inflate(theta' fl(S), 1, theta n eta + a) (``rounding.inflate``'s lemma on the one product, theta' >=
@@ -340,13 +341,11 @@ def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: t
         bound = _bf16_bracket(gemm, ma, ra.to(wd), mb, rb.to(wd), k, g, b_dim, a_point, b_point, extra=extra)
         if bound is not None:
             return bound
-    u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
-    th = rounding.theta(n, u)
+    g_w, scale, phi, a = _bracket_constants(n, wd, g, extra, a_point and b_point)
     abs_ma, abs_mb = torch.abs(ma).to(wd), torch.abs(mb).to(wd)
-    g_w = rounding.round_up_float(g, wd)
     if a_point and b_point:  # g theta (s + n eta) + extra: ``inflate``'s lemma on the one product s (g theta)'
         s = gemm(abs_ma, abs_mb)
-        return rounding.inflate_(s.mul_(rounding.round_up_float(g * th, wd)), 1, extra=g * th * n * eta + extra)
+        return s.mul_(scale).mul_(phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)
     ra, rb = ra.to(wd), rb.to(wd)
     if a_point:
         v = rounding.up(torch.add(rb, rounding.up(torch.mul(abs_mb, g_w))))
@@ -357,11 +356,28 @@ def _bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, rad_dtype: t
     else:
         v = rounding.up(torch.add(rb, rounding.up(torch.mul(abs_mb, g_w))))
         w_u = rounding.up(torch.add(abs_mb, rb))
-        left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
-        right = torch.cat([v.expand(abs_mb.shape), w_u.expand(abs_mb.shape)], dim=b_dim)
-        s = gemm(left, right)
+        accumulate = _ACCUMULATE.get(gemm)
+        if accumulate is not None:  # the same 2k products in some order (F3's n = 2k), without the concatenations
+            s = accumulate(gemm(abs_ma, v.expand(abs_mb.shape)), ra.expand(abs_ma.shape), w_u.expand(abs_mb.shape))
+        else:
+            left = torch.cat([abs_ma, ra.expand(abs_ma.shape)], dim=-1)
+            right = torch.cat([v.expand(abs_mb.shape), w_u.expand(abs_mb.shape)], dim=b_dim)
+            s = gemm(left, right)
     # theta (s + n eta) + extra: ``inflate``'s lemma on the one product s theta' (s is this call's own GEMM output)
-    return rounding.inflate_(s.mul_(rounding.round_up_float(th, wd)), 1, extra=th * n * eta + extra)
+    return s.mul_(scale).mul_(phi).add_(a).nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bracket_constants(n: int, wd: torch.dtype, g: Fraction, extra: Fraction, both_points: bool):
+    """(g', scale, phi, a) of ``_bracket``'s float32/float64 path: g' = g rounded up; scale = theta_n (g theta_n when
+    both operands are points) rounded up; (phi, a) = ``rounding.inflate``'s constants for that one product with the
+    absolute term scale' n eta + extra (so ``s.mul_(scale).mul_(phi).add_(a)`` is ``inflate_(s * scale, 1, ...)``).
+    Cached: the exact rational arithmetic costs ~30 us a call."""
+    u, eta = rounding.unit_roundoff_exact(wd), Fraction(rounding.eta(wd))
+    th = rounding.theta(n, u)
+    factor = g * th if both_points else th
+    phi, a = rounding.inflation_constants(1, wd, factor * n * eta + extra)
+    return rounding.round_up_float(g, wd), rounding.round_up_float(factor, wd), phi, a
 
 
 def _abs_product_bound(ma64: torch.Tensor, mb64: torch.Tensor, k: int, b_dim: int) -> torch.Tensor:
@@ -768,27 +784,21 @@ def addmm(func, bias, a, b, *, beta=1, alpha=1):
         if rad.shape == m.shape and rad.dtype == rd:  # already clean and full size: no copy
             return BallTensor(m, rad)
         return result(m, rad)
-    steps = k + 2
-    g, abs_err = _mid_error(steps, m.dtype)
-    alpha_f, beta_f = Fraction(float(alpha)), Fraction(float(beta))
     wd = rounding.work_dtype(rd, 2 * k)
+    g, abs_err, beta_coefs, g_alpha, alpha_coef = _a_priori_addmm_constants(k, m.dtype, wd, alpha, beta)
+    alpha_f = Fraction(float(alpha))
     terms = []  # pairs (tensor, coefficient) of non-negative factors, summed and inflated below
     unbounded = bound = None
 
-    if beta_f != 0:
+    if beta_coefs is not None:
         mc, rc = operand(bias, m.dtype)
         rc = _daz_radius(mc, rc, m.dtype)
-        _, r_beta = operand(beta, m.dtype)
-        r_beta = Fraction(float(r_beta))
-        terms.append((rc.to(wd), rounding.round_up_float(abs(beta_f), wd)))
-        terms.append((torch.abs(mc).to(wd), rounding.round_up_float(r_beta + g * (abs(beta_f) + r_beta), wd)))
+        terms.append((rc.to(wd), beta_coefs[0]))
+        terms.append((torch.abs(mc).to(wd), beta_coefs[1]))
 
-    if alpha_f != 0 and k > 0:  # k == 0: A B is exactly 0 (and PyTorch's addmv may then keep the bias's shape)
-        _, r_alpha = operand(alpha, m.dtype)
-        r_alpha = Fraction(float(r_alpha))
-        g_alpha = (r_alpha + g * (abs(alpha_f) + r_alpha)) / abs(alpha_f)
+    if g_alpha is not None and k > 0:  # k == 0: A B is exactly 0 (and PyTorch's addmv may then keep the bias's shape)
         bound = _bracket(_PLAIN_GEMM[func], ma, ra, mb, rb, k, g_alpha, b_dim, rd).to(wd)  # fresh: summed into
-        terms.append((bound, rounding.round_up_float(abs(alpha_f), wd)))
+        terms.append((bound, alpha_coef))
         if abs(alpha_f) != 1:  # pre-scaling underflow, bounded by the largest row and column sums (a scalar)
             wk = rounding.work_dtype(rd, k)
             per_op = (max(_REALMIN_32, Fraction(rounding.eta(m.dtype)) / 2) if m.dtype in rounding.REDUCED_DTYPES
@@ -820,6 +830,26 @@ def addmm(func, bias, a, b, *, beta=1, alpha=1):
     if rad.dtype == rd:
         return result_in_place(m, rad)
     return result(m, _finite_only(m, rad))
+
+
+@functools.lru_cache(maxsize=1024)
+def _a_priori_addmm_constants(k: int, mid_dtype: torch.dtype, wd: torch.dtype, alpha, beta):
+    """(g, a, beta_coefs, g_alpha, alpha_coef) of ``addmm``'s a priori bound: (g, a) = ``_mid_error(k + 2)``;
+    beta_coefs = (|beta|, r_beta + g (|beta| + r_beta)) rounded up to ``wd`` (None when beta == 0); g_alpha = (r_alpha
+    + g (|alpha| + r_alpha)) / |alpha| and alpha_coef = |alpha| rounded up (None when alpha == 0), with r_beta, r_alpha
+    the casts' errors (``operand``). Cached: this exact rational arithmetic costs ~130 us a call."""
+    g, abs_err = _mid_error(k + 2, mid_dtype)
+    alpha_f, beta_f = Fraction(float(alpha)), Fraction(float(beta))  # the exact doubles PyTorch passes
+    beta_coefs = g_alpha = alpha_coef = None
+    if beta_f != 0:
+        r_beta = Fraction(float(operand(beta, mid_dtype)[1]))
+        beta_coefs = (rounding.round_up_float(abs(beta_f), wd),
+                      rounding.round_up_float(r_beta + g * (abs(beta_f) + r_beta), wd))
+    if alpha_f != 0:
+        r_alpha = Fraction(float(operand(alpha, mid_dtype)[1]))
+        g_alpha = (r_alpha + g * (abs(alpha_f) + r_alpha)) / abs(alpha_f)
+        alpha_coef = rounding.round_up_float(abs(alpha_f), wd)
+    return g, abs_err, beta_coefs, g_alpha, alpha_coef
 
 
 def _checked_addmm(func, m, bias, beta, alpha, ma, ra, mb, rb, k, b_dim, rd):
