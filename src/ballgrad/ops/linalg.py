@@ -306,18 +306,15 @@ def _bf16_bracket(gemm, ma, ra, mb, rb, k: int, g: Fraction, b_dim: int, a_point
         s = gemm(abs_of(ma, 0), plus_g(rb, mb, 1))
     elif b_point:
         s = gemm(plus_g(ra, ma, 0), abs_of(mb, 1))
-    elif g != 0 and g_w <= 1:
-        y1, wide = plus(rb, mb, 1, g_w, t=g_w * _ONE_GEMM_RATIO)
-        if (wide == 0 and _ONE_GEMM is not False) or _ONE_GEMM:  # Lemma B1: X = |mA| + c' rA, c' = RU(1/g') >= 1
+    else:
+        one_gemm = g != 0 and g_w <= 1  # Lemma B1 needs g <= g' <= 1
+        y1, wide = plus(rb, mb, 1, g_w, t=g_w * _ONE_GEMM_RATIO) if one_gemm else (plus_g(rb, mb, 1), 1)
+        if one_gemm and ((wide == 0 and _ONE_GEMM is not False) or _ONE_GEMM):  # X = |mA| + c' rA, c' = RU(1/g')
             c_inv = rounding.round_up_float(1 / Fraction(g_w), torch.float32)
             s = gemm(_bf16_sum(ma, ra.expand(ma.shape), c_inv, abs_x=True)[0], y1)
         else:
             s = gemm(abs_of(ma, 0), y1)
             s = _ACCUMULATE[gemm](s, _bf16_sum(ra)[0].expand(ma.shape), plus(rb, mb, 1, 1.0)[0])
-    else:
-        y1, y2 = plus_g(rb, mb, 1), plus(rb, mb, 1, 1.0)[0]
-        s = gemm(abs_of(ma, 0), y1)
-        s = _ACCUMULATE[gemm](s, _bf16_sum(ra)[0].expand(ma.shape), y2)
     if raw:  # (S^, C1, C2) with the bound C1 S^ + C2, for a caller that folds it into its own inflate
         return s, c1, c2
     return _bf16_finish(s, c1, c2)
