@@ -1087,10 +1087,16 @@ class _FastAttention:
                 self.call.kept[0][self.row_index].copy_(torch.stack([m_lo, m_hi, tl, t_prime, d]))
                 self.call.kept[1] = self.call.kept[1] or wide
         pr = None if self.allowed is not None else fused.attention_probs(e_lo, e_hi, tl, t_prime, d, _PROBS_CONSTANTS)
-        if pr is not None:  # the lines below in one pass (``fused.attention_probs``): p_hi over e_hi, pm over e_lo
+        if pr is not None:  # ``_p_ball`` in one pass (``fused.attention_probs``): p_hi over e_hi, pm over e_lo
             self.p_hi, self.pm, self.pr = e_hi, e_lo, pr
-            self.lse_parts = (m_lo, m_hi, torch.cat([tl, t_prime], -1)) if need_lse else None
-            return True
+        else:
+            self.p_hi, self.pm, self.pr = self._p_ball(e_lo, e_hi, tl, t_prime, d, k2, wide, device)
+        # logsumexp of the centred scores lies in [M_lo + log TL, M_hi + log T'] (row vectors; ``_lse_into``)
+        self.lse_parts = (m_lo, m_hi, torch.cat([tl, t_prime], -1)) if need_lse else None
+        return True
+
+    def _p_ball(self, e_lo, e_hi, tl, t_prime, d, k2, wide: bool, device):
+        """(p_hi, pm, pr) of Lemma P from Lemma E's bounds e_lo, e_hi (overwritten) and the row vectors TL, T', d."""
         # upper bounds (Lemma P): K2 + K1 a / (a + d (TL - El_dn)+)
         den = torch.sub(tl, e_lo).clamp_min_(0)
         den = torch.addcmul(e_hi, den, d, out=den)
@@ -1107,10 +1113,7 @@ class _FastAttention:
         wc = torch.sub(p_hi, p_lo)
         pm = torch.add(p_lo, wc, alpha=0.5, out=p_lo)
         pr = wc.add_(pm, alpha=_PR_COEF)
-        self.p_hi, self.pm, self.pr = p_hi, pm, _bound(pr, _PR_INFLATION)
-        # logsumexp of the centred scores lies in [M_lo + log TL, M_hi + log T'] (row vectors; ``_lse_into``)
-        self.lse_parts = (m_lo, m_hi, torch.cat([tl, t_prime], -1)) if need_lse else None
-        return True
+        return p_hi, pm, _bound(pr, _PR_INFLATION)
 
     def _lse_into(self, lse: torch.Tensor, lse_rad: torch.Tensor) -> None:
         """logsumexp(scores) in [c - R, c + R] (row vectors), re-centred into ``lse_rad``. With v = log([TL, T'])
@@ -1176,8 +1179,8 @@ class _FastAttention:
         del dv_c, dv_r
         dp_c, dp_r = _ball_mm(gm, rg, vcm.mT, None if rv is None else rv.mT, abs_a=gabs, abs_b=vabs.mT, eps_u=True)
         del gm, rg, gabs, vcm, rv, vabs
-        ds_abs = fused.attention_ds(p_hi, pm, pr, dp_c, dp_r, _gamma(self.s), _inflation(6 * self.s,
-                                                                                         self.s * _ETA64 / 2),
+        s = self.s  # rd's bound counts 5 operations a term and s - 1 additions (``_ds``)
+        ds_abs = fused.attention_ds(p_hi, pm, pr, dp_c, dp_r, _gamma(s), _inflation(6 * s, s * _ETA64 / 2),
                                     _DS_INFLATION)
         if ds_abs is not None:  # ``_ds`` in one kernel (``fused.attention_ds``): dS over (dp_c, dp_r)
             ds_c, ds_r = dp_c, dp_r
