@@ -11,12 +11,12 @@ IEEE semantics for subnormals, infinities and NaN), followed by the same NaN -> 
 therefore the reference's bit for bit, which ``tests/test_fused.py`` checks on adversarial inputs (zeros of both
 signs, subnormals, huge values, inf, NaN). Two departures, each stated in its section's header and covered by the
 same derivation: a sum may run in index order where the reference's reduction has its own (layer norm, log_softmax's
-backward, sum and mean, nll_loss's forward, the GEMM bound's row sums: F3 and the theta factors hold for any order),
-and a product and an addition may round twice where the reference's ``add_(alpha=)``/``addcmul_`` may fuse them
-(``inflate``'s lemma counts both roundings); those kernels are checked against the reference within the difference
-the order or the rounding can make, and against the mpmath oracle through the rules' own tests. Infinities that
-meet ``nextafter`` are typed in the computation's dtype (a float64 infinity would make a float32 step in float64,
-which the float32 store rounds away). The reference formula stays the only statement of the bound, and the path
+backward, sum and mean, nll_loss's forward, the GEMM bound's row sums, attention's dS: F3 and the theta factors hold
+for any order), and a product and an addition may round twice where the reference's ``add_(alpha=)``/``addcmul_``
+may fuse them (``inflate``'s lemma, and each section's derivation, counts both roundings); those kernels are
+checked against the reference within the difference the order or the rounding can make, and against the mpmath
+oracle through the rules' own tests. Infinities that meet ``nextafter`` are typed in the computation's dtype (a
+float64 infinity would make a float32 step in float64, which the float32 store rounds away). The reference formula stays the only statement of the bound, and the path
 wherever a kernel does not apply: tensors not on the CPU, dtypes other than float32/float64, operands that are not
 dense and contiguous (broadcast operands of an addition are copied dense first), numba missing, or
 ``BALLGRAD_FUSED=0`` in the environment.
