@@ -16,10 +16,10 @@ for any order), and a product and an addition may round twice where the referenc
 may fuse them (``inflate``'s lemma, and each section's derivation, counts both roundings); those kernels are
 checked against the reference within the difference the order or the rounding can make, and against the mpmath
 oracle through the rules' own tests. Infinities that meet ``nextafter`` are typed in the computation's dtype (a
-float64 infinity would make a float32 step in float64, which the float32 store rounds away). The reference formula stays the only statement of the bound, and the path
-wherever a kernel does not apply: tensors not on the CPU, dtypes other than float32/float64, operands that are not
-dense and contiguous (broadcast operands of an addition are copied dense first), numba missing, or
-``BALLGRAD_FUSED=0`` in the environment.
+float64 infinity would make a float32 step in float64, which the float32 store rounds away). The reference formula
+stays the only statement of the bound, and the path wherever a kernel does not apply: tensors not on the CPU, dtypes
+other than float32/float64, operands that are not dense and contiguous (broadcast operands of an addition are copied
+dense first), numba missing, or ``BALLGRAD_FUSED=0`` in the environment.
 
 The loops themselves live in ``ballgrad.fused_kernels`` as module-level functions, compiled on first use (about a
 second each) and kept in numba's on-disk cache for later processes.
