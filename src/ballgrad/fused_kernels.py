@@ -777,9 +777,9 @@ def bf16_operand(x, y, alpha, abs_x, abs_y, has_y, t, realmin, out):
 @numba.njit(cache=True, nogil=True)
 def bf16_finish(s, c1, c2, inf, out):
     """out = fl(fl(S c1) + c2) with NaN -> +inf, S the float32 value of the bfloat16 bits s (exact)."""
-    wide = out.view(np.uint32)
+    bits = out.view(np.uint32)
     for i in range(s.size):
-        wide[i] = np.uint32(s[i]) << np.uint32(16)
+        bits[i] = np.uint32(s[i]) << np.uint32(16)
     for i in range(s.size):
         v = out[i] * c1 + c2
         out[i] = inf if v != v else v
