@@ -723,10 +723,12 @@ def _sum_up_factor(n: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def _log_constants(backend: str) -> tuple[float, Fraction]:
-    """(c_rel (1 + u), 2 c_abs) of the trust table's float64 log: |lib(x) - log x| <= c_rel |lib(x)| + c_abs."""
+def _log_constants(backend: str) -> tuple[float, tuple[float, float]]:
+    """(c_rel (1 + u), ``_inflation`` of ``_lse_into``'s 8 operations with the absolute 2 c_abs + eta/2) of the trust
+    table's float64 log, |lib(x) - log x| <= c_rel |lib(x)| + c_abs (cached: the rational arithmetic and the Fraction
+    key of ``_inflation`` cost ~40 us a call)."""
     c_rel, c_abs = accuracy._coefficients("log", backend)
-    return _ru(Fraction(c_rel) * (1 + _U64)), 2 * Fraction(c_abs)
+    return _ru(Fraction(c_rel) * (1 + _U64)), _inflation(8, 2 * Fraction(c_abs) + _ETA64 / 2)
 
 
 _HALF_UP = _ru((1 + _U64) / 2)
@@ -1126,14 +1128,14 @@ class _FastAttention:
         m_lo, m_hi, t = self.lse_parts
         qc, qr = self.lse_q
         self.lse_parts = self.lse_q = None
-        c_rel, c_abs2 = _log_constants(accuracy.backend_for(lse.device.type))
+        c_rel, inflation = _log_constants(accuracy.backend_for(lse.device.type))
         v = torch.log(t)
         s = torch.cat([m_lo, m_hi], -1).add_(v)
         c = torch.add(qc, s.sum(-1, keepdim=True), alpha=0.5)
         r = torch.sub(s[..., 1:], s[..., :1]).abs_().mul_(_HALF_UP).add_(qr)
         r.add_(v.abs_().sum(-1, keepdim=True), alpha=c_rel).add_(torch.abs(c), alpha=_U_UP)
         r.add_(s.abs_().sum(-1, keepdim=True), alpha=_LSE_SLACK)
-        r = _bound(r, _inflation(8, c_abs2 + _ETA64 / 2))
+        r = _bound(r, inflation)
         _recentre_into(lse_rad, lse, c.reshape(lse.shape), r.reshape(lse.shape))
 
     def _restore(self, t: torch.Tensor) -> torch.Tensor:
