@@ -149,16 +149,25 @@ def _is_point(r: torch.Tensor) -> bool:
     of at most 256 entries (a view in any layout, e.g. a transposed weight's): one non-zero there decides "not a
     point" without scanning (a trained parameter's radius is non-zero nearly everywhere); only an all-zero corner
     leads to the full scan, so "point" is always a full-scan answer."""
-    if r.numel() > 4096 and bool(_corner(r).any()):
+    if r.numel() > 4096 and _corner_nonzero(r):
         return False
     return not bool(r.any())
 
 
-def _corner(r: torch.Tensor) -> torch.Tensor:
-    """The first 16 x 16 entries of the first matrix of ``r`` (its first 256 if it is a vector): a view."""
-    if r.dim() < 2:
+def _corner(r):
+    """The first 16 x 16 entries of the first matrix of ``r`` (its first 256 if it is a vector): a view (of a tensor
+    or a numpy array)."""
+    if r.ndim < 2:
         return r[:256]
-    return r[(0,) * (r.dim() - 2)][:16, :16]
+    return r[(0,) * (r.ndim - 2)][:16, :16]
+
+
+def _corner_nonzero(r: torch.Tensor) -> bool:
+    """Whether ``_corner(r)`` holds a non-zero entry; read through a numpy view for CPU float32/float64 radii (no copy,
+    ~3 us instead of ~6 us for a tensor reduction and its sync)."""
+    if r.is_cpu and r.dtype in (torch.float32, torch.float64):
+        return bool(_corner(r.detach().numpy()).any())
+    return bool(_corner(r).any())
 
 
 def _daz_radius(m: torch.Tensor, r: torch.Tensor, mid_dtype: torch.dtype) -> torch.Tensor:
