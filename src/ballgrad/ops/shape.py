@@ -14,6 +14,7 @@ import torch
 from ballgrad import rounding
 from ballgrad.errors import UndecidedComparisonError, UnsupportedOpError
 from ballgrad.ops.common import cast_error, mid_of, operand, result
+from ballgrad.ops import registry
 from ballgrad.ops.registry import rule
 from ballgrad.tensor import BallTensor
 
@@ -177,6 +178,7 @@ _ONE_TENSOR = frozenset({
     aten.alias.default, aten.contiguous.default, aten._reshape_alias.default, aten.flatten.using_ints,
     aten.unflatten.int, aten.movedim.int, aten.diagonal.default, aten.narrow.default,
 })
+registry.DIRECT.update(_ONE_TENSOR)  # nothing to record: ``registry.dispatch`` skips the per-op bookkeeping
 # The commonest of them called as Tensor methods on (mid, rad): the same aten op with the same arguments, through the
 # C++ binding instead of the OpOverload's Python ``__call__`` (~1.5 us less a call, twice per view, ~100 views a
 # transformer-tiny step).
