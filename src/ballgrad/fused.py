@@ -11,11 +11,12 @@ IEEE semantics for subnormals, infinities and NaN), followed by the same NaN -> 
 therefore the reference's bit for bit, which ``tests/test_fused.py`` checks on adversarial inputs (zeros of both
 signs, subnormals, huge values, inf, NaN). Two departures, each stated in its section's header and covered by the
 same derivation: a sum may run in index order where the reference's reduction has its own (layer norm, log_softmax's
-backward, sum and mean, nll_loss's forward, the GEMM bound's row sums, attention's dS: F3 and the theta factors hold
-for any order), and a product and an addition may round twice where the reference's ``add_(alpha=)``/``addcmul_``
-may fuse them (``inflate``'s lemma, and each section's derivation, counts both roundings); those kernels are
-checked against the reference within the difference the order or the rounding can make, and against the mpmath
-oracle through the rules' own tests. Infinities that meet ``nextafter`` are typed in the computation's dtype (a
+backward, sum and mean, nll_loss's forward, the GEMM bound's row sums, attention's softmax row sums and dS: F3 and
+the theta factors hold for any order), and a product and an addition may round twice where the reference's
+``add_(alpha=)``/``addcmul_`` may fuse them (``inflate``'s lemma, and each section's derivation, counts both
+roundings); those kernels are checked against the reference within the difference the order or the rounding can make
+(or bit for bit against the same operations done one by one), and against the mpmath oracle through the rules' own
+tests. Infinities that meet ``nextafter`` are typed in the computation's dtype (a
 float64 infinity would make a float32 step in float64, which the float32 store rounds away). The reference formula
 stays the only statement of the bound, and the path wherever a kernel does not apply: tensors not on the CPU, dtypes
 other than float32/float64, operands that are not dense and contiguous (broadcast operands of an addition are copied
@@ -386,30 +387,62 @@ def bf16_finish(s: torch.Tensor, c1: float, c2: float) -> torch.Tensor | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Fused attention's P ball (``transformer._FastAttention._probs``, no mask) and dS (``backward_into``), float64: the
-# reference's elementwise operations in its order, each rounded to nearest, except that a product and an addition
-# round twice where the reference's ``addcmul``/``add(alpha=)`` may fuse them (Lemma P's constants K1..K4, D's
-# (1 + u)^3 and the inflations count both roundings; the module docstring's derivations), and that dS's two row sums
-# run in index order (the bounds hold for any order). Checked against the reference in ``tests/test_fused.py`` and
-# against the oracle through ``tests/test_transformer.py``.
+# Fused attention's softmax bounds (``transformer._FastAttention._probs``, no excluded entries: the shifted scores,
+# Lemma E's bounds, their row sums and Lemma P's P ball, around torch's own exp) and dS (``backward_into``), float64:
+# the reference's elementwise operations in its order, each rounded to nearest, except that a product and an addition
+# round twice where the reference's ``addcmul``/``add(alpha=)`` may fuse them (Lemma E's and P's constants, D's
+# (1 + u)^3 and the inflations count both roundings; the module docstring's derivations), that the row sums TL, T'
+# and dS's two row sums run in index order (the bounds hold for any order), and that the shifted scores are always
+# clamped at -700 (the reference skips the clamp where it provably changes nothing: every |x| <= 2 mag + 1 < 700).
+# Checked against the reference in ``tests/test_fused.py`` and against the oracle through ``tests/test_transformer.py``.
 
 
-def attention_probs(e_lo: torch.Tensor, e_hi: torch.Tensor, tl: torch.Tensor, tp: torch.Tensor, d: torch.Tensor,
-                    constants: tuple[float, ...]) -> torch.Tensor | None:
-    """Lemma P's (p_hi, pm) written over (e_hi, e_lo) and pr returned, from Lemma E's bounds e_lo, e_hi (float64,
-    contiguous, rows of S entries) and the row vectors TL, T', d; ``constants`` (K1, K2, K3, K4, C_pr, phi_pr, a_pr).
-    None (nothing written) where the layouts do not fit."""
-    if (e_lo.dtype != torch.float64 or e_lo.device.type != "cpu" or _numba() is None or not e_lo.is_contiguous()
-            or not e_hi.is_contiguous() or e_hi.shape != e_lo.shape or e_lo.dim() == 0):
+def _rows_fit(t: torch.Tensor, *others: torch.Tensor) -> bool:
+    """float64 CPU tensors of one shape, contiguous, with rows along a non-empty last dimension; numba on."""
+    return (t.dtype == torch.float64 and t.device.type == "cpu" and _numba() is not None and t.dim() > 0
+            and t.shape[-1] > 0 and all(x.shape == t.shape and x.dtype == t.dtype and x.is_contiguous()
+                                        for x in (t,) + others))
+
+
+def _row_vector(t: torch.Tensor, rows: int) -> np.ndarray | None:
+    """A flat float64 numpy view of a contiguous row vector of ``rows`` values, else None."""
+    if t.numel() != rows or t.dtype != torch.float64 or not t.is_contiguous():
         return None
-    rows = e_lo.numel() // e_lo.shape[-1] if e_lo.shape[-1] else 0
-    vectors = [t.reshape(-1) for t in (tl, tp, d)]
-    if rows == 0 or any(v.numel() != rows or v.dtype != torch.float64 for v in vectors):
+    return _flat(t)
+
+
+def attention_shift(sc: torch.Tensor, rad: torch.Tensor, m_lo: torch.Tensor, m_hi: torch.Tensor,
+                    given: bool) -> tuple[float, float, float] | None:
+    """The scores' end points sc -+ rad shifted by their row maxima and clamped at -700, written over (sc, rad); the
+    maxima into (m_lo, m_hi) (contiguous row vectors), or read from them where ``given``. Returns (min sc, max sc,
+    max rad) (NaN where a NaN was met), or None (nothing written) where the layouts do not fit."""
+    if not _rows_fit(sc, rad):
         return None
-    pr = torch.empty_like(e_lo)
-    _kernels().attention_probs(_flat(e_lo), _flat(e_hi), *(v.contiguous().numpy() for v in vectors),
-                               e_lo.shape[-1], *constants, _flat(pr))
-    return pr
+    rows = sc.numel() // sc.shape[-1]
+    lo, hi = _row_vector(m_lo, rows), _row_vector(m_hi, rows)
+    if lo is None or hi is None:
+        return None
+    stats = np.empty(3)
+    _kernels().attention_shift(_flat(sc), _flat(rad), sc.shape[-1], lo, hi, given, stats)
+    return float(stats[0]), float(stats[1]), float(stats[2])
+
+
+def attention_bounds(x_lo: torch.Tensor, v_lo: torch.Tensor, x_hi: torch.Tensor, v_hi: torch.Tensor,
+                     tl: torch.Tensor, tp: torch.Tensor, d: torch.Tensor, given: bool,
+                     constants: tuple[float, ...]) -> bool:
+    """Lemma E's bounds from the shifted scores x and v = exp(x), their row sums TL, T' (into tl, tp, or read from
+    them where ``given``) and Lemma P's P ball: p_hi over x_hi, pm over x_lo, pr over v_lo. ``constants``: (G1, G2,
+    B2, F1, -F2, A2, the sums' factors D and C, lam', K1, K2, K3, K4, C_pr, phi_pr, a_pr). False (nothing written)
+    where the layouts do not fit."""
+    if not _rows_fit(x_lo, v_lo, x_hi, v_hi):
+        return False
+    rows = x_lo.numel() // x_lo.shape[-1]
+    vectors = [_row_vector(t, rows) for t in (tl, tp, d)]
+    if any(v is None for v in vectors):
+        return False
+    _kernels().attention_bounds(_flat(x_lo), _flat(v_lo), _flat(x_hi), _flat(v_hi), x_lo.shape[-1], *vectors,
+                                given, *constants)
+    return True
 
 
 def attention_ds(p_hi: torch.Tensor, pm: torch.Tensor, pr: torch.Tensor, dp_c: torch.Tensor, dp_r: torch.Tensor,

@@ -786,19 +786,75 @@ def bf16_finish(s, c1, c2, inf, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# ``fused.attention_probs``, ``fused.attention_ds``
+# ``fused.attention_shift``, ``fused.attention_bounds``, ``fused.attention_ds``
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")  # IEEE division: x/0 = inf, 0/0 = NaN, as torch
-def attention_probs(e_lo, e_hi, tl, tp, d, s, k1, k2, k3, k4, pr_coef, pr_phi, pr_a, pr):
-    """Lemma P's P ball from Lemma E's bounds, row by row (rows of s entries; tl, tp, d one value a row): p_hi over
-    e_hi, pm over e_lo, pr into pr. Every operation rounds to nearest (NaN propagates through the clamps, as
-    torch's)."""
-    for row in range(tl.size):
-        t_lo, t_p, dr = tl[row], tp[row], d[row]
+@numba.njit(cache=True, nogil=True)
+def attention_shift(sc, rad, s, m_lo, m_hi, given, stats):
+    """The scores' shifted end points, row by row (rows of s entries): lo = sc - rad over sc, hi = sc + rad over rad,
+    the row maxima M_lo, M_hi into m_lo, m_hi (read instead where ``given``), then x = max(lo - M_lo, -700) over sc and
+    max(hi - M_hi, -700) over rad; stats = (min sc, max sc, max rad), all NaN where sc or rad holds a NaN (the
+    reference's ``aminmax`` and ``amax``)."""
+    smin, smax, rmax = np.inf, -np.inf, -np.inf
+    nan = False
+    for row in range(sc.size // s):
         o = row * s
+        ml, mh = -np.inf, -np.inf
         for j in range(s):  # (o + j: a loop over range(o, o + s) ran 2x slower)
             i = o + j
-            lo, hi = e_lo[i], e_hi[i]
+            c, r = sc[i], rad[i]
+            if c != c or r != r:
+                nan = True
+            smin = c if c < smin else smin
+            smax = c if c > smax else smax
+            rmax = r if r > rmax else rmax
+            lo = c - r
+            hi = c + r
+            sc[i] = lo
+            rad[i] = hi
+            ml = lo if lo > ml else ml
+            mh = hi if hi > mh else mh
+        if given:
+            ml, mh = m_lo[row], m_hi[row]
+        else:
+            m_lo[row], m_hi[row] = ml, mh
+        for j in range(s):
+            i = o + j
+            x = sc[i] - ml
+            sc[i] = -700.0 if x < -700.0 else x
+            x = rad[i] - mh
+            rad[i] = -700.0 if x < -700.0 else x
+    stats[0], stats[1], stats[2] = (np.nan, np.nan, np.nan) if nan else (smin, smax, rmax)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")  # IEEE division: x/0 = inf, 0/0 = NaN, as torch
+def attention_bounds(x_lo, v_lo, x_hi, v_hi, s, tl, tp, d, given, g1, g2, b2, f1, nf2, a2, dn, up, lam, k1, k2, k3,
+                     k4, pr_coef, pr_phi, pr_a):
+    """Lemma E's bounds and Lemma P's P ball, row by row (rows of s entries), from the shifted scores x and their
+    exponentials v: El_dn = max(-B2 + v (G1 + G2 x), 0) over x_lo, Eh_up = A2 + v (F1 + x nF2) over x_hi, the row
+    sums TL = sum El_dn * dn, T' = lam + sum Eh_up * up into tl, tp (read instead where ``given``, in index order);
+    then p_hi over x_hi, pm over x_lo and pr over v_lo. Every operation rounds to nearest (NaN propagates through the
+    clamps, as torch's)."""
+    for row in range(tl.size):
+        o = row * s
+        sl, sh = 0.0, 0.0
+        for j in range(s):  # (o + j: a loop over range(o, o + s) ran 2x slower)
+            i = o + j
+            g = g1 + g2 * x_lo[i]
+            lo = -b2 + v_lo[i] * g
+            lo = 0.0 if lo < 0.0 else lo  # clamp_min(0)
+            f = f1 + x_hi[i] * nf2
+            hi = a2 + v_hi[i] * f
+            x_lo[i] = lo
+            x_hi[i] = hi
+            sl += lo
+            sh += hi
+        if not given:
+            tl[row] = sl * dn
+            tp[row] = lam + sh * up
+        t_lo, t_p, dr = tl[row], tp[row], d[row]
+        for j in range(s):
+            i = o + j
+            lo, hi = x_lo[i], x_hi[i]
             den = t_lo - lo
             den = 0.0 if den < 0.0 else den  # clamp_min(0)
             den = hi + den * dr
@@ -811,9 +867,9 @@ def attention_probs(e_lo, e_hi, tl, tp, d, s, k1, k2, k3, k4, pr_coef, pr_phi, p
             p_lo = 0.0 if p_lo < 0.0 else p_lo
             wc = p_hi - p_lo
             pm = p_lo + 0.5 * wc
-            e_hi[i] = p_hi
-            e_lo[i] = pm
-            pr[i] = pr_a + pr_phi * (wc + pr_coef * pm)
+            x_hi[i] = p_hi
+            x_lo[i] = pm
+            v_lo[i] = pr_a + pr_phi * (wc + pr_coef * pm)
 
 
 @numba.njit(cache=True, nogil=True)

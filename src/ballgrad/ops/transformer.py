@@ -710,7 +710,6 @@ _PR_COEF = _ru(8 * _U64 * (1 - _U64) / (1 + _U64))
 _PR_INFLATION = _inflation(2, _ETA64 / 2, (1 + _U64) / (2 * (1 - _U64)))
 _MASK_SLACK = _ru(_U64 * (2 + _U64))
 _DS_INFLATION = _inflation(5, _ETA64 / 2)  # dS: 4 operations and the (1 + u) on pr |Xm|
-_PROBS_CONSTANTS = (_K1, _K2, _K3, _K4, _PR_COEF, *_PR_INFLATION)  # ``fused.attention_probs``
 _U_UP = _ru(_U64)
 # T' = fl(lam' + fl(C s)) >= C s (1 - u)^2 + lam_B >= theta_(S-1) s + lam_B for C >= theta/(1 - u)^2,
 # lam' >= lam_B/(1 - u) + eta/2 (s the computed row sum of S non-negative terms, whose exact sum is <= theta_(S-1) s)
@@ -720,6 +719,15 @@ _LAM_UP = _ru(_LAM_B / (1 - _U64) + _ETA64 / 2)
 @functools.lru_cache(maxsize=None)
 def _sum_up_factor(n: int) -> float:
     return _ru(rounding.theta(max(n - 1, 1), _U64) / (1 - _U64) ** 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _bounds_constants(backend: str, s: int) -> tuple[float, ...]:
+    """``fused.attention_bounds``'s constants: Lemma E's (G1, G2, B2, F1, -F2, A2), the row sums' factors
+    (``_sum_dn_factor``, ``_sum_up_factor``, ``_LAM_UP``) and Lemma P's (K1, K2, K3, K4, C_pr, phi_pr, a_pr)."""
+    f1, f2, a2, g1, g2, b2 = _exp_constants(backend)
+    return (g1, g2, b2, f1, -f2, a2, _sum_dn_factor(s), _sum_up_factor(s), _LAM_UP, _K1, _K2, _K3, _K4, _PR_COEF,
+            *_PR_INFLATION)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1036,6 +1044,10 @@ class _FastAttention:
         # With the forward's row statistics M_lo, M_hi, TL, T', d (``_remember``): the values the skipped passes give
         # on the same, unchanged inputs, whose check below passed in the forward (its "wide", taken over the forward's
         # blocks, only adds no-op clamps and nan_to_num here)
+        if self.allowed is None:
+            fused_result = self._probs_fused(sc, rad, need_lse, device)
+            if fused_result is not None:
+                return fused_result
         rows = self.call.rows
         if rows is None:
             # every score bound finite and far from overflow (else the composed rules); the arguments x = fl(lo - M_lo),
@@ -1088,12 +1100,45 @@ class _FastAttention:
             if self.call.recording:
                 self.call.kept[0][self.row_index].copy_(torch.stack([m_lo, m_hi, tl, t_prime, d]))
                 self.call.kept[1] = self.call.kept[1] or wide
-        pr = None if self.allowed is not None else fused.attention_probs(e_lo, e_hi, tl, t_prime, d, _PROBS_CONSTANTS)
-        if pr is not None:  # ``_p_ball`` in one pass (``fused.attention_probs``): p_hi over e_hi, pm over e_lo
-            self.p_hi, self.pm, self.pr = e_hi, e_lo, pr
-        else:
-            self.p_hi, self.pm, self.pr = self._p_ball(e_lo, e_hi, tl, t_prime, d, k2, wide, device)
+        self.p_hi, self.pm, self.pr = self._p_ball(e_lo, e_hi, tl, t_prime, d, k2, wide, device)
         # logsumexp of the centred scores lies in [M_lo + log TL, M_hi + log T'] (row vectors; ``_lse_into``)
+        self.lse_parts = (m_lo, m_hi, torch.cat([tl, t_prime], -1)) if need_lse else None
+        return True
+
+    def _probs_fused(self, sc, rad, need_lse: bool, device) -> bool | None:
+        """``_probs`` from the scores on, without excluded entries, as two kernels around torch's exp: the shifted end
+        points and row maxima (``fused.attention_shift``), then Lemma E's bounds, their row sums and Lemma P's P ball
+        (``fused.attention_bounds``); the same check, row statistics and results. None where the kernels do not
+        apply (nothing was written: the reference passes run)."""
+        rows = self.call.rows
+        shape = sc.shape[:-1] + (1,)
+        if rows is None:
+            m_lo, m_hi = torch.empty(shape, dtype=_F64, device=device), torch.empty(shape, dtype=_F64, device=device)
+        else:
+            m_lo, m_hi, tl, t_prime, d = (t.contiguous() for t in rows[0][self.row_index].unbind(0))
+        stats = fused.attention_shift(sc, rad, m_lo, m_hi, given=rows is not None)  # x_lo over sc, x_hi over rad
+        if stats is None:
+            return None
+        g1, g2, b2 = _exp_constants(accuracy.backend_for(device.type))[3:]
+        if rows is None:
+            smin, smax, rmax = stats  # the reference's check, on the same values
+            mag = abs(smax) + abs(smin) + 2 * rmax
+            if not mag < 1e300:  # also NaN
+                return False
+            wide = 2 * mag + 1 >= 700
+            x = torch.sub(m_lo, m_hi)
+            d = _exp_dn(x.clamp_min_(-700.0) if wide else x, g1, g2, b2)
+            tl, t_prime = torch.empty_like(m_lo), torch.empty_like(m_lo)
+        v_lo, v_hi = torch.exp(sc), torch.exp(rad)
+        # the same layouts as attention_shift's (fresh contiguous tensors of sc's shape, contiguous row vectors)
+        if not fused.attention_bounds(sc, v_lo, rad, v_hi, tl, t_prime, d, rows is not None,
+                                      _bounds_constants(accuracy.backend_for(device.type), self.s)):
+            raise RuntimeError("fused.attention_bounds declined the layouts attention_shift took")
+        del v_hi
+        if rows is None and self.call.recording:
+            self.call.kept[0][self.row_index].copy_(torch.stack([m_lo, m_hi, tl, t_prime, d]))
+            self.call.kept[1] = self.call.kept[1] or wide
+        self.p_hi, self.pm, self.pr = rad, sc, v_lo
         self.lse_parts = (m_lo, m_hi, torch.cat([tl, t_prime], -1)) if need_lse else None
         return True
 
