@@ -34,7 +34,7 @@ from ballgrad import accuracy, fused, rounding
 from ballgrad.errors import UnsupportedOpError
 from ballgrad.ops.common import mid_of as _mid
 from ballgrad.ops.common import mids, recentre, result
-from ballgrad.ops.linalg import _mid_error
+from ballgrad.ops.linalg import _is_point, _mid_error
 from ballgrad.ops.normalization import layer_norm_enclosure
 from ballgrad.ops.registry import RULES, rule
 from ballgrad.tensor import BallTensor
@@ -827,11 +827,9 @@ def _blocks(b: int, kv: int, g: int, l: int, s: int, phase: str) -> list[tuple[i
 
 
 def _nonzero_radii(tensors) -> list[bool]:
-    """Per tensor: a ball whose radius is not identically zero (else a point: the GEMMs skip its radius terms). One
-    sync for all radius sums (a sum of non-negative floats is 0 iff all are)."""
-    balls = [x for x in tensors if isinstance(x, BallTensor)]
-    totals = iter(torch.stack([x.rad.sum() for x in balls]).tolist() if balls else [])  # fl(sum) >= max term
-    return [isinstance(x, BallTensor) and next(totals) != 0 for x in tensors]
+    """Per tensor: a ball whose radius is not identically zero (else a point: the GEMMs skip its radius terms), by
+    ``linalg._is_point`` (a non-zero corner decides without a scan; "point" is always a full scan's answer)."""
+    return [isinstance(x, BallTensor) and not _is_point(x.rad) for x in tensors]
 
 
 def _part(x, ball: bool, index, wide_rad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
