@@ -716,6 +716,22 @@ _U_UP = _ru(_U64)
 _LAM_UP = _ru(_LAM_B / (1 - _U64) + _ETA64 / 2)
 
 
+def _wide(smin: float, smax: float, rmax: float) -> bool | None:
+    """The overflow check of a block's scores from min and max of their centres and the largest radius: None where a
+    bound is not finite or near overflow (also NaN), else whether an argument of Lemma E may fall below -700 (the
+    arguments have |x| <= 2 mag + 1, ``_FastAttention._probs``), which only then needs the clamp."""
+    mag = abs(smax) + abs(smin) + 2 * rmax
+    if not mag < 1e300:
+        return None
+    return 2 * mag + 1 >= 700
+
+
+def _shift_bound(m_lo: torch.Tensor, m_hi: torch.Tensor, clamp: bool, g1: float, g2: float, b2: float) -> torch.Tensor:
+    """d <= e^(M_lo - M_hi): Lemma E's lower bound at x = fl(M_lo - M_hi) (clamped at -700 where ``clamp``)."""
+    x = torch.sub(m_lo, m_hi)
+    return _exp_dn(x.clamp_min_(-700.0) if clamp else x, g1, g2, b2)
+
+
 @functools.lru_cache(maxsize=None)
 def _sum_up_factor(n: int) -> float:
     return _ru(rounding.theta(max(n - 1, 1), _U64) / (1 - _U64) ** 2)
@@ -1053,11 +1069,9 @@ class _FastAttention:
             # <= 2 mag + 1 (lo, hi lie in [smin - rmax, smax + rmax] up to a factor 1 + u), so only excluded entries
             # (-inf) or a large mag need the clamp at -700
             smin, smax = torch.aminmax(sc)
-            smax, smin, rmax = torch.stack([smax, smin, rad.amax()]).tolist()
-            mag = abs(smax) + abs(smin) + 2 * rmax
-            if not mag < 1e300:  # also NaN
+            wide = _wide(*torch.stack([smin, smax, rad.amax()]).tolist())
+            if wide is None:
                 return False
-            wide = 2 * mag + 1 >= 700
         else:
             wide = rows[1]
         clamp = self.neg is not None or wide
@@ -1092,12 +1106,8 @@ class _FastAttention:
             tl = torch.sum(e_lo, dim=-1, keepdim=True).mul_(_sum_dn_factor(self.s))
             t_prime = torch.add(_scalar(_LAM_UP, device), torch.sum(e_hi, dim=-1, keepdim=True),
                                 alpha=_sum_up_factor(self.s))
-            # d <= e^(M_lo - M_hi): Lemma E at x = fl(M_lo - M_hi)
-            x = torch.sub(m_lo, m_hi)
-            d = _exp_dn(x.clamp_min_(-700.0) if clamp else x, g1, g2, b2)
-            if self.call.recording:
-                self.call.kept[0][self.row_index].copy_(torch.stack([m_lo, m_hi, tl, t_prime, d]))
-                self.call.kept[1] = self.call.kept[1] or wide
+            d = _shift_bound(m_lo, m_hi, clamp, g1, g2, b2)
+            self._record_rows(m_lo, m_hi, tl, t_prime, d, wide)
         self.p_hi, self.pm, self.pr = self._p_ball(e_lo, e_hi, tl, t_prime, d, k2, wide, device)
         # logsumexp of the centred scores lies in [M_lo + log TL, M_hi + log T'] (row vectors; ``_lse_into``)
         self.lse_parts = (m_lo, m_hi, torch.cat([tl, t_prime], -1)) if need_lse else None
@@ -1119,13 +1129,10 @@ class _FastAttention:
             return None
         g1, g2, b2 = _exp_constants(accuracy.backend_for(device.type))[3:]
         if rows is None:
-            smin, smax, rmax = stats  # the reference's check, on the same values
-            mag = abs(smax) + abs(smin) + 2 * rmax
-            if not mag < 1e300:  # also NaN
+            wide = _wide(*stats)  # the reference's check, on the same values
+            if wide is None:
                 return False
-            wide = 2 * mag + 1 >= 700
-            x = torch.sub(m_lo, m_hi)
-            d = _exp_dn(x.clamp_min_(-700.0) if wide else x, g1, g2, b2)
+            d = _shift_bound(m_lo, m_hi, wide, g1, g2, b2)
             tl, t_prime = torch.empty_like(m_lo), torch.empty_like(m_lo)
         v_lo, v_hi = torch.exp(sc), torch.exp(rad)
         # the same layouts as attention_shift's (fresh contiguous tensors of sc's shape, contiguous row vectors)
@@ -1133,12 +1140,17 @@ class _FastAttention:
                                       _bounds_constants(accuracy.backend_for(device.type), self.s)):
             raise RuntimeError("fused.attention_bounds declined the layouts attention_shift took")
         del v_hi
-        if rows is None and self.call.recording:
-            self.call.kept[0][self.row_index].copy_(torch.stack([m_lo, m_hi, tl, t_prime, d]))
-            self.call.kept[1] = self.call.kept[1] or wide
+        if rows is None:
+            self._record_rows(m_lo, m_hi, tl, t_prime, d, wide)
         self.p_hi, self.pm, self.pr = rad, sc, v_lo
         self.lse_parts = (m_lo, m_hi, torch.cat([tl, t_prime], -1)) if need_lse else None
         return True
+
+    def _record_rows(self, m_lo, m_hi, tl, t_prime, d, wide: bool) -> None:
+        """The block's row statistics into the call's record (``_remember``), where the forward records them."""
+        if self.call.recording:
+            self.call.kept[0][self.row_index].copy_(torch.stack([m_lo, m_hi, tl, t_prime, d]))
+            self.call.kept[1] = self.call.kept[1] or wide
 
     def _p_ball(self, e_lo, e_hi, tl, t_prime, d, k2, wide: bool, device):
         """(p_hi, pm, pr) of Lemma P from Lemma E's bounds e_lo, e_hi (overwritten) and the row vectors TL, T', d."""
