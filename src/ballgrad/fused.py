@@ -4,23 +4,22 @@ Why: on the zoo's small tensors a rule's radius costs its kernel launches, not i
 add runs 17 PyTorch kernels, ~5 us each, for what one pass does in ~4 us on 16K elements), and on large tensors each
 launch writes a fresh full-size temporary (~11 ms for a 512 x 2048 ball add, 1.8 ms fused).
 
-Contract. A kernel performs, element by element, exactly the floating-point operations of its rule's reference
-formula (the torch code beside the rule, next to its derivation): the same operations, in the same order, on operands
-of the same dtype, each rounded to nearest (numba compiles without fast-math: no FMA contraction, no reassociation,
-IEEE semantics for subnormals, infinities and NaN), followed by the same NaN -> +inf clean-ups. Its radii are
-therefore the reference's bit for bit, which ``tests/test_fused.py`` checks on adversarial inputs (zeros of both
-signs, subnormals, huge values, inf, NaN). Two departures, each stated in its section's header and covered by the
-same derivation: a sum may run in index order where the reference's reduction has its own (layer norm, log_softmax's
-backward, sum and mean, nll_loss's forward, the GEMM bound's row sums, attention's softmax row sums and dS: F3 and
-the theta factors hold for any order), and a product and an addition may round twice where the reference's
-``add_(alpha=)``/``addcmul_`` may fuse them (``inflate``'s lemma, and each section's derivation, counts both
-roundings); those kernels are checked against the reference within the difference the order or the rounding can make
-(or bit for bit against the same operations done one by one), and against the mpmath oracle through the rules' own
-tests. Infinities that meet ``nextafter`` are typed in the computation's dtype (a
-float64 infinity would make a float32 step in float64, which the float32 store rounds away). The reference formula
-stays the only statement of the bound, and the path wherever a kernel does not apply: tensors not on the CPU, dtypes
-other than float32/float64, operands that are not dense and contiguous (broadcast operands of an addition are copied
-dense first), numba missing, or ``BALLGRAD_FUSED=0`` in the environment.
+Contract. A kernel performs, element by element, exactly the floating-point operations of its rule's reference formula
+(the torch code beside the rule, next to its derivation): the same operations, in the same order, on operands of the
+same dtype, each rounded to nearest (numba compiles without fast-math: no FMA contraction, no reassociation, IEEE
+semantics for subnormals, infinities and NaN), followed by the same NaN -> +inf clean-ups. Its radii are therefore the
+reference's bit for bit, which ``tests/test_fused.py`` checks on adversarial inputs (zeros of both signs, subnormals,
+huge values, inf, NaN). Two departures, each stated in its section's header and covered by the same derivation: a sum
+may run in index order where the reference's reduction has its own (layer norm, log_softmax's backward, sum and mean,
+nll_loss's forward, the GEMM bound's row sums, attention's softmax row sums and dS: F3 and the theta factors hold for
+any order), and a product and an addition may round twice where the reference's ``add_(alpha=)``/``addcmul_`` may fuse
+them (``inflate``'s lemma, and each section's derivation, counts both roundings); those kernels are checked against the
+reference within the difference the order or the rounding can make (or bit for bit against the same operations done one
+by one), and against the mpmath oracle through the rules' own tests. Infinities that meet ``nextafter`` are typed in the
+computation's dtype (a float64 infinity would make a float32 step in float64, which the float32 store rounds away). The
+reference formula stays the only statement of the bound, and the path wherever a kernel does not apply: tensors not on
+the CPU, dtypes other than float32/float64, operands that are not dense and contiguous (broadcast operands of an
+addition are copied dense first), numba missing, or ``BALLGRAD_FUSED=0`` in the environment.
 
 The loops themselves live in ``ballgrad.fused_kernels`` as module-level functions, compiled on first use (about a
 second each) and kept in numba's on-disk cache for later processes.
@@ -451,9 +450,7 @@ def attention_ds(p_hi: torch.Tensor, pm: torch.Tensor, pr: torch.Tensor, dp_c: t
     shape, contiguous, rows along the last dim); ``rd_bound``, ``ds_bound`` the (phi, a) of the two inflations. None
     (nothing written) where the layouts do not fit."""
     operands = (p_hi, pm, pr, dp_c, dp_r)
-    if (dp_c.dtype != torch.float64 or dp_c.device.type != "cpu" or _numba() is None or dp_c.dim() == 0
-            or dp_c.shape[-1] == 0 or not all(t.shape == dp_c.shape and t.dtype == dp_c.dtype and t.is_contiguous()
-                                              for t in operands)):
+    if not _rows_fit(dp_c, *operands):
         return None
     ds_abs = torch.empty_like(dp_c)
     _kernels().attention_ds(*(_flat(t) for t in operands), dp_c.shape[-1], gamma, *rd_bound, *ds_bound,
