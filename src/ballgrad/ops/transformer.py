@@ -1055,13 +1055,13 @@ class _FastAttention:
         if has_mask:
             sc.add_(self.mf)
             self.mf = self.mterm = None
-        # With the forward's row statistics M_lo, M_hi, TL, T', d (``_remember``): the values the skipped passes give
-        # on the same, unchanged inputs, whose check below passed in the forward (its "wide", taken over the forward's
-        # blocks, only adds no-op clamps and nan_to_num here)
         if self.allowed is None:
             fused_result = self._probs_fused(sc, rad, need_lse, device)
             if fused_result is not None:
                 return fused_result
+        # With the forward's row statistics M_lo, M_hi, TL, T', d (``_remember``): the values the skipped passes give
+        # on the same, unchanged inputs, whose check below passed in the forward (its "wide", taken over the forward's
+        # blocks, only adds no-op clamps and nan_to_num here)
         rows = self.call.rows
         if rows is None:
             # every score bound finite and far from overflow (else the composed rules); the arguments x = fl(lo - M_lo),
